@@ -1,0 +1,55 @@
+//! The experiment registry.
+
+mod core;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use indicatif::ProgressBar;
+use tch::Device;
+
+/// What every experiment gets.
+pub struct Ctx {
+    /// Device to run on.
+    pub device: Device,
+    /// Workspace root.
+    pub root: PathBuf,
+}
+
+impl Ctx {
+    pub fn new(device: Device) -> Result<Self> {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .canonicalize()?;
+        Ok(Self { device, root })
+    }
+
+    /// The `.venv` python, if set-up made one.
+    pub fn python(&self) -> Option<PathBuf> {
+        let p = self.root.join(".venv/bin/python");
+        p.exists().then_some(p)
+    }
+}
+
+pub type Metrics = BTreeMap<String, f64>;
+
+/// A named experiment.
+pub struct Experiment {
+    pub id: &'static str,
+    pub about: &'static str,
+    pub run: fn(&Ctx, &ProgressBar) -> Result<Metrics>,
+}
+
+pub const EXPERIMENTS: &[Experiment] = &[
+    Experiment {
+        id: "core.digits_mlp",
+        about: "MLP on scikit-learn digits: test accuracy, training time, parameters",
+        run: core::digits_mlp,
+    },
+    Experiment {
+        id: "core.minilm_embed",
+        about: "all-MiniLM-L6-v2 sentence embeddings/s (f32, bf16) vs sentence-transformers",
+        run: core::minilm_embed,
+    },
+];

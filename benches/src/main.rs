@@ -1,0 +1,89 @@
+//! `reuse-bench`: the end-to-end experiments behind `cargo xtask bench`.
+//!
+//! Each experiment is a named function returning metrics; the runner times it, shows
+//! progress and writes `target/reuse-report/report.json`
+//! (`{"device", "torch", "git", "experiments": [{"id", "seconds", "metrics"}]}`) and a
+//! readable `target/reuse-report/REPORT.md`. Ratios against other tools are measured
+//! side by side in the same run.
+
+mod experiments;
+mod report;
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use tch::Device;
+
+use experiments::{Ctx, EXPERIMENTS};
+use report::{ExperimentResult, Report};
+
+/// Run the reuse benchmark experiments.
+#[derive(Parser)]
+struct Args {
+    /// Comma-separated experiment ids (default: all).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// cpu or cuda (default: cuda if available).
+    #[arg(long)]
+    device: Option<String>,
+    /// List the experiments and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.list {
+        for e in EXPERIMENTS {
+            println!("{:24} {}", e.id, e.about);
+        }
+        return Ok(());
+    }
+    let device = match args.device.as_deref() {
+        None => Device::cuda_if_available(),
+        Some("cpu") => Device::Cpu,
+        Some("cuda") if tch::Cuda::is_available() => Device::Cuda(0),
+        Some("cuda") => bail!("--device cuda: libtorch sees no CUDA device"),
+        Some(d) => bail!("--device: expected cpu or cuda, found `{d}`"),
+    };
+    for id in &args.only {
+        if !EXPERIMENTS.iter().any(|e| e.id == id) {
+            let ids: Vec<_> = EXPERIMENTS.iter().map(|e| e.id).collect();
+            bail!("unknown experiment `{id}`; known: {}", ids.join(", "));
+        }
+    }
+    let chosen: Vec<_> = EXPERIMENTS
+        .iter()
+        .filter(|e| args.only.is_empty() || args.only.iter().any(|o| o == e.id))
+        .collect();
+    let ctx = Ctx::new(device)?;
+    let mut report = Report::new(device);
+    let bar = ProgressBar::new(chosen.len() as u64);
+    bar.set_style(ProgressStyle::with_template(
+        "[{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+    )?);
+    for e in chosen {
+        bar.set_message(e.id);
+        let start = Instant::now();
+        let metrics = (e.run)(&ctx, &bar)?;
+        let seconds = start.elapsed().as_secs_f64();
+        bar.println(format!(
+            "{:24} {seconds:7.1}s  {}",
+            e.id,
+            report::summary(&metrics)
+        ));
+        report.experiments.push(ExperimentResult {
+            id: e.id.to_string(),
+            seconds,
+            metrics,
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let dir = ctx.root.join("target/reuse-report");
+    report.write(&dir)?;
+    println!("report: {}", dir.join("REPORT.md").display());
+    Ok(())
+}

@@ -1,0 +1,46 @@
+//! `reuse`: command-line access to the reuse toolkit.
+//!
+//! * `reuse inspect FILE.safetensors` lists tensors, dtypes, shapes, parameter count
+//!   and metadata of any safetensors file (`--json` for machines).
+//! * `reuse embed --model DIR --texts FILE` writes sentence embeddings of one text per
+//!   line, as sentence-transformers would compute them.
+//!
+//! Errors are one line on stderr and a non-zero exit status, never a panic backtrace.
+
+mod embed;
+mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Reuse trained models: inspect checkpoints, embed text.
+#[derive(Parser)]
+#[command(name = "reuse", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the tensors (name, dtype, shape), parameter count and metadata of a safetensors file.
+    Inspect(inspect::Args),
+    /// Compute sentence embeddings (mean pooling + L2 norm, as sentence-transformers) for one text per line.
+    Embed(embed::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Embed(a) => embed::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Named tensors plus string metadata, stored as safetensors.
+//!
+//! Reads validate everything before returning (header, offsets, dtypes, sizes) and never
+//! modify the file. Writes are atomic: the bytes go to a temporary file in the same
+//! directory, which is fsynced and then renamed over the target, so a crash or an error
+//! part-way leaves the old file as it was.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use safetensors::tensor::{SafeTensors, TensorView};
+use tch::{Device, Tensor};
+
+use crate::dtype::{dtype_of, element_size, kind_of};
+use crate::{Error, Result};
+
+/// Named tensors and string metadata, saved and loaded as one safetensors file.
+///
+/// Tensor names are kept sorted (as safetensors writes them).
+#[derive(Debug, Default)]
+pub struct Checkpoint {
+    tensors: BTreeMap<String, Tensor>,
+    metadata: BTreeMap<String, String>,
+    /// The file this was loaded from, for error messages.
+    source: Option<PathBuf>,
+}
+
+impl Checkpoint {
+    /// An empty checkpoint.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces a tensor (stored as given; moved to CPU when saved).
+    pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) -> &mut Self {
+        self.tensors.insert(name.into(), tensor);
+        self
+    }
+
+    /// Removes a tensor, returning it.
+    pub fn remove(&mut self, name: &str) -> Option<Tensor> {
+        self.tensors.remove(name)
+    }
+
+    /// Sets a metadata entry.
+    pub fn set_metadata(&mut self, key: impl Into<String>, value: impl Into<String>) -> &mut Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// All metadata.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// The file this checkpoint was loaded from, if any.
+    pub fn source(&self) -> Option<&Path> {
+        self.source.as_deref()
+    }
+
+    /// Tensor names in sorted order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Tensors by name in sorted order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// True when there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// The tensor `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    /// The tensor `name`, or [`Error::MissingTensor`] naming the file.
+    pub fn tensor(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.source.clone(),
+            tensor: name.to_string(),
+        })
+    }
+
+    /// The tensor `name`, checked to have `shape`.
+    pub fn tensor_with_shape(&self, name: &str, shape: &[i64]) -> Result<&Tensor> {
+        let t = self.tensor(name)?;
+        if t.size() != shape {
+            return Err(Error::ShapeMismatch {
+                path: self.source.clone(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.size(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Takes the tensor `name` out, checked to have `shape`.
+    pub fn take_with_shape(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        self.tensor_with_shape(name, shape)?;
+        Ok(self.tensors.remove(name).expect("checked above"))
+    }
+
+    /// Serialises to safetensors bytes. Tensors of unsupported kinds are an error.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut views = Vec::with_capacity(self.tensors.len());
+        for (name, t) in &self.tensors {
+            let kind = t.kind();
+            let dtype = dtype_of(kind).ok_or_else(|| {
+                Error::invalid(
+                    format!("tensor `{name}`"),
+                    format!(
+                        "kind {kind:?} cannot be stored; use f32, f16, bf16, i8, u8, i32 or i64"
+                    ),
+                )
+            })?;
+            let t = t.detach().to_device(Device::Cpu).contiguous();
+            let numel = t.numel();
+            let mut data = vec![0u8; numel * element_size(kind)];
+            t.f_copy_data_u8(&mut data, numel)?;
+            let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+            views.push((name.clone(), OwnedView { dtype, shape, data }));
+        }
+        let meta: HashMap<String, String> = self.metadata.clone().into_iter().collect();
+        let meta = if meta.is_empty() { None } else { Some(meta) };
+        safetensors::serialize(views, meta).map_err(|e| Error::invalid("checkpoint", e.to_string()))
+    }
+
+    /// Parses safetensors bytes; `path` is used in error messages only.
+    pub fn from_bytes(bytes: &[u8], path: &Path, device: Device) -> Result<Self> {
+        let corrupt = |reason: String| Error::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| corrupt(e.to_string()))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(e.to_string()))?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let t = tensor_from_view(&name, &view, path)?;
+            tensors.insert(name, t.to_device(device));
+        }
+        let metadata = meta
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        Ok(Self {
+            tensors,
+            metadata,
+            source: Some(path.to_path_buf()),
+        })
+    }
+
+    /// Loads a safetensors file onto `device`. The file is only read.
+    pub fn load(path: impl AsRef<Path>, device: Device) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(&bytes, path, device)
+    }
+
+    /// Saves atomically (temp file, fsync, rename): on any failure the old file, if
+    /// there was one, is left as it was.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let bytes = self.to_bytes()?;
+        write_atomic(path.as_ref(), &bytes)
+    }
+}
+
+fn tensor_from_view(name: &str, view: &TensorView<'_>, path: &Path) -> Result<Tensor> {
+    let kind = kind_of(view.dtype()).ok_or_else(|| Error::UnknownDtype {
+        path: path.to_path_buf(),
+        tensor: name.to_string(),
+        dtype: format!("{:?}", view.dtype()),
+    })?;
+    let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+    Tensor::f_from_data_size(view.data(), &shape, kind).map_err(|e| Error::Corrupt {
+        path: path.to_path_buf(),
+        reason: format!("tensor `{name}`: {e}"),
+    })
+}
+
+struct OwnedView {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for OwnedView {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Writes `bytes` to `path` atomically. See [`write_atomic_with`].
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// Writes a file atomically: `write` fills a temporary file in the same directory,
+/// which is fsynced and renamed over `path` only if `write` succeeded. On failure the
+/// temporary file is removed and whatever was at `path` stays untouched.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid("path", format!("{} has no file name", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        file_name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        write(&mut f)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        // Make the rename itself durable.
+        if let Ok(d) = File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    result.map_err(|e: std::io::Error| {
+        let _ = fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}

@@ -1,0 +1,175 @@
+//! How techniques find layers: every model addresses its linears and block outputs by
+//! the dotted path Hugging Face uses (`encoder.layer.3.attention.self.query`).
+
+use std::any::Any;
+
+use tch::Tensor;
+
+use crate::{Error, Linear, Params, Result};
+
+/// A change to a block's output (bottleneck adapters, ...), implemented by technique
+/// crates and attached to a model's [`OutputSlots`].
+pub trait OutputDelta: Send {
+    /// The new block output, given the block's input and its output.
+    fn forward(&self, input: &Tensor, output: &Tensor, train: bool) -> Tensor;
+    /// Its parameters by local name.
+    fn named_parameters(&self) -> Vec<(String, Tensor)>;
+    /// For downcasting to the concrete type.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Named [`OutputDelta`]s applied, in order, to one block output.
+#[derive(Default)]
+pub struct OutputSlots {
+    slots: Vec<(String, Box<dyn OutputDelta>, bool)>,
+}
+
+impl std::fmt::Debug for OutputSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.slots.iter().map(|s| &s.0))
+            .finish()
+    }
+}
+
+impl OutputSlots {
+    /// Attaches a delta under `name`, active.
+    pub fn add(&mut self, name: &str, delta: Box<dyn OutputDelta>) -> Result<()> {
+        if self.slots.iter().any(|s| s.0 == name) {
+            return Err(Error::invalid(
+                "output delta name",
+                format!("`{name}` is already attached"),
+            ));
+        }
+        self.slots.push((name.to_string(), delta, true));
+        Ok(())
+    }
+
+    /// Removes the delta `name`.
+    pub fn remove(&mut self, name: &str) -> Option<Box<dyn OutputDelta>> {
+        let i = self.slots.iter().position(|s| s.0 == name)?;
+        Some(self.slots.remove(i).1)
+    }
+
+    /// Makes exactly `names` active.
+    pub fn set_active(&mut self, names: &[&str]) {
+        for s in &mut self.slots {
+            s.2 = names.contains(&s.0.as_str());
+        }
+    }
+
+    /// Names attached.
+    pub fn names(&self) -> Vec<&str> {
+        self.slots.iter().map(|s| s.0.as_str()).collect()
+    }
+
+    /// Applies every active delta in order.
+    pub fn apply(&self, input: &Tensor, output: Tensor, train: bool) -> Tensor {
+        self.slots
+            .iter()
+            .filter(|s| s.2)
+            .fold(output, |out, s| s.1.forward(input, &out, train))
+    }
+
+    /// Parameters as `<delta name>.<local name>`.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        self.slots
+            .iter()
+            .flat_map(|(n, d, _)| {
+                d.named_parameters()
+                    .into_iter()
+                    .map(move |(p, t)| (format!("{n}.{p}"), t))
+            })
+            .collect()
+    }
+}
+
+/// A model whose layers techniques can find by Hugging Face path.
+pub trait Model {
+    /// Calls `f` on every linear with its dotted path, in forward order.
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear));
+    /// Calls `f` on every block output slot with its dotted path. Default: none.
+    fn visit_block_outputs(&mut self, _f: &mut dyn FnMut(&str, &mut OutputSlots)) {}
+    /// Every parameter (frozen ones too) by dotted name.
+    fn named_parameters(&self) -> Vec<(String, Tensor)>;
+
+    /// [`Model::named_parameters`] as [`Params`].
+    fn params(&self) -> Params {
+        Params::new(self.named_parameters())
+    }
+
+    /// The dotted paths of every linear.
+    fn linear_paths(&mut self) -> Vec<String> {
+        let mut v = Vec::new();
+        self.visit_linears(&mut |p, _| v.push(p.to_string()));
+        v
+    }
+
+    /// The dotted paths of every block output slot.
+    fn block_output_paths(&mut self) -> Vec<String> {
+        let mut v = Vec::new();
+        self.visit_block_outputs(&mut |p, _| v.push(p.to_string()));
+        v
+    }
+}
+
+/// Prefixes local parameter names: `prefix.name`.
+pub(crate) fn prefixed(prefix: &str, v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    v.into_iter()
+        .map(|(n, t)| (format!("{prefix}.{n}"), t))
+        .collect()
+}
+
+/// Element-wise activations by their Hugging Face names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// max(0, x).
+    Relu,
+    /// Exact (erf) GELU, as `hidden_act: "gelu"`.
+    Gelu,
+    /// tanh-approximated GELU (`gelu_new`).
+    GeluNew,
+    /// tanh.
+    Tanh,
+    /// logistic sigmoid.
+    Sigmoid,
+    /// x * sigmoid(x) (`swish`/`silu`).
+    Silu,
+    /// The identity.
+    Identity,
+}
+
+impl Activation {
+    /// Applies the activation.
+    pub fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Activation::Relu => x.relu(),
+            Activation::Gelu => x.gelu("none"),
+            Activation::GeluNew => x.gelu("tanh"),
+            Activation::Tanh => x.tanh(),
+            Activation::Sigmoid => x.sigmoid(),
+            Activation::Silu => x.silu(),
+            Activation::Identity => x.shallow_clone(),
+        }
+    }
+
+    /// Parses a Hugging Face `hidden_act` name.
+    pub fn from_hf(name: &str) -> Result<Self> {
+        Ok(match name {
+            "relu" => Activation::Relu,
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluNew,
+            "tanh" => Activation::Tanh,
+            "sigmoid" => Activation::Sigmoid,
+            "silu" | "swish" => Activation::Silu,
+            "linear" | "identity" => Activation::Identity,
+            other => {
+                return Err(Error::invalid(
+                    "activation",
+                    format!("`{other}` is not one of relu, gelu, gelu_new, tanh, sigmoid, silu, swish, linear"),
+                ))
+            }
+        })
+    }
+}

@@ -1,0 +1,647 @@
+//! BERT encoder, as Hugging Face `transformers` computes `BertModel`
+//! (<https://github.com/huggingface/transformers/blob/main/src/transformers/models/bert/modeling_bert.py>;
+//! paper: Devlin et al. 2019, <https://arxiv.org/abs/1810.04805>).
+//!
+//! Loaded by name from a Hugging Face `config.json` + `model.safetensors` with no renaming
+//! table: the parameter paths are exactly Hugging Face's
+//! (`encoder.layer.0.attention.self.query.weight`). Post-LN layers, exact (erf) GELU for
+//! `hidden_act: "gelu"`, padded keys masked with the dtype's minimum.
+//!
+//! Block-output slots ([`OutputSlots`]) sit where bottleneck adapters go: on the
+//! attention output (`encoder.layer.N.attention.output`) and on the FFN output
+//! (`encoder.layer.N.output`), after the dense projection and before the residual +
+//! LayerNorm.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::write_atomic;
+use crate::model::{prefixed, Activation, Model, OutputSlots};
+use crate::{Checkpoint, Error, Linear, Result};
+
+fn d_gelu() -> String {
+    "gelu".into()
+}
+fn d_drop() -> f64 {
+    0.1
+}
+fn d_pos() -> i64 {
+    512
+}
+fn d_types() -> i64 {
+    2
+}
+fn d_eps() -> f64 {
+    1e-12
+}
+
+/// A Hugging Face BERT `config.json`. Unknown keys are kept (and written back by
+/// [`BertConfig::save`]) but otherwise ignored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BertConfig {
+    /// Vocabulary size.
+    pub vocab_size: i64,
+    /// Hidden size.
+    pub hidden_size: i64,
+    /// Number of encoder layers.
+    pub num_hidden_layers: i64,
+    /// Attention heads per layer.
+    pub num_attention_heads: i64,
+    /// FFN inner size.
+    pub intermediate_size: i64,
+    /// FFN activation (`gelu` is the exact erf GELU).
+    #[serde(default = "d_gelu")]
+    pub hidden_act: String,
+    /// Dropout on hidden states.
+    #[serde(default = "d_drop")]
+    pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities.
+    #[serde(default = "d_drop")]
+    pub attention_probs_dropout_prob: f64,
+    /// Longest sequence the position table covers.
+    #[serde(default = "d_pos")]
+    pub max_position_embeddings: i64,
+    /// Number of token types.
+    #[serde(default = "d_types")]
+    pub type_vocab_size: i64,
+    /// LayerNorm epsilon.
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f64,
+    /// Padding token id.
+    #[serde(default)]
+    pub pad_token_id: i64,
+    /// Keys this crate does not use, kept for round trips.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl BertConfig {
+    /// Reads a `config.json`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("not a BERT config: {e}"),
+        })?;
+        cfg.validate().map_err(|e| Error::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Ok(cfg)
+    }
+
+    /// Writes it as pretty JSON, atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::invalid("config", e.to_string()))?;
+        write_atomic(path, text.as_bytes())
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::invalid(
+                "config",
+                format!(
+                    "hidden_size {} is not a multiple of num_attention_heads {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        Activation::from_hf(&self.hidden_act)?;
+        Ok(())
+    }
+
+    /// A tiny configuration for fast tests: `layers` layers, hidden `hidden`, 4 heads.
+    pub fn tiny(vocab_size: i64, hidden: i64, layers: i64) -> Self {
+        Self {
+            vocab_size,
+            hidden_size: hidden,
+            num_hidden_layers: layers,
+            num_attention_heads: 4,
+            intermediate_size: hidden * 4,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            pad_token_id: 0,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// LayerNorm with `weight` / `bias`.
+#[derive(Debug)]
+pub struct LayerNorm {
+    /// Scale.
+    pub weight: Tensor,
+    /// Shift.
+    pub bias: Tensor,
+    /// Epsilon.
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm(
+            [self.weight.size()[0]],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
+    }
+    fn named(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("weight".into(), self.weight.shallow_clone()),
+            ("bias".into(), self.bias.shallow_clone()),
+        ]
+    }
+}
+
+/// Word + position + token-type embeddings, then LayerNorm.
+#[derive(Debug)]
+pub struct BertEmbeddings {
+    /// `word_embeddings.weight` `[vocab, hidden]`.
+    pub word_embeddings: Tensor,
+    /// `position_embeddings.weight` `[max_pos, hidden]`.
+    pub position_embeddings: Tensor,
+    /// `token_type_embeddings.weight` `[types, hidden]`.
+    pub token_type_embeddings: Tensor,
+    /// `LayerNorm`.
+    pub layer_norm: LayerNorm,
+}
+
+/// One post-LN encoder layer.
+#[derive(Debug)]
+pub struct BertLayer {
+    /// `attention.self.query`.
+    pub query: Linear,
+    /// `attention.self.key`.
+    pub key: Linear,
+    /// `attention.self.value`.
+    pub value: Linear,
+    /// `attention.output.dense`.
+    pub attention_output: Linear,
+    /// `attention.output.LayerNorm`.
+    pub attention_norm: LayerNorm,
+    /// `intermediate.dense`.
+    pub intermediate: Linear,
+    /// `output.dense`.
+    pub output: Linear,
+    /// `output.LayerNorm`.
+    pub output_norm: LayerNorm,
+    /// Slots on the attention output (before residual + LayerNorm).
+    pub attention_slots: OutputSlots,
+    /// Slots on the FFN output (before residual + LayerNorm).
+    pub output_slots: OutputSlots,
+}
+
+/// What [`Bert::forward`] returns.
+#[derive(Debug)]
+pub struct BertOutput {
+    /// `[b, t, hidden]`.
+    pub last_hidden_state: Tensor,
+    /// Embedding output then each layer's output (layers + 1 tensors), when asked.
+    pub hidden_states: Vec<Tensor>,
+    /// Each layer's attention probabilities `[b, heads, t, t]`, when asked.
+    pub attentions: Vec<Tensor>,
+}
+
+/// Which extra outputs [`Bert::forward`] should return.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Want {
+    /// All hidden states.
+    pub hidden_states: bool,
+    /// All attention probabilities.
+    pub attentions: bool,
+}
+
+/// A BERT encoder (`BertModel` without heads; the pooler is kept if the file has one).
+#[derive(Debug)]
+pub struct Bert {
+    /// The configuration.
+    pub config: BertConfig,
+    /// Embeddings.
+    pub embeddings: BertEmbeddings,
+    /// Encoder layers, addressed as `encoder.layer.{i}`.
+    pub layers: Vec<BertLayer>,
+    /// `pooler.dense`, if present in the checkpoint (unused by mean pooling).
+    pub pooler: Option<Linear>,
+    activation: Activation,
+}
+
+struct Loader<'a> {
+    ck: &'a mut Checkpoint,
+    kind: Kind,
+    device: Device,
+}
+
+impl Loader<'_> {
+    fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let t = self.ck.take_with_shape(name, shape)?;
+        let kind = t.kind();
+        if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
+            return Err(Error::DtypeMismatch {
+                path: self.ck.source().map(Path::to_path_buf),
+                tensor: name.into(),
+                expected: "a floating dtype (F32, F16, BF16)".into(),
+                found: format!("{kind:?}"),
+            });
+        }
+        Ok(t.to_kind(self.kind)
+            .to_device(self.device)
+            .set_requires_grad(true))
+    }
+    fn linear(&mut self, path: &str, i: i64, o: i64) -> Result<Linear> {
+        let w = self.take(&format!("{path}.weight"), &[o, i])?;
+        let b = self.take(&format!("{path}.bias"), &[o])?;
+        Linear::from_tensors(w, Some(b))
+    }
+    fn norm(&mut self, path: &str, h: i64, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: self.take(&format!("{path}.weight"), &[h])?,
+            bias: self.take(&format!("{path}.bias"), &[h])?,
+            eps,
+        })
+    }
+}
+
+impl Bert {
+    /// Loads `config.json` and `model.safetensors` from a Hugging Face model folder, in
+    /// `kind` (f32, f16, bf16) on `device`. Parameters are trainable, as in PyTorch.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let config = BertConfig::load(&dir.join("config.json"))?;
+        let mut ck = Checkpoint::load(dir.join("model.safetensors"), Device::Cpu)?;
+        Self::from_checkpoint(config, &mut ck, device, kind)
+    }
+
+    /// Builds the model from checkpoint tensors (taken out of `ck`), by Hugging Face name.
+    /// A `bert.` prefix (as `BertFor*` models save) is accepted. Tensors the model does
+    /// not use (`embeddings.position_ids`, heads) are left in `ck`.
+    pub fn from_checkpoint(
+        config: BertConfig,
+        ck: &mut Checkpoint,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
+        config.validate()?;
+        if ck.get("embeddings.word_embeddings.weight").is_none()
+            && ck.get("bert.embeddings.word_embeddings.weight").is_some()
+        {
+            let names: Vec<String> = ck
+                .names()
+                .filter(|n| n.starts_with("bert."))
+                .map(String::from)
+                .collect();
+            for n in names {
+                let t = ck.remove(&n).expect("listed");
+                ck.insert(n.trim_start_matches("bert.").to_string(), t);
+            }
+        }
+        let c = &config;
+        let (h, f, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
+        let mut l = Loader { ck, kind, device };
+        let embeddings = BertEmbeddings {
+            word_embeddings: l.take("embeddings.word_embeddings.weight", &[c.vocab_size, h])?,
+            position_embeddings: l.take(
+                "embeddings.position_embeddings.weight",
+                &[c.max_position_embeddings, h],
+            )?,
+            token_type_embeddings: l.take(
+                "embeddings.token_type_embeddings.weight",
+                &[c.type_vocab_size, h],
+            )?,
+            layer_norm: l.norm("embeddings.LayerNorm", h, eps)?,
+        };
+        let mut layers = Vec::new();
+        for i in 0..c.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            layers.push(BertLayer {
+                query: l.linear(&format!("{p}.attention.self.query"), h, h)?,
+                key: l.linear(&format!("{p}.attention.self.key"), h, h)?,
+                value: l.linear(&format!("{p}.attention.self.value"), h, h)?,
+                attention_output: l.linear(&format!("{p}.attention.output.dense"), h, h)?,
+                attention_norm: l.norm(&format!("{p}.attention.output.LayerNorm"), h, eps)?,
+                intermediate: l.linear(&format!("{p}.intermediate.dense"), h, f)?,
+                output: l.linear(&format!("{p}.output.dense"), f, h)?,
+                output_norm: l.norm(&format!("{p}.output.LayerNorm"), h, eps)?,
+                attention_slots: OutputSlots::default(),
+                output_slots: OutputSlots::default(),
+            });
+        }
+        let pooler = if l.ck.get("pooler.dense.weight").is_some() {
+            Some(l.linear("pooler.dense", h, h)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            activation: Activation::from_hf(&config.hidden_act)?,
+            config,
+            embeddings,
+            layers,
+            pooler,
+        })
+    }
+
+    /// A randomly initialised model as `transformers` initialises BERT (N(0, 0.02)
+    /// weights, zero biases, unit LayerNorms), for tests and from-scratch training.
+    pub fn random(config: BertConfig, device: Device) -> Result<Self> {
+        let mut ck = Checkpoint::new();
+        let n = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.02;
+        let (h, f) = (config.hidden_size, config.intermediate_size);
+        ck.insert(
+            "embeddings.word_embeddings.weight",
+            n(&[config.vocab_size, h]),
+        );
+        ck.insert(
+            "embeddings.position_embeddings.weight",
+            n(&[config.max_position_embeddings, h]),
+        );
+        ck.insert(
+            "embeddings.token_type_embeddings.weight",
+            n(&[config.type_vocab_size, h]),
+        );
+        let norm = |ck: &mut Checkpoint, p: &str| {
+            ck.insert(
+                format!("{p}.weight"),
+                Tensor::ones([h], (Kind::Float, Device::Cpu)),
+            );
+            ck.insert(
+                format!("{p}.bias"),
+                Tensor::zeros([h], (Kind::Float, Device::Cpu)),
+            );
+        };
+        norm(&mut ck, "embeddings.LayerNorm");
+        for i in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            for (name, i_, o) in [
+                ("attention.self.query", h, h),
+                ("attention.self.key", h, h),
+                ("attention.self.value", h, h),
+                ("attention.output.dense", h, h),
+                ("intermediate.dense", h, f),
+                ("output.dense", f, h),
+            ] {
+                ck.insert(format!("{p}.{name}.weight"), n(&[o, i_]));
+                ck.insert(
+                    format!("{p}.{name}.bias"),
+                    Tensor::zeros([o], (Kind::Float, Device::Cpu)),
+                );
+            }
+            norm(&mut ck, &format!("{p}.attention.output.LayerNorm"));
+            norm(&mut ck, &format!("{p}.output.LayerNorm"));
+        }
+        Self::from_checkpoint(config, &mut ck, device, Kind::Float)
+    }
+
+    /// The base weights by Hugging Face name (no deltas, no slot parameters): what
+    /// `model.safetensors` holds.
+    pub fn state_dict(&self) -> Checkpoint {
+        let mut ck = Checkpoint::new();
+        tch::no_grad(|| {
+            for (n, t) in self.tensors(false) {
+                ck.insert(n, t.detach().copy());
+            }
+        });
+        ck.set_metadata("format", "pt");
+        ck
+    }
+
+    /// Writes `config.json` and `model.safetensors` (base weights) into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        self.state_dict().save(dir.join("model.safetensors"))?;
+        self.config.save(&dir.join("config.json"))
+    }
+
+    fn tensors(&self, with_deltas: bool) -> Vec<(String, Tensor)> {
+        let lin = |p: &str, l: &Linear| {
+            let v = l.named_parameters();
+            let v = if with_deltas {
+                v
+            } else {
+                v.into_iter()
+                    .filter(|(n, _)| n == "weight" || n == "bias")
+                    .collect()
+            };
+            prefixed(p, v)
+        };
+        let e = &self.embeddings;
+        let mut v = vec![
+            (
+                "embeddings.word_embeddings.weight".to_string(),
+                e.word_embeddings.shallow_clone(),
+            ),
+            (
+                "embeddings.position_embeddings.weight".to_string(),
+                e.position_embeddings.shallow_clone(),
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".to_string(),
+                e.token_type_embeddings.shallow_clone(),
+            ),
+        ];
+        v.extend(prefixed("embeddings.LayerNorm", e.layer_norm.named()));
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("encoder.layer.{i}");
+            v.extend(lin(&format!("{p}.attention.self.query"), &l.query));
+            v.extend(lin(&format!("{p}.attention.self.key"), &l.key));
+            v.extend(lin(&format!("{p}.attention.self.value"), &l.value));
+            v.extend(lin(
+                &format!("{p}.attention.output.dense"),
+                &l.attention_output,
+            ));
+            v.extend(prefixed(
+                &format!("{p}.attention.output.LayerNorm"),
+                l.attention_norm.named(),
+            ));
+            v.extend(lin(&format!("{p}.intermediate.dense"), &l.intermediate));
+            v.extend(lin(&format!("{p}.output.dense"), &l.output));
+            v.extend(prefixed(
+                &format!("{p}.output.LayerNorm"),
+                l.output_norm.named(),
+            ));
+            if with_deltas {
+                v.extend(prefixed(
+                    &format!("{p}.attention.output"),
+                    l.attention_slots.named_parameters(),
+                ));
+                v.extend(prefixed(
+                    &format!("{p}.output"),
+                    l.output_slots.named_parameters(),
+                ));
+            }
+        }
+        if let Some(pl) = &self.pooler {
+            v.extend(lin("pooler.dense", pl));
+        }
+        v
+    }
+
+    /// Device of the weights.
+    pub fn device(&self) -> Device {
+        self.embeddings.word_embeddings.device()
+    }
+
+    /// Element type of the weights.
+    pub fn kind(&self) -> Kind {
+        self.embeddings.word_embeddings.kind()
+    }
+
+    /// Runs the encoder.
+    ///
+    /// * `input_ids`, `attention_mask`: `[b, t]` (i64; mask 1 = token, 0 = padding).
+    /// * `token_type_ids`: `[b, t]`, zeros when `None`.
+    /// * `train`: enables dropout.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        train: bool,
+        want: Want,
+    ) -> BertOutput {
+        let c = &self.config;
+        let (b, t) = (input_ids.size()[0], input_ids.size()[1]);
+        let device = input_ids.device();
+        let e = &self.embeddings;
+        let pos = Tensor::arange(t, (Kind::Int64, device));
+        let types = match token_type_ids {
+            Some(tt) => tt.shallow_clone(),
+            None => Tensor::zeros([b, t], (Kind::Int64, device)),
+        };
+        let x = Tensor::embedding(&e.word_embeddings, input_ids, -1, false, false)
+            + Tensor::embedding(&e.position_embeddings, &pos, -1, false, false).unsqueeze(0)
+            + Tensor::embedding(&e.token_type_embeddings, &types, -1, false, false);
+        let mut h = e
+            .layer_norm
+            .forward(&x)
+            .dropout(c.hidden_dropout_prob, train);
+        let kind = h.kind();
+        let min = match kind {
+            Kind::Half => -65504.0,
+            Kind::BFloat16 => -3.3895e38,
+            _ => f32::MIN as f64,
+        };
+        // [b, 1, 1, t]: 0 where attended, the dtype's minimum at padding.
+        let ext = (attention_mask.to_kind(kind).ones_like() - attention_mask.to_kind(kind))
+            .view([b, 1, 1, t])
+            * min;
+        let mut out = BertOutput {
+            last_hidden_state: Tensor::new(),
+            hidden_states: Vec::new(),
+            attentions: Vec::new(),
+        };
+        if want.hidden_states {
+            out.hidden_states.push(h.shallow_clone());
+        }
+        let nh = c.num_attention_heads;
+        let hd = c.hidden_size / nh;
+        for l in &self.layers {
+            let split = |x: Tensor| x.view([b, t, nh, hd]).transpose(1, 2);
+            let q = split(l.query.forward(&h, train));
+            let k = split(l.key.forward(&h, train));
+            let v = split(l.value.forward(&h, train));
+            let p_drop = if train {
+                c.attention_probs_dropout_prob
+            } else {
+                0.0
+            };
+            let ctx = if want.attentions {
+                let scores = q.matmul(&k.transpose(-1, -2)) / (hd as f64).sqrt() + &ext;
+                let probs = scores.softmax(-1, kind);
+                let ctx = probs.dropout(p_drop, train).matmul(&v);
+                out.attentions.push(probs);
+                ctx
+            } else {
+                Tensor::scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    Some(&ext),
+                    p_drop,
+                    false,
+                    None,
+                    false,
+                )
+            };
+            let ctx = ctx.transpose(1, 2).contiguous().view([b, t, c.hidden_size]);
+            let a = l
+                .attention_output
+                .forward(&ctx, train)
+                .dropout(c.hidden_dropout_prob, train);
+            let a = l.attention_slots.apply(&ctx, a, train);
+            let h1 = l.attention_norm.forward(&(a + &h));
+            let inter = self.activation.apply(&l.intermediate.forward(&h1, train));
+            let o = l
+                .output
+                .forward(&inter, train)
+                .dropout(c.hidden_dropout_prob, train);
+            let o = l.output_slots.apply(&h1, o, train);
+            h = l.output_norm.forward(&(o + &h1));
+            if want.hidden_states {
+                out.hidden_states.push(h.shallow_clone());
+            }
+        }
+        out.last_hidden_state = h;
+        out
+    }
+}
+
+impl Model for Bert {
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("encoder.layer.{i}");
+            f(&format!("{p}.attention.self.query"), &mut l.query);
+            f(&format!("{p}.attention.self.key"), &mut l.key);
+            f(&format!("{p}.attention.self.value"), &mut l.value);
+            f(
+                &format!("{p}.attention.output.dense"),
+                &mut l.attention_output,
+            );
+            f(&format!("{p}.intermediate.dense"), &mut l.intermediate);
+            f(&format!("{p}.output.dense"), &mut l.output);
+        }
+        if let Some(p) = &mut self.pooler {
+            f("pooler.dense", p);
+        }
+    }
+
+    fn visit_block_outputs(&mut self, f: &mut dyn FnMut(&str, &mut OutputSlots)) {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            f(
+                &format!("encoder.layer.{i}.attention.output"),
+                &mut l.attention_slots,
+            );
+            f(&format!("encoder.layer.{i}.output"), &mut l.output_slots);
+        }
+    }
+
+    fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        self.tensors(true)
+    }
+}
+
+/// Mean of `hidden` `[b, t, h]` over positions where `mask` `[b, t]` is 1, in f32, as
+/// sentence-transformers' mean pooling does (padding excluded, [CLS]/[SEP] included).
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Tensor {
+    let m = mask.to_kind(Kind::Float).unsqueeze(-1);
+    let summed = (hidden.to_kind(Kind::Float) * &m).sum_dim_intlist(1, false, Kind::Float);
+    let counts = m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1e-9);
+    summed / counts
+}
+
+/// Rows divided by their L2 norm (at least 1e-12), as `torch.nn.functional.normalize`.
+pub fn l2_normalize(x: &Tensor) -> Tensor {
+    let n = x
+        .square()
+        .sum_dim_intlist(-1, true, Kind::Float)
+        .sqrt()
+        .clamp_min(1e-12);
+    x / n
+}

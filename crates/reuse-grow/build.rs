@@ -1,0 +1,3 @@
+fn main() {
+    reuse_build::link_libtorch();
+}
