@@ -59,7 +59,7 @@ pub fn minilm_embed(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
     for (kind, name) in [(Kind::Float, "f32"), (Kind::BFloat16, "bf16")] {
         bar.set_message(format!("core.minilm_embed {name}"));
         let enc = SentenceEncoder::load(&dir, ctx.device, kind)?;
-        enc.encode(&texts[..BATCH.min(texts.len())], BATCH)?; // warm-up
+        let _ = enc.encode(&texts[..BATCH.min(texts.len())], BATCH)?; // warm-up
         let start = Instant::now();
         let e = enc.encode(&texts, BATCH)?;
         let secs = start.elapsed().as_secs_f64();
