@@ -8,7 +8,9 @@ use tch::{Device, Kind};
 
 struct FreezeEmbeddings;
 impl Technique for FreezeEmbeddings {
-    fn name(&self) -> &str { "freeze-embeddings" }
+    fn name(&self) -> &str {
+        "freeze-embeddings"
+    }
     fn after_backward(&mut self, params: &Params) -> Result<()> {
         for (name, p) in params.iter().filter(|(n, _)| n.starts_with("embeddings.")) {
             let _ = (name, p.grad().zero_());
@@ -24,8 +26,16 @@ fn main() -> Result<()> {
     let train = TokenizedDataset::new(&enc.tokenizer, &data.train, 32)?;
     let test = TokenizedDataset::new(&enc.tokenizer, &data.test, 32)?;
     let model = BertClassifier::new(Bert::load(&dir, Device::Cpu, Kind::Float)?, 8);
-    let mut t = Trainer::new(TrainConfig { max_steps: Some(200), batch_size: 16, lr: 1e-4, ..Default::default() });
+    let mut t = Trainer::new(TrainConfig {
+        max_steps: Some(200),
+        batch_size: 16,
+        lr: 1e-4,
+        ..Default::default()
+    });
     t.fit(&model, &train, None, &mut [&mut FreezeEmbeddings])?;
-    println!("accuracy {:.3}", trainer::accuracy(&model, &test, 64, Device::Cpu)?);
+    println!(
+        "accuracy {:.3}",
+        trainer::accuracy(&model, &test, 64, Device::Cpu)?
+    );
     Ok(())
 }

@@ -42,6 +42,8 @@ pub struct Linear {
     /// Optional bias, `[out_features]`.
     pub bias: Option<Tensor>,
     slots: Vec<Slot>,
+    /// Per-sample routing for mixed-delta batches: (delta name, sample indices).
+    routing: Option<Vec<(String, Tensor)>>,
 }
 
 impl std::fmt::Debug for Linear {
@@ -70,6 +72,7 @@ impl Linear {
             weight,
             bias,
             slots: Vec::new(),
+            routing: None,
         }
     }
 
@@ -96,6 +99,7 @@ impl Linear {
             weight,
             bias,
             slots: Vec::new(),
+            routing: None,
         })
     }
 
@@ -109,8 +113,12 @@ impl Linear {
         self.weight.size()[0]
     }
 
-    /// `x W^T + b`, plus the output of every active, unmerged delta.
+    /// `x W^T + b`, plus the output of every active, unmerged delta; or, while a
+    /// routing is set ([`Linear::set_routing`]), each sample gets only its own delta.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        if let Some(routes) = &self.routing {
+            return self.forward_routed(x, routes, train);
+        }
         let live: Vec<&Slot> = self
             .slots
             .iter()
@@ -128,6 +136,50 @@ impl Linear {
             out = out + s.delta.forward(x, &self.weight, &base, train);
         }
         out
+    }
+
+    fn forward_routed(&self, x: &Tensor, routes: &[(String, Tensor)], train: bool) -> Tensor {
+        // The base output is computed once for the whole batch; each delta adds its
+        // output to its own samples only.
+        let base = x.linear::<&Tensor>(&self.weight, None);
+        let mut out = match &self.bias {
+            Some(b) => &base + b,
+            None => base.shallow_clone(),
+        };
+        for (name, idx) in routes {
+            let Some(s) = self.slots.iter().find(|s| &s.name == name) else {
+                continue;
+            };
+            let xs = x.index_select(0, idx);
+            let d = s
+                .delta
+                .forward(&xs, &self.weight, &base.index_select(0, idx), train);
+            out = out.index_add(0, idx, &d.to_kind(out.kind()));
+        }
+        out
+    }
+
+    /// Routes samples to deltas for mixed batches: `routes` pairs a delta name with
+    /// the indices (i64, on the input's device) of the samples that use it; samples in
+    /// no route get the base output. Merged deltas are in the weight for every sample,
+    /// so routing is refused while any delta is merged. `None` ends routing.
+    pub fn set_routing(&mut self, routes: Option<Vec<(String, Tensor)>>) -> Result<()> {
+        if let Some(r) = &routes {
+            if let Some(s) = self.slots.iter().find(|s| s.merged.is_some()) {
+                return Err(Error::invalid(
+                    "mixed-delta batch",
+                    format!(
+                        "delta `{}` is merged; unmerge before routing samples",
+                        s.name
+                    ),
+                ));
+            }
+            for (name, _) in r {
+                self.index(name)?;
+            }
+        }
+        self.routing = routes;
+        Ok(())
     }
 
     /// Output of the base layer alone (no deltas): for mixed-adapter batches.

@@ -1,0 +1,428 @@
+//! [`LoraModel`]: any reuse model with named LoRA adapters, managed as PEFT's
+//! `PeftModel` / `LoraModel` manage them (add, set active, delete, merge, unmerge,
+//! merge-and-unload, mixed-adapter batches).
+
+use std::collections::BTreeMap;
+
+use reuse_core::data::Batch;
+use reuse_core::trainer::{StepOutputs, Trainable};
+use reuse_core::{Checkpoint, Error as CoreError, Model, Params};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::LoraConfig;
+use crate::error::{PeftError, Result};
+use crate::lora::LoraLayer;
+
+/// The adapter name that means "no adapter" in a mixed batch.
+pub const BASE: &str = "__base__";
+
+#[derive(Debug)]
+pub(crate) struct AdapterState {
+    pub(crate) config: LoraConfig,
+    /// Linear paths carrying this adapter.
+    pub(crate) modules: Vec<String>,
+    /// This adapter's copy of its `modules_to_save` values while another adapter's copy
+    /// is live in the model.
+    pub(crate) parked: Option<Checkpoint>,
+}
+
+/// A model with LoRA adapters. The base weights stay frozen; only the active adapters
+/// (and their `modules_to_save`, and biases when `bias` says so) train.
+#[derive(Debug)]
+pub struct LoraModel<M: Model> {
+    /// The wrapped model; its linears carry the adapters as delta slots.
+    pub model: M,
+    pub(crate) adapters: BTreeMap<String, AdapterState>,
+    active: Vec<String>,
+    /// Whose `modules_to_save` values are live in the model.
+    live_modules: Option<String>,
+}
+
+fn adapter_err(name: &str, reason: impl Into<String>) -> PeftError {
+    PeftError::Adapter {
+        name: name.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The module path of a parameter name (`classifier.weight` -> `classifier`).
+fn module_of(param: &str) -> &str {
+    param.rsplit_once('.').map(|(m, _)| m).unwrap_or("")
+}
+
+impl<M: Model> LoraModel<M> {
+    /// Wraps a model with no adapters yet.
+    pub fn new(model: M) -> Self {
+        Self {
+            model,
+            adapters: BTreeMap::new(),
+            active: Vec::new(),
+            live_modules: None,
+        }
+    }
+
+    /// Adapter names, sorted.
+    pub fn adapter_names(&self) -> Vec<&str> {
+        self.adapters.keys().map(String::as_str).collect()
+    }
+
+    /// The active adapters.
+    pub fn active_adapters(&self) -> &[String] {
+        &self.active
+    }
+
+    /// The config of adapter `name`.
+    pub fn config(&self, name: &str) -> Result<&LoraConfig> {
+        Ok(&self.state(name)?.config)
+    }
+
+    /// The linear paths that carry adapter `name`.
+    pub fn adapter_modules(&self, name: &str) -> Result<&[String]> {
+        Ok(&self.state(name)?.modules)
+    }
+
+    pub(crate) fn live_modules_is(&self, name: &str) -> bool {
+        self.live_modules.as_deref() == Some(name)
+    }
+
+    fn state(&self, name: &str) -> Result<&AdapterState> {
+        self.adapters.get(name).ok_or_else(|| {
+            adapter_err(
+                name,
+                format!("no such adapter; have {:?}", self.adapter_names()),
+            )
+        })
+    }
+
+    /// Adds a new adapter `name` on every linear that `config` targets, initialised as
+    /// PEFT does. The first adapter becomes active (and trainable); later ones wait for
+    /// [`LoraModel::set_adapter`]. Returns the adapted linear paths.
+    pub fn add_adapter(&mut self, name: &str, config: LoraConfig) -> Result<Vec<String>> {
+        config.validate()?;
+        if name == BASE || name.is_empty() || name.contains('.') {
+            return Err(adapter_err(
+                name,
+                "reserved or invalid name (no dots, not __base__)",
+            ));
+        }
+        if self.adapters.contains_key(name) {
+            return Err(adapter_err(name, "already exists"));
+        }
+        let paths = self.targets(&config)?;
+        let mut err = None;
+        self.model.visit_linears(&mut |path, l| {
+            if err.is_some() || !paths.iter().any(|p| p == path) {
+                return;
+            }
+            let spec = config.module_spec(path);
+            let res = LoraLayer::new(
+                &l.weight,
+                spec.r,
+                spec.scaling,
+                config.lora_dropout,
+                &config.init_lora_weights,
+                config.use_dora,
+            )
+            .and_then(|layer| Ok(l.add_delta(name, Box::new(layer))?));
+            if let Err(e) = res {
+                err = Some(e);
+            }
+        });
+        if let Some(e) = err {
+            self.detach(name);
+            return Err(e);
+        }
+        self.adapters.insert(
+            name.to_string(),
+            AdapterState {
+                config,
+                modules: paths.clone(),
+                parked: None,
+            },
+        );
+        self.park_new_modules(name)?;
+        if self.active.is_empty() {
+            self.set_adapter(&[name])?;
+        } else {
+            self.apply_active();
+        }
+        Ok(paths)
+    }
+
+    /// The linear paths `config` targets, or an error listing the model's linears.
+    pub fn targets(&mut self, config: &LoraConfig) -> Result<Vec<String>> {
+        let all = self.model.linear_paths();
+        let paths: Vec<String> = all
+            .iter()
+            .filter(|p| config.targets(p) && !config.saves_module(p))
+            .cloned()
+            .collect();
+        if paths.is_empty() {
+            return Err(PeftError::NoTarget {
+                pattern: config.target_description(),
+                available: all.join(", "),
+            });
+        }
+        Ok(paths)
+    }
+
+    /// Parameter names of the model's `modules_to_save` for `config`.
+    fn saved_params(&self, config: &LoraConfig) -> Vec<(String, Tensor)> {
+        self.model
+            .named_parameters()
+            .into_iter()
+            .filter(|(n, _)| config.saves_module(module_of(n)))
+            .collect()
+    }
+
+    /// A new adapter gets its own copy of its `modules_to_save`, starting from the
+    /// values live now.
+    fn park_new_modules(&mut self, name: &str) -> Result<()> {
+        let cfg = &self.adapters[name].config;
+        let saved = self.saved_params(cfg);
+        if saved.is_empty() {
+            return Ok(());
+        }
+        let ck = Params::new(saved).to_checkpoint();
+        self.adapters.get_mut(name).expect("inserted").parked = Some(ck);
+        Ok(())
+    }
+
+    /// Puts adapter `name`'s copy of its `modules_to_save` into the model, parking the
+    /// copy of the adapter whose values were live.
+    fn swap_modules_to(&mut self, name: &str) -> Result<()> {
+        if self.live_modules.as_deref() == Some(name) {
+            return Ok(());
+        }
+        if let Some(prev) = self.live_modules.take() {
+            if let Some(st) = self.adapters.get(&prev) {
+                let saved = self.saved_params(&st.config);
+                let ck = Params::new(saved).to_checkpoint();
+                self.adapters.get_mut(&prev).expect("exists").parked = Some(ck);
+            }
+        }
+        let st = &self.adapters[name];
+        if let Some(ck) = &st.parked {
+            let saved = self.saved_params(&st.config);
+            Params::new(saved).load_checkpoint(ck)?;
+        }
+        self.live_modules = Some(name.to_string());
+        Ok(())
+    }
+
+    /// Makes exactly `names` active (their outputs sum) and trainable; everything else
+    /// is frozen. With one active adapter its `modules_to_save` copy goes live.
+    pub fn set_adapter(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            self.state(n)?;
+        }
+        if let [one] = names {
+            self.swap_modules_to(one)?;
+        }
+        self.active = names.iter().map(|s| s.to_string()).collect();
+        self.apply_active();
+        Ok(())
+    }
+
+    fn apply_active(&mut self) {
+        let active: Vec<&str> = self.active.iter().map(String::as_str).collect();
+        self.model.visit_linears(&mut |_, l| l.set_active(&active));
+        self.mark_trainable();
+    }
+
+    /// Freezes everything but the active adapters' parameters, their modules_to_save and
+    /// the biases their `bias` setting trains (PEFT's `_mark_only_adapters_as_trainable`).
+    fn mark_trainable(&mut self) {
+        let params = self.model.params();
+        params.freeze();
+        for name in &self.active {
+            let st = &self.adapters[name];
+            let tag = format!(".{name}.");
+            for (n, t) in params.iter() {
+                let module = module_of(n);
+                let on = n.contains(&tag)
+                    || st.config.saves_module(module)
+                    || (n.ends_with(".bias")
+                        && match st.config.bias.as_str() {
+                            "all" => true,
+                            "lora_only" => st.modules.iter().any(|m| m == module),
+                            _ => false,
+                        });
+                if on {
+                    let _ = t.set_requires_grad(true);
+                }
+            }
+        }
+    }
+
+    fn detach(&mut self, name: &str) {
+        self.model.visit_linears(&mut |_, l| {
+            let _ = l.remove_delta(name);
+        });
+    }
+
+    /// Removes adapter `name` (unmerging it first if merged).
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        self.state(name)?;
+        if self.live_modules.as_deref() == Some(name) {
+            self.live_modules = None;
+        }
+        self.detach(name);
+        self.adapters.remove(name);
+        self.active.retain(|a| a != name);
+        self.apply_active();
+        Ok(())
+    }
+
+    /// Merges adapters into the base weights (`W += delta`); forward then skips them.
+    pub fn merge_adapter(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            self.state(n)?;
+        }
+        let mut err = None;
+        self.model.visit_linears(&mut |_, l| {
+            for n in names {
+                if err.is_none() && l.delta(n).is_some() {
+                    if let Err(e) = l.merge(n) {
+                        err = Some(e);
+                    }
+                }
+            }
+        });
+        err.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    /// Unmerges every merged adapter, restoring the base weights.
+    pub fn unmerge_adapter(&mut self) -> Result<()> {
+        let names: Vec<String> = self.adapters.keys().cloned().collect();
+        let mut err = None;
+        self.model.visit_linears(&mut |_, l| {
+            for n in &names {
+                if l.is_merged(n).unwrap_or(false) {
+                    if let Err(e) = l.unmerge(n) {
+                        err.get_or_insert(e);
+                    }
+                }
+            }
+        });
+        err.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    /// Merges the active adapters and drops every adapter: the plain model, with every
+    /// parameter trainable again as a fresh model's would be.
+    pub fn merge_and_unload(mut self) -> Result<M> {
+        let mut err = None;
+        self.model.visit_linears(&mut |_, l| {
+            if let Err(e) = l.merge_and_unload() {
+                err.get_or_insert(e);
+            }
+        });
+        if let Some(e) = err {
+            return Err(e.into());
+        }
+        self.model.params().unfreeze();
+        Ok(self.model)
+    }
+
+    /// Runs `f` with each sample routed to its own adapter (`adapter_names[i]` for
+    /// sample i, [`BASE`] for none): the base output is computed once and each
+    /// adapter's output is added to its samples only. No adapter may be merged.
+    pub fn with_mixed_batch<T>(
+        &mut self,
+        adapter_names: &[&str],
+        device: Device,
+        f: impl FnOnce(&M) -> T,
+    ) -> Result<T> {
+        let mut groups: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+        for (i, n) in adapter_names.iter().enumerate() {
+            if *n != BASE {
+                self.state(n)?;
+                groups.entry(n).or_default().push(i as i64);
+            }
+        }
+        let routes: Vec<(String, Tensor)> = groups
+            .into_iter()
+            .map(|(n, ix)| (n.to_string(), Tensor::from_slice(&ix).to_device(device)))
+            .collect();
+        let mut err: Option<CoreError> = None;
+        self.model.visit_linears(&mut |_, l| {
+            let mine: Vec<(String, Tensor)> = routes
+                .iter()
+                .filter(|(n, _)| l.delta(n).is_some())
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect();
+            if let Err(e) = l.set_routing(Some(mine)) {
+                err.get_or_insert(e);
+            }
+        });
+        let out = if err.is_none() {
+            Some(f(&self.model))
+        } else {
+            None
+        };
+        self.model.visit_linears(&mut |_, l| {
+            let _ = l.set_routing(None);
+        });
+        match (err, out) {
+            (Some(e), _) => Err(e.into()),
+            (None, Some(o)) => Ok(o),
+            (None, None) => unreachable!("f runs when routing succeeded"),
+        }
+    }
+
+    /// Parameters that train now.
+    pub fn trainable_parameters(&self) -> Params {
+        self.model.params().trainable()
+    }
+
+    /// Values in the adapters' LoRA tensors, all adapters.
+    pub fn adapter_parameter_count(&self, name: &str) -> usize {
+        let tag = format!(".{name}.");
+        self.model
+            .named_parameters()
+            .iter()
+            .filter(|(n, _)| n.contains(&tag))
+            .map(|(_, t)| t.numel())
+            .sum()
+    }
+
+    /// Casts every adapter's tensors to `kind` (e.g. to match a bf16 base).
+    pub fn adapters_to_kind(&mut self, kind: Kind) {
+        self.model.visit_linears(&mut |_, l| {
+            for n in l
+                .delta_names()
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+            {
+                if let Some(d) = l
+                    .delta_mut(&n)
+                    .and_then(|d| d.as_any_mut().downcast_mut::<LoraLayer>())
+                {
+                    let rg = |t: &Tensor| {
+                        t.detach()
+                            .to_kind(kind)
+                            .set_requires_grad(t.requires_grad())
+                    };
+                    d.a = rg(&d.a);
+                    d.b = rg(&d.b);
+                    if let Some(m) = &d.magnitude {
+                        d.magnitude = Some(rg(m));
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl<M: Model + Trainable> Trainable for LoraModel<M> {
+    fn parameters(&self) -> Params {
+        self.model.params()
+    }
+    fn forward(&self, batch: &Batch, train: bool) -> reuse_core::Result<StepOutputs> {
+        Trainable::forward(&self.model, batch, train)
+    }
+    fn loss(&self, out: &StepOutputs, batch: &Batch) -> Tensor {
+        self.model.loss(out, batch)
+    }
+}
