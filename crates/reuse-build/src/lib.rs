@@ -14,10 +14,8 @@
 //! `.cargo/config.toml` to `.venv/libtorch`, a link that `cargo xtask setup` makes).
 //!
 //! ```no_run
-//! // build.rs
-//! fn main() {
-//!     reuse_build::link_libtorch();
-//! }
+//! // The whole body of a package's `build.rs` `main`:
+//! reuse_build::link_libtorch();
 //! ```
 #![deny(missing_docs)]
 

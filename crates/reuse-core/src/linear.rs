@@ -133,7 +133,7 @@ impl Linear {
             None => base.shallow_clone(),
         };
         for s in live {
-            out = out + s.delta.forward(x, &self.weight, &base, train);
+            out = &out + s.delta.forward(x, &self.weight, &base, train);
         }
         out
     }

@@ -237,7 +237,7 @@ impl Trainer {
                 let mut loss = model.loss(&out, &batch);
                 for t in techniques.iter_mut() {
                     if let Some(extra) = t.extra_loss(&batch, &out, &params)? {
-                        loss = loss + extra.to_kind(Kind::Float);
+                        loss = &loss + extra.to_kind(Kind::Float);
                     }
                 }
                 let loss = loss / c.grad_accum.max(1) as f64;

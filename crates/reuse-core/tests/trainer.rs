@@ -19,6 +19,14 @@ impl Trainable for Net {
     }
 }
 
+/// libtorch's random generator is global and the test harness runs tests on several
+/// threads: every test here holds this lock so that seeding gives the same numbers.
+static SEED_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn seeded() -> std::sync::MutexGuard<'static, ()> {
+    SEED_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn digits() -> Digits {
     load_digits(&fixtures_dir().join("digits/digits.csv.gz")).unwrap()
 }
@@ -30,6 +38,7 @@ fn net(seed: i64) -> Net {
 
 #[test]
 fn digits_mlp_reaches_95_percent() {
+    let _guard = seeded();
     let d = digits();
     let n = net(0);
     let mut t = Trainer::new(TrainConfig {
@@ -69,7 +78,7 @@ impl Technique for L2Anchor {
         self.calls += 1;
         let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
         for (n, p) in params.iter() {
-            total = total + (p - self.anchor.get(n).unwrap()).square().sum(Kind::Float);
+            total = &total + (p - self.anchor.get(n).unwrap()).square().sum(Kind::Float);
         }
         Ok(Some(total * self.lambda))
     }
@@ -109,6 +118,7 @@ fn drift(p: &Params, s: &Snapshot) -> f64 {
 
 #[test]
 fn two_techniques_compose_and_each_has_its_effect() {
+    let _guard = seeded();
     let d = digits();
     let cfg = TrainConfig {
         max_steps: Some(150),
@@ -178,6 +188,7 @@ fn two_techniques_compose_and_each_has_its_effect() {
 
 #[test]
 fn same_seed_same_result_and_optimizer_state_resumes() {
+    let _guard = seeded();
     let d = digits();
     let cfg = TrainConfig {
         max_steps: Some(20),

@@ -47,28 +47,29 @@ impl LoraLayer {
         dora: bool,
     ) -> Result<Self> {
         let (out, inp) = (weight.size()[0], weight.size()[1]);
-        let (a, b) =
-            match init {
-                InitLoraWeights::Bool(true) => (
-                    kaiming_uniform_a_sqrt5(r, inp, weight),
-                    Tensor::zeros([out, r], (Kind::Float, weight.device())),
-                ),
-                // Both as nn.Linear's default: B is non-zero too.
-                InitLoraWeights::Bool(false) => (
-                    kaiming_uniform_a_sqrt5(r, inp, weight),
-                    kaiming_uniform_a_sqrt5(out, r, weight),
-                ),
-                InitLoraWeights::Named(n) if n == "gaussian" => (
-                    Tensor::randn([r, inp], (Kind::Float, weight.device())) / r as f64,
-                    Tensor::zeros([out, r], (Kind::Float, weight.device())),
-                ),
-                InitLoraWeights::Named(n) => return Err(config_err(
+        let (a, b) = match init {
+            InitLoraWeights::Bool(true) => (
+                kaiming_uniform_a_sqrt5(r, inp, weight),
+                Tensor::zeros([out, r], (Kind::Float, weight.device())),
+            ),
+            // Both as nn.Linear's default: B is non-zero too.
+            InitLoraWeights::Bool(false) => (
+                kaiming_uniform_a_sqrt5(r, inp, weight),
+                kaiming_uniform_a_sqrt5(out, r, weight),
+            ),
+            InitLoraWeights::Named(n) if n == "gaussian" => (
+                Tensor::randn([r, inp], (Kind::Float, weight.device())) / r as f64,
+                Tensor::zeros([out, r], (Kind::Float, weight.device())),
+            ),
+            InitLoraWeights::Named(n) => {
+                return Err(config_err(
                     "init_lora_weights",
                     format!(
                         "{n:?} is not supported for new adapters (use true, false or \"gaussian\")"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let kind = weight.kind();
         let mut l = Self {
             a: a.to_kind(kind).set_requires_grad(true),

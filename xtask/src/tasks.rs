@@ -1,0 +1,91 @@
+//! `cargo xtask test` (setup, fmt, clippy, tests) and `cargo xtask bench` (setup, then
+//! the release-mode experiment runner that writes target/reuse-report/).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::{cmd, setup};
+
+/// The cargo that ran us (set by cargo), else `cargo` from PATH.
+fn cargo(root: &Path) -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root);
+    c
+}
+
+pub fn test(root: &Path) -> Result<()> {
+    let start = Instant::now();
+    setup::run(root)?;
+    cmd::step(cargo(root).args(["fmt", "--all", "--", "--check"]))?;
+    cmd::step(cargo(root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    cmd::step(cargo(root).args(["test", "--workspace"]))?;
+    println!(
+        "xtask test: all steps passed in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Run only these experiments (comma-separated ids).
+    #[arg(long, value_name = "ID[,ID]")]
+    only: Option<String>,
+    /// Device to run on (default: CUDA if available, else CPU).
+    #[arg(long, value_parser = ["cpu", "cuda"])]
+    device: Option<String>,
+    /// Further arguments passed to reuse-bench as they are (after `--`).
+    #[arg(last = true)]
+    rest: Vec<String>,
+}
+
+pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
+    setup::run(root)?;
+    let mut c = cargo(root);
+    c.args([
+        "run",
+        "--release",
+        "-p",
+        "reuse-benches",
+        "--bin",
+        "reuse-bench",
+        "--",
+    ]);
+    if let Some(only) = &args.only {
+        c.args(["--only", only]);
+    }
+    if let Some(device) = &args.device {
+        c.args(["--device", device]);
+    }
+    c.args(&args.rest);
+    cmd::step(&mut c)?;
+    let report = target_dir(root).join("reuse-report");
+    for file in ["REPORT.md", "report.json"] {
+        let path = report.join(file);
+        if path.exists() {
+            println!("report: {}", path.display());
+        } else {
+            println!("report: {} was not written", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// `$CARGO_TARGET_DIR` (relative to the root) or `<root>/target`.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}
