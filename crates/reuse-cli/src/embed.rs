@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use reuse_core::models::SentenceEncoder;
 use reuse_core::Checkpoint;
+use reuse_peft::LoraModel;
 use tch::{Device, Kind};
 
 /// Arguments of `reuse embed`.
@@ -30,6 +31,9 @@ pub struct Args {
     /// Compute in f32, f16 or bf16 (embeddings are written as f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// A PEFT LoRA adapter folder to apply; repeat to apply several (their outputs sum).
+    #[arg(long = "adapter", value_name = "DIR")]
+    adapters: Vec<PathBuf>,
 }
 
 /// Parses `cpu` / `cuda` / `cuda:N`; `None` picks CUDA when present.
@@ -82,8 +86,21 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let texts = read_lines(&a.texts)?;
-    let enc = SentenceEncoder::load(&a.model, device, kind)
+    let mut enc = SentenceEncoder::load(&a.model, device, kind)
         .with_context(|| format!("cannot load model from {}", a.model.display()))?;
+    if !a.adapters.is_empty() {
+        let mut lm = LoraModel::new(enc.bert);
+        let mut names = Vec::new();
+        for (i, dir) in a.adapters.iter().enumerate() {
+            let name = format!("adapter{i}");
+            lm.load_adapter(dir, &name)
+                .with_context(|| format!("cannot apply adapter {}", dir.display()))?;
+            names.push(name);
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        lm.set_adapter(&refs)?;
+        enc.bert = lm.into_inner();
+    }
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let emb = enc.encode(&refs, a.batch_size)?;
     match a.out {

@@ -3,12 +3,15 @@
 //! * `reuse inspect FILE.safetensors` lists tensors, dtypes, shapes, parameter count
 //!   and metadata of any safetensors file (`--json` for machines).
 //! * `reuse embed --model DIR --texts FILE` writes sentence embeddings of one text per
-//!   line, as sentence-transformers would compute them.
+//!   line, as sentence-transformers would compute them, optionally with PEFT adapters.
+//! * `reuse lora merge` folds a PEFT adapter into a complete model folder;
+//!   `reuse lora train` trains LoRA + a head on the Debian sections fixture.
 //!
 //! Errors are one line on stderr and a non-zero exit status, never a panic backtrace.
 
 mod embed;
 mod inspect;
+mod lora;
 
 use std::process::ExitCode;
 
@@ -28,6 +31,9 @@ enum Command {
     Inspect(inspect::Args),
     /// Compute sentence embeddings (mean pooling + L2 norm, as sentence-transformers) for one text per line.
     Embed(embed::Args),
+    /// LoRA adapters: merge into a base model, or train on the Debian sections fixture.
+    #[command(subcommand)]
+    Lora(lora::Command),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),
+        Command::Lora(c) => lora::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

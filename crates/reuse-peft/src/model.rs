@@ -370,6 +370,12 @@ impl<M: Model> LoraModel<M> {
         }
     }
 
+    /// The model with its adapters still attached (unmerged, active as set), without
+    /// the adapter registry: for inference with adapters applied.
+    pub fn into_inner(self) -> M {
+        self.model
+    }
+
     /// Parameters that train now.
     pub fn trainable_parameters(&self) -> Params {
         self.model.params().trainable()

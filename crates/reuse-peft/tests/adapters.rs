@@ -4,7 +4,9 @@
 use proptest::prelude::*;
 use reuse_core::models::{Bert, BertClassifier, BertConfig, Want};
 use reuse_core::{Model, OutputSlots};
-use reuse_peft::bottleneck::{add_bottleneck, load_bottleneck, save_bottleneck, set_active_bottlenecks};
+use reuse_peft::bottleneck::{
+    add_bottleneck, load_bottleneck, save_bottleneck, set_active_bottlenecks,
+};
 use reuse_peft::config::InitLoraWeights;
 use reuse_peft::{BottleneckConfig, LoraConfig, LoraModel, BASE};
 use tch::{Device, Kind, Tensor};
@@ -27,7 +29,10 @@ fn inputs() -> (Tensor, Tensor) {
 
 fn run(b: &Bert) -> Tensor {
     let (ids, mask) = inputs();
-    tch::no_grad(|| b.forward(&ids, &mask, None, false, Want::default()).last_hidden_state)
+    tch::no_grad(|| {
+        b.forward(&ids, &mask, None, false, Want::default())
+            .last_hidden_state
+    })
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -49,13 +54,25 @@ fn new_adapter_changes_nothing_and_only_it_trains() {
     let mut cfg = LoraConfig::new(4, 8.0, &["query", "value"]);
     cfg.modules_to_save = Some(vec!["classifier".into()]);
     m.add_adapter("a", cfg).unwrap();
-    assert!(run(&m.model.bert).equal(&before), "B = 0 must leave the output unchanged");
+    assert!(
+        run(&m.model.bert).equal(&before),
+        "B = 0 must leave the output unchanged"
+    );
     let trainable = m.trainable_parameters();
     // 2 layers x 2 modules x (4*32 + 32*4) + classifier (32*3 + 3)
     assert_eq!(trainable.count(), 2 * 2 * 256 + 99);
-    assert!(trainable.names().iter().all(|n| n.contains(".a.lora_") || n.starts_with("classifier.")));
+    assert!(trainable
+        .names()
+        .iter()
+        .all(|n| n.contains(".a.lora_") || n.starts_with("classifier.")));
     // A few steps move the adapter and the head, never the base.
-    let base = m.model.bert.params().select_glob("*.weight").unwrap().snapshot();
+    let base = m
+        .model
+        .bert
+        .params()
+        .select_glob("*.weight")
+        .unwrap()
+        .snapshot();
     let (ids, mask) = inputs();
     let labels = Tensor::from_slice(&[0i64, 1, 2]);
     let mut opt = reuse_core::Optimizer::new(Default::default(), 0.0);
@@ -65,7 +82,14 @@ fn new_adapter_changes_nothing_and_only_it_trains() {
         opt.step(&trainable, 1e-2);
         trainable.zero_grad();
     }
-    for (n, t) in m.model.bert.params().select_glob("*.weight").unwrap().iter() {
+    for (n, t) in m
+        .model
+        .bert
+        .params()
+        .select_glob("*.weight")
+        .unwrap()
+        .iter()
+    {
         let unchanged = t.equal(base.get(n).unwrap());
         assert_eq!(unchanged, !n.contains(".a.lora_"), "{n}");
     }
@@ -76,7 +100,8 @@ fn several_adapters_switch_sum_and_delete() {
     let _g = SEED_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let mut m = LoraModel::new(tiny(2));
     let base = run(&m.model);
-    m.add_adapter("a", nonzero(4, 8.0, &["query", "value"])).unwrap();
+    m.add_adapter("a", nonzero(4, 8.0, &["query", "value"]))
+        .unwrap();
     m.add_adapter("b", nonzero(2, 4.0, &["dense"])).unwrap();
     assert_eq!(m.active_adapters(), ["a"]);
     let out_a = run(&m.model);
@@ -84,7 +109,12 @@ fn several_adapters_switch_sum_and_delete() {
     let out_b = run(&m.model);
     m.set_adapter(&["a", "b"]).unwrap();
     let out_ab = run(&m.model);
-    for (x, y) in [(&out_a, &base), (&out_b, &base), (&out_ab, &out_a), (&out_ab, &out_b)] {
+    for (x, y) in [
+        (&out_a, &base),
+        (&out_b, &base),
+        (&out_ab, &out_a),
+        (&out_ab, &out_b),
+    ] {
         assert!(max_diff(x, y) > 1e-3);
     }
     // Merging both reproduces the summed forward; unmerging restores everything.
@@ -99,14 +129,18 @@ fn several_adapters_switch_sum_and_delete() {
     let plain = m.merge_and_unload().unwrap();
     assert!(max_diff(&run(&plain), &out_a) < 1e-4);
     assert_eq!(plain.params().count_trainable(), plain.params().count());
-    assert!(plain.named_parameters().iter().all(|(n, _)| !n.contains("lora")));
+    assert!(plain
+        .named_parameters()
+        .iter()
+        .all(|(n, _)| !n.contains("lora")));
 }
 
 #[test]
 fn mixed_batch_gives_each_sample_its_adapter() {
     let _g = SEED_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let mut m = LoraModel::new(tiny(3));
-    m.add_adapter("a", nonzero(4, 8.0, &["query", "value", "dense"])).unwrap();
+    m.add_adapter("a", nonzero(4, 8.0, &["query", "value", "dense"]))
+        .unwrap();
     let mut dora = nonzero(4, 8.0, &["key", "value"]);
     dora.use_dora = true;
     m.add_adapter("b", dora).unwrap();
@@ -119,7 +153,10 @@ fn mixed_batch_gives_each_sample_its_adapter() {
     let (ids, mask) = inputs();
     let mixed = m
         .with_mixed_batch(&["b", BASE, "a"], Device::Cpu, |b| {
-            tch::no_grad(|| b.forward(&ids, &mask, None, false, Want::default()).last_hidden_state)
+            tch::no_grad(|| {
+                b.forward(&ids, &mask, None, false, Want::default())
+                    .last_hidden_state
+            })
         })
         .unwrap();
     assert!(max_diff(&mixed.get(0), &single[2].get(0)) < 1e-5);
@@ -128,7 +165,9 @@ fn mixed_batch_gives_each_sample_its_adapter() {
     // Routing is cleared afterwards, and refused while merged.
     assert!(max_diff(&run(&m.model), &single[0]) > 1e-3);
     m.merge_adapter(&["a"]).unwrap();
-    assert!(m.with_mixed_batch(&["a", "b", "a"], Device::Cpu, |_| ()).is_err());
+    assert!(m
+        .with_mixed_batch(&["a", "b", "a"], Device::Cpu, |_| ())
+        .is_err());
     assert!(m.with_mixed_batch(&["zzz"], Device::Cpu, |_| ()).is_err());
 }
 
@@ -145,13 +184,25 @@ fn modules_to_save_are_per_adapter() {
         let _ = m.model.head.classifier.weight.shallow_clone().fill_(0.25);
     });
     m.set_adapter(&["t2"]).unwrap();
-    assert!(m.model.head.classifier.weight.equal(&w1), "t2 starts from the values at creation");
+    assert!(
+        m.model.head.classifier.weight.equal(&w1),
+        "t2 starts from the values at creation"
+    );
     m.set_adapter(&["t1"]).unwrap();
-    assert_eq!(m.model.head.classifier.weight.double_value(&[0, 0]), 0.25, "t1 kept its trained head");
+    assert_eq!(
+        m.model.head.classifier.weight.double_value(&[0, 0]),
+        0.25,
+        "t1 kept its trained head"
+    );
     let dir = tempfile::tempdir().unwrap();
     m.save_adapter("t2", dir.path()).unwrap();
-    let ck = reuse_core::Checkpoint::load(dir.path().join("adapter_model.safetensors"), Device::Cpu).unwrap();
-    assert!(ck.tensor("base_model.model.classifier.weight").unwrap().equal(&w1));
+    let ck =
+        reuse_core::Checkpoint::load(dir.path().join("adapter_model.safetensors"), Device::Cpu)
+            .unwrap();
+    assert!(ck
+        .tensor("base_model.model.classifier.weight")
+        .unwrap()
+        .equal(&w1));
 }
 
 proptest! {
@@ -180,7 +231,11 @@ fn bottleneck_adapters_per_task() {
     let _g = SEED_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let mut bert = tiny(5);
     let base = run(&bert);
-    let mut cfgs = [BottleneckConfig::houlsby(), BottleneckConfig::pfeiffer(), BottleneckConfig::parallel()];
+    let mut cfgs = [
+        BottleneckConfig::houlsby(),
+        BottleneckConfig::pfeiffer(),
+        BottleneckConfig::parallel(),
+    ];
     let names = ["houlsby", "pfeiffer", "parallel"];
     let mut counts = Vec::new();
     for (cfg, name) in cfgs.iter_mut().zip(names) {
@@ -189,7 +244,10 @@ fn bottleneck_adapters_per_task() {
         let places = add_bottleneck(&mut bert, name, cfg, Device::Cpu).unwrap();
         counts.push(places.len());
         set_active_bottlenecks(&mut bert, &[name]);
-        assert!(run(&bert).equal(&base), "{name}: a new adapter must be the identity");
+        assert!(
+            run(&bert).equal(&base),
+            "{name}: a new adapter must be the identity"
+        );
     }
     assert_eq!(counts, [4, 2, 2]);
     // Train each a little on its own task: only its parameters move.
@@ -198,15 +256,24 @@ fn bottleneck_adapters_per_task() {
     for name in names {
         set_active_bottlenecks(&mut bert, &[name]);
         let p = bert.params().trainable();
-        assert!(p.names().iter().all(|n| n.contains(&format!(".{name}.adapter_"))));
+        assert!(p
+            .names()
+            .iter()
+            .all(|n| n.contains(&format!(".{name}.adapter_"))));
         let mut opt = reuse_core::Optimizer::new(Default::default(), 0.0);
         for _ in 0..3 {
-            bert.forward(&ids, &mask, None, true, Want::default()).last_hidden_state.sum(Kind::Float).backward();
+            bert.forward(&ids, &mask, None, true, Want::default())
+                .last_hidden_state
+                .sum(Kind::Float)
+                .backward();
             opt.step(&p, 1e-2);
             p.zero_grad();
         }
         outs.push(run(&bert));
-        assert!(max_diff(outs.last().unwrap(), &base) > 1e-4, "{name} did not learn");
+        assert!(
+            max_diff(outs.last().unwrap(), &base) > 1e-4,
+            "{name} did not learn"
+        );
     }
     set_active_bottlenecks(&mut bert, &[]);
     assert!(run(&bert).equal(&base));

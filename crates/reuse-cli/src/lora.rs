@@ -1,0 +1,236 @@
+//! `reuse lora merge` and `reuse lora train`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use reuse_core::data::{load_text_splits, majority_baseline};
+use reuse_core::models::{Bert, BertClassifier, SentenceEncoder, TokenizedDataset};
+use reuse_core::trainer::accuracy;
+use reuse_core::{Model, Schedule, TrainConfig, Trainer};
+use reuse_peft::config::TargetModules;
+use reuse_peft::{LoraConfig, LoraModel};
+use tch::Kind;
+
+use crate::embed::parse_device;
+
+/// `reuse lora ...`
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Merge a PEFT LoRA adapter into its base model and write a complete model folder
+    /// that transformers and sentence-transformers load as they load the base.
+    Merge(MergeArgs),
+    /// Train LoRA + a classification head on the Debian sections fixture and write a
+    /// PEFT adapter folder (head under modules_to_save) with its test accuracy.
+    Train(TrainArgs),
+}
+
+/// Arguments of `reuse lora merge`.
+#[derive(clap::Args)]
+pub struct MergeArgs {
+    /// Base model folder (config.json, model.safetensors, tokenizer files).
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter folder (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output model folder (must not exist, or be empty).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Arguments of `reuse lora train`.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Base model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// The sections fixture: a `split<TAB>label<TAB>text` .tsv.gz, or a folder holding `sections.tsv.gz`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output adapter folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    r: i64,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Target module suffixes, comma-separated.
+    #[arg(long, default_value = "query,value", value_delimiter = ',')]
+    target: Vec<String>,
+    /// rsLoRA scaling (alpha / sqrt(r)).
+    #[arg(long)]
+    rslora: bool,
+    /// DoRA.
+    #[arg(long)]
+    dora: bool,
+    /// Epochs over the training split.
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Stop after this many steps (overrides --epochs).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Peak learning rate (linear warmup 10% then linear decay).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Batch size.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Longest token sequence kept.
+    #[arg(long, default_value_t = 64)]
+    max_len: usize,
+    /// Seed for the adapter init, dropout and data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu or cuda (default: cuda if available).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+pub fn run(c: Command) -> Result<()> {
+    match c {
+        Command::Merge(a) => merge(a),
+        Command::Train(a) => train(a),
+    }
+}
+
+fn copy_dir(src: &Path, dst: &Path, skip: &str) -> Result<()> {
+    std::fs::create_dir_all(dst).with_context(|| format!("cannot create {}", dst.display()))?;
+    for e in std::fs::read_dir(src).with_context(|| format!("cannot read {}", src.display()))? {
+        let e = e?;
+        let (from, to) = (e.path(), dst.join(e.file_name()));
+        if e.file_name() == skip {
+            continue;
+        }
+        if e.file_type()?.is_dir() {
+            copy_dir(&from, &to, skip)?;
+        } else {
+            std::fs::copy(&from, &to).with_context(|| format!("cannot copy {}", from.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn merge(a: MergeArgs) -> Result<()> {
+    if a.out.exists()
+        && std::fs::read_dir(&a.out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!("--out {} already exists and is not empty", a.out.display());
+    }
+    let bert = Bert::load(&a.model, tch::Device::Cpu, Kind::Float)
+        .with_context(|| format!("cannot load model from {}", a.model.display()))?;
+    let mut lm = LoraModel::new(bert);
+    let modules = lm
+        .load_adapter(&a.adapter, "merge")
+        .with_context(|| format!("cannot apply adapter {}", a.adapter.display()))?;
+    let merged = lm.merge_and_unload()?;
+    // Build the folder beside its destination, then move it into place in one rename.
+    let parent = a
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        a.out
+            .file_name()
+            .context("--out has no folder name")?
+            .to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> Result<()> {
+        copy_dir(&a.model, &tmp, "model.safetensors")?;
+        merged.state_dict().save(tmp.join("model.safetensors"))?;
+        if a.out.exists() {
+            std::fs::remove_dir(&a.out)?;
+        }
+        std::fs::rename(&tmp, &a.out)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result?;
+    eprintln!(
+        "merged {} LoRA modules into {}",
+        modules.len(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let device = parse_device(a.device.as_deref())?;
+    let data = if a.data.is_dir() {
+        a.data.join("sections.tsv.gz")
+    } else {
+        a.data.clone()
+    };
+    let splits = load_text_splits(&data)?;
+    let enc = SentenceEncoder::load(&a.model, device, Kind::Float)
+        .with_context(|| format!("cannot load model from {}", a.model.display()))?;
+    let train = TokenizedDataset::new(&enc.tokenizer, &splits.train, a.max_len)?;
+    let dev = TokenizedDataset::new(&enc.tokenizer, &splits.dev, a.max_len)?;
+    let test = TokenizedDataset::new(&enc.tokenizer, &splits.test, a.max_len)?;
+    tch::manual_seed(a.seed as i64);
+    let model = BertClassifier::new(enc.bert, splits.classes.len() as i64);
+    let mut cfg = LoraConfig::new(a.r, a.alpha, &[]);
+    cfg.target_modules = Some(TargetModules::List(a.target.clone()));
+    cfg.use_rslora = a.rslora;
+    cfg.use_dora = a.dora;
+    cfg.modules_to_save = Some(vec!["classifier".into()]);
+    cfg.base_model_name_or_path = Some(a.model.display().to_string());
+    cfg.task_type = Some("SEQ_CLS".into());
+    cfg.extra
+        .insert("reuse_classes".into(), serde_json::json!(splits.classes));
+    let mut lm = LoraModel::new(model);
+    let modules = lm.add_adapter("default", cfg)?;
+    let base_params = lm.model.bert.params().count() - lm.adapter_parameter_count("default");
+    let trainable = lm.trainable_parameters().count();
+    let per_epoch = train_len(&train, a.batch_size);
+    let total = a.max_steps.unwrap_or(per_epoch * a.epochs);
+    let mut t = Trainer::new(TrainConfig {
+        max_steps: Some(total),
+        batch_size: a.batch_size,
+        lr: a.lr,
+        weight_decay: 0.01,
+        schedule: Schedule::Linear { warmup: total / 10 },
+        seed: a.seed,
+        device,
+        progress: true,
+        ..Default::default()
+    });
+    let report = t.fit(&lm, &train, None, &mut [])?;
+    let dev_acc = accuracy(&lm, &dev, 64, device)?;
+    let test_acc = accuracy(&lm, &test, 64, device)?;
+    lm.save_adapter("default", &a.out)?;
+    let metrics = serde_json::json!({
+        "test_accuracy": test_acc,
+        "dev_accuracy": dev_acc,
+        "majority_baseline": majority_baseline(&splits.train.labels, &splits.test.labels),
+        "steps": report.steps,
+        "train_seconds": report.seconds,
+        "trainable_params": trainable,
+        "base_params": base_params,
+        "lora_modules": modules.len(),
+        "classes": splits.classes,
+    });
+    reuse_core::checkpoint::write_atomic(
+        &a.out.join("train_metrics.json"),
+        serde_json::to_string_pretty(&metrics)?.as_bytes(),
+    )?;
+    println!(
+        "test accuracy {test_acc:.4} (dev {dev_acc:.4}); {trainable} trainable of {base_params} base parameters; adapter in {}",
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn train_len(d: &TokenizedDataset, batch: usize) -> usize {
+    use reuse_core::data::BatchSource;
+    d.len().div_ceil(batch.max(1))
+}
