@@ -1,6 +1,7 @@
 //! The experiment registry.
 
 mod core;
+mod peft;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -51,5 +52,20 @@ pub const EXPERIMENTS: &[Experiment] = &[
         id: "core.minilm_embed",
         about: "all-MiniLM-L6-v2 sentence embeddings/s (f32, bf16) vs sentence-transformers",
         run: core::minilm_embed,
+    },
+    Experiment {
+        id: "peft.minilm_sections",
+        about: "MiniLM on Debian sections, same budget: full fine-tune, head only, LoRA r=8 q,v, Pfeiffer",
+        run: peft::minilm_sections,
+    },
+    Experiment {
+        id: "peft.inference_overhead",
+        about: "forward time of merged / unmerged LoRA over the base model (batch 32 x 64)",
+        run: peft::inference_overhead,
+    },
+    Experiment {
+        id: "peft.vs_python",
+        about: "one LoRA training step, Rust vs PyTorch + PEFT, same model, batch, threads",
+        run: peft::vs_python,
     },
 ];

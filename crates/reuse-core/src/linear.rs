@@ -21,6 +21,17 @@ pub trait LinearDelta: Send {
     fn delta_weight(&self, base_weight: &Tensor) -> Option<Tensor>;
     /// Its parameters by local name (`lora_A.weight`, ...).
     fn named_parameters(&self) -> Vec<(String, Tensor)>;
+    /// Whether [`LinearDelta::forward`] reads `base_out`; when no live delta does, the
+    /// layer does not compute it.
+    fn needs_base_out(&self) -> bool {
+        true
+    }
+    /// Adds this delta's output to `out`, the layer's output so far. The default is
+    /// `out + forward(..)`; implementations may fuse the addition (LoRA does, into its
+    /// up-projection GEMM). `base_out` is undefined when `needs_base_out` is false.
+    fn add_to(&self, out: Tensor, x: &Tensor, base_weight: &Tensor, base_out: &Tensor, train: bool) -> Tensor {
+        out + self.forward(x, base_weight, base_out, train)
+    }
     /// For downcasting to the concrete type.
     fn as_any(&self) -> &dyn Any;
     /// For downcasting to the concrete type.
@@ -124,16 +135,21 @@ impl Linear {
             .iter()
             .filter(|s| s.active && s.merged.is_none())
             .collect();
+        let mut out = x.linear(&self.weight, self.bias.as_ref());
         if live.is_empty() {
-            return x.linear(&self.weight, self.bias.as_ref());
+            return out;
         }
-        let base = x.linear::<&Tensor>(&self.weight, None);
-        let mut out = match &self.bias {
-            Some(b) => &base + b,
-            None => base.shallow_clone(),
+        // `x W^T` without the bias, only for deltas that read it (DoRA).
+        let base = if live.iter().any(|s| s.delta.needs_base_out()) {
+            match &self.bias {
+                Some(b) => &out - b,
+                None => out.shallow_clone(),
+            }
+        } else {
+            Tensor::new()
         };
         for s in live {
-            out = &out + s.delta.forward(x, &self.weight, &base, train);
+            out = s.delta.add_to(out, x, &self.weight, &base, train);
         }
         out
     }

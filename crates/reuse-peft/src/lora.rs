@@ -124,6 +124,27 @@ impl LinearDelta for LoraLayer {
         }
     }
 
+    fn needs_base_out(&self) -> bool {
+        self.magnitude.is_some()
+    }
+
+    fn add_to(&self, out: Tensor, x: &Tensor, base_weight: &Tensor, base_out: &Tensor, train: bool) -> Tensor {
+        if self.magnitude.is_some() {
+            return out + self.forward(x, base_weight, base_out, train);
+        }
+        // Scale the rank-r intermediate (cheap) and let the up-projection GEMM
+        // accumulate into the layer output: no full-size temporary, one pass fewer.
+        let xd = if train && self.dropout > 0.0 {
+            x.dropout(self.dropout, true)
+        } else {
+            x.shallow_clone()
+        };
+        let mid = xd.linear::<&Tensor>(&self.a, None) * self.scaling;
+        let shape = out.size();
+        let (o, r) = (self.b.size()[0], self.b.size()[1]);
+        Tensor::addmm(&out.reshape([-1, o]), &mid.reshape([-1, r]), &self.b.tr()).reshape(shape)
+    }
+
     fn delta_weight(&self, base_weight: &Tensor) -> Option<Tensor> {
         let lw = self.lora_weight();
         Some(match &self.magnitude {
