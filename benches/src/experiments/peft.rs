@@ -7,7 +7,9 @@ use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use reuse_core::data::{fixtures_dir, load_text_splits, TextSplits};
 use reuse_core::models::sentence::tokenize;
-use reuse_core::models::{minilm_dir, Bert, BertClassifier, SentenceEncoder, TokenizedDataset, Want};
+use reuse_core::models::{
+    minilm_dir, Bert, BertClassifier, SentenceEncoder, TokenizedDataset, Want,
+};
 use reuse_core::optim::cross_entropy;
 use reuse_core::trainer::accuracy;
 use reuse_core::{Checkpoint, Model, Optimizer, Schedule, TrainConfig, Trainer};
@@ -32,8 +34,10 @@ fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()))
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmHWM:")
+                    .map(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            })
         })
         .flatten()
         .map(|kb| kb / 1024.0)
@@ -41,7 +45,9 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn sections() -> Result<TextSplits> {
-    Ok(load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?)
+    Ok(load_text_splits(
+        &fixtures_dir().join("debian_sections/sections.tsv.gz"),
+    )?)
 }
 
 /// Same steps, batch, sequence length, schedule and seed for every method; each
@@ -95,9 +101,14 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
                     bc.hidden_size = model.bert.config.hidden_size;
                     add_bottleneck(&mut model.bert, "task", &bc, ctx.device)?;
                     set_active_bottlenecks(&mut model, &["task"]);
-                    model.head.classifier.named_parameters().iter().for_each(|(_, t)| {
-                        let _ = t.set_requires_grad(true);
-                    });
+                    model
+                        .head
+                        .classifier
+                        .named_parameters()
+                        .iter()
+                        .for_each(|(_, t)| {
+                            let _ = t.set_requires_grad(true);
+                        });
                 }
                 let trainable = model.bert.params().count_trainable();
                 let r = Trainer::new(cfg(lr)).fit(&model, &train, None, &mut [])?;
@@ -106,15 +117,24 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
         };
         m.insert(format!("{method}.test_accuracy"), acc);
         m.insert(format!("{method}.trainable_params"), trainable as f64);
-        m.insert(format!("{method}.trainable_fraction"), trainable as f64 / base_params);
-        m.insert(format!("{method}.step_ms"), 1000.0 * report.seconds / report.steps as f64);
+        m.insert(
+            format!("{method}.trainable_fraction"),
+            trainable as f64 / base_params,
+        );
+        m.insert(
+            format!("{method}.step_ms"),
+            1000.0 * report.seconds / report.steps as f64,
+        );
         m.insert(format!("{method}.peak_rss_mb"), peak_rss_mb());
         bar.println(format!(
             "  {method:9} acc {acc:.4}  trainable {trainable:>9}  {:.0} ms/step",
             1000.0 * report.seconds / report.steps as f64
         ));
     }
-    m.insert("lora_over_full_accuracy".into(), m["lora.test_accuracy"] / m["full.test_accuracy"]);
+    m.insert(
+        "lora_over_full_accuracy".into(),
+        m["lora.test_accuracy"] / m["full.test_accuracy"],
+    );
     m.insert("steps".into(), STEPS as f64);
     m.insert("batch_size".into(), BATCH as f64);
     m.insert("max_len".into(), MAX_LEN as f64);
@@ -122,10 +142,18 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
 }
 
 /// A fixed batch of real texts: `[n, len]` ids and mask, padded / truncated to `len`.
-fn fixed_batch(enc: &SentenceEncoder, splits: &TextSplits, n: usize, len: usize) -> Result<(Tensor, Tensor)> {
+fn fixed_batch(
+    enc: &SentenceEncoder,
+    splits: &TextSplits,
+    n: usize,
+    len: usize,
+) -> Result<(Tensor, Tensor)> {
     let mut tok = enc.tokenizer.clone();
-    tok.with_truncation(Some(tokenizers::TruncationParams { max_length: len, ..Default::default() }))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tok.with_truncation(Some(tokenizers::TruncationParams {
+        max_length: len,
+        ..Default::default()
+    }))
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     tok.with_padding(Some(tokenizers::PaddingParams {
         strategy: tokenizers::PaddingStrategy::Fixed(len),
         ..Default::default()
@@ -156,7 +184,10 @@ pub fn inference_overhead(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
     lm.add_adapter("default", c)?;
     let time = |b: &Bert| -> f64 {
         let start = Instant::now();
-        let h = tch::no_grad(|| b.forward(&ids, &mask, None, false, Want::default()).last_hidden_state);
+        let h = tch::no_grad(|| {
+            b.forward(&ids, &mask, None, false, Want::default())
+                .last_hidden_state
+        });
         if ctx.device.is_cuda() {
             tch::Cuda::synchronize(0);
         }
@@ -210,12 +241,18 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
     std::fs::create_dir_all(&report_dir)?;
     let batch_file = report_dir.join("lora_step_batch.safetensors");
     let mut ck = Checkpoint::new();
-    ck.insert("input_ids", ids.copy()).insert("attention_mask", mask.copy()).insert("labels", labels.copy());
+    ck.insert("input_ids", ids.copy())
+        .insert("attention_mask", mask.copy())
+        .insert("labels", labels.copy());
     ck.save(&batch_file)?;
 
     bar.set_message("peft.vs_python rust");
     tch::manual_seed(0);
-    let (ids, mask, labels) = (ids.to_device(ctx.device), mask.to_device(ctx.device), labels.to_device(ctx.device));
+    let (ids, mask, labels) = (
+        ids.to_device(ctx.device),
+        mask.to_device(ctx.device),
+        labels.to_device(ctx.device),
+    );
     let mut lm = LoraModel::new(BertClassifier::new(enc.bert, splits.classes.len() as i64));
     let mut c = LoraConfig::new(8, 16.0, &["query", "value"]);
     c.modules_to_save = Some(vec!["classifier".into()]);
@@ -244,16 +281,32 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
     let device = if ctx.device.is_cuda() { "cuda" } else { "cpu" };
     let out = Command::new(&py)
         .arg(ctx.root.join("benches/python/peft_step.py"))
-        .args(["--model".as_ref(), dir.as_os_str(), "--batch".as_ref(), batch_file.as_os_str()])
-        .args(["--device", device, "--threads", &tch::get_num_threads().to_string(), "--reps", &STEP_REPS.to_string()])
+        .args([
+            "--model".as_ref(),
+            dir.as_os_str(),
+            "--batch".as_ref(),
+            batch_file.as_os_str(),
+        ])
+        .args([
+            "--device",
+            device,
+            "--threads",
+            &tch::get_num_threads().to_string(),
+            "--reps",
+            &STEP_REPS.to_string(),
+        ])
         .args(["--classes", &splits.classes.len().to_string()])
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .context("running benches/python/peft_step.py")?;
     if !out.status.success() {
-        bail!("peft_step.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "peft_step.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("peft_step.py output")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("peft_step.py output")?;
     let theirs = v["median_seconds"].as_f64().context("no median_seconds")?;
     Ok(Metrics::from([
         ("rust_step_ms".into(), ours * 1000.0),

@@ -29,7 +29,14 @@ pub trait LinearDelta: Send {
     /// Adds this delta's output to `out`, the layer's output so far. The default is
     /// `out + forward(..)`; implementations may fuse the addition (LoRA does, into its
     /// up-projection GEMM). `base_out` is undefined when `needs_base_out` is false.
-    fn add_to(&self, out: Tensor, x: &Tensor, base_weight: &Tensor, base_out: &Tensor, train: bool) -> Tensor {
+    fn add_to(
+        &self,
+        out: Tensor,
+        x: &Tensor,
+        base_weight: &Tensor,
+        base_out: &Tensor,
+        train: bool,
+    ) -> Tensor {
         out + self.forward(x, base_weight, base_out, train)
     }
     /// For downcasting to the concrete type.

@@ -120,8 +120,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Where to train.
     pub device: Device,
-    /// bf16 autocast for the forward pass (CUDA only; ignored on CPU).
-    pub bf16_autocast: bool,
+    /// CUDA autocast for the forward pass (ignored on CPU). libtorch's autocast dtype
+    /// is float16 and tch offers no way to choose bf16, and there is no gradient
+    /// scaler yet; for bf16 training load the model in bf16 instead.
+    pub autocast: bool,
     /// Show a progress bar with loss and throughput.
     pub progress: bool,
 }
@@ -141,7 +143,7 @@ impl Default for TrainConfig {
             eval_every: None,
             seed: 0,
             device: Device::Cpu,
-            bf16_autocast: false,
+            autocast: false,
             progress: false,
         }
     }
@@ -232,7 +234,7 @@ impl Trainer {
                     batch = t.rewrite_batch(batch)?;
                 }
                 examples += batch.len();
-                let autocast = c.bf16_autocast && c.device.is_cuda();
+                let autocast = c.autocast && c.device.is_cuda();
                 let out = tch::autocast(autocast, || model.forward(&batch, true))?;
                 let mut loss = model.loss(&out, &batch);
                 for t in techniques.iter_mut() {

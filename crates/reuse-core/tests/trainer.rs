@@ -222,3 +222,51 @@ fn same_seed_same_result_and_optimizer_state_resumes() {
         assert!(t.equal(c.parameters().get(n).unwrap()), "{n}");
     }
 }
+
+#[test]
+fn grad_accumulation_equals_the_big_batch_and_clipping_and_eval_work() {
+    let _guard = seeded();
+    let d = digits();
+    let sgd = TrainConfig {
+        max_steps: Some(5),
+        optimizer: reuse_core::OptimizerKind::Sgd { momentum: 0.9 },
+        lr: 0.1,
+        ..Default::default()
+    };
+    let (a, b) = (net(8), net(8));
+    Trainer::new(TrainConfig {
+        batch_size: 32,
+        ..sgd.clone()
+    })
+    .fit(&a, &d.train, None, &mut [])
+    .unwrap();
+    Trainer::new(TrainConfig {
+        batch_size: 16,
+        grad_accum: 2,
+        ..sgd.clone()
+    })
+    .fit(&b, &d.train, None, &mut [])
+    .unwrap();
+    for (n, t) in a.parameters().iter() {
+        let diff = (t - b.parameters().get(n).unwrap())
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-5, "{n}: {diff}");
+    }
+    // Clipping the global norm to a tiny value holds the weights back.
+    let (c, e) = (net(9), net(9));
+    let start = c.parameters().snapshot();
+    Trainer::new(sgd.clone())
+        .fit(&c, &d.train, None, &mut [])
+        .unwrap();
+    let r = Trainer::new(TrainConfig {
+        clip_grad_norm: Some(1e-3),
+        eval_every: Some(2),
+        ..sgd
+    })
+    .fit(&e, &d.train, Some(&d.test), &mut [])
+    .unwrap();
+    assert!(drift(&e.parameters(), &start) < 0.1 * drift(&c.parameters(), &start));
+    assert_eq!(r.evals.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4, 5]);
+}

@@ -128,7 +128,14 @@ impl LinearDelta for LoraLayer {
         self.magnitude.is_some()
     }
 
-    fn add_to(&self, out: Tensor, x: &Tensor, base_weight: &Tensor, base_out: &Tensor, train: bool) -> Tensor {
+    fn add_to(
+        &self,
+        out: Tensor,
+        x: &Tensor,
+        base_weight: &Tensor,
+        base_out: &Tensor,
+        train: bool,
+    ) -> Tensor {
         if self.magnitude.is_some() {
             return out + self.forward(x, base_weight, base_out, train);
         }

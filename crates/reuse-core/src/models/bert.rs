@@ -528,10 +528,15 @@ impl Bert {
             Kind::BFloat16 => -3.3895e38,
             _ => f32::MIN as f64,
         };
-        // [b, 1, 1, t]: 0 where attended, the dtype's minimum at padding.
-        let ext = (attention_mask.to_kind(kind).ones_like() - attention_mask.to_kind(kind))
-            .view([b, 1, 1, t])
-            * min;
+        // [b, 1, 1, t]: 0 where attended, the dtype's minimum at padding. Without padding
+        // there is no mask at all, which lets SDPA pick its fastest kernel (as
+        // transformers does).
+        let padded = attention_mask.numel() > 0 && attention_mask.min().int64_value(&[]) == 0;
+        let ext = padded.then(|| {
+            (attention_mask.to_kind(kind).ones_like() - attention_mask.to_kind(kind))
+                .view([b, 1, 1, t])
+                * min
+        });
         let mut out = BertOutput {
             last_hidden_state: Tensor::new(),
             hidden_states: Vec::new(),
@@ -553,7 +558,10 @@ impl Bert {
                 0.0
             };
             let ctx = if want.attentions {
-                let scores = q.matmul(&k.transpose(-1, -2)) / (hd as f64).sqrt() + &ext;
+                let mut scores = q.matmul(&k.transpose(-1, -2)) / (hd as f64).sqrt();
+                if let Some(m) = &ext {
+                    scores = scores + m;
+                }
                 let probs = scores.softmax(-1, kind);
                 let ctx = probs.dropout(p_drop, train).matmul(&v);
                 out.attentions.push(probs);
@@ -563,7 +571,7 @@ impl Bert {
                     &q,
                     &k,
                     &v,
-                    Some(&ext),
+                    ext.as_ref(),
                     p_drop,
                     false,
                     None,
