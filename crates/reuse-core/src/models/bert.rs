@@ -560,7 +560,7 @@ impl Bert {
             let ctx = if want.attentions {
                 let mut scores = q.matmul(&k.transpose(-1, -2)) / (hd as f64).sqrt();
                 if let Some(m) = &ext {
-                    scores = scores + m;
+                    scores = &scores + m;
                 }
                 let probs = scores.softmax(-1, kind);
                 let ctx = probs.dropout(p_drop, train).matmul(&v);
