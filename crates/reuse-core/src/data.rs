@@ -2,7 +2,7 @@
 //! (scikit-learn's handwritten digits, the Debian package-sections text set).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use rand::rngs::StdRng;
@@ -226,8 +226,7 @@ pub struct TextSplits {
 pub fn load_text_splits(path: &Path) -> Result<TextSplits> {
     let text = open_gz(path)?;
     let mut rows = Vec::new();
-    for (i, line) in BufReader::new(text.as_bytes()).lines().enumerate() {
-        let line = line.map_err(|e| Error::io(path, e))?;
+    for (i, line) in text.lines().enumerate() {
         if line.is_empty() {
             continue;
         }

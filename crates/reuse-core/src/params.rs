@@ -215,7 +215,7 @@ impl Params {
         tch::no_grad(|| {
             for (n, t) in &self.entries {
                 let mut t = t.shallow_clone();
-                t.f_copy_(&self_snapshot(snapshot, n))?;
+                t.f_copy_(&snapshot.values[n])?;
             }
             Ok(())
         })
@@ -247,10 +247,6 @@ impl Params {
             Ok(())
         })
     }
-}
-
-fn self_snapshot(s: &Snapshot, name: &str) -> Tensor {
-    s.values[name].shallow_clone()
 }
 
 fn check_shape(name: &str, src: &Tensor, dst: &Tensor) -> Result<()> {
