@@ -69,11 +69,10 @@ fn main() -> Result<()> {
         let start = Instant::now();
         let metrics = (e.run)(&ctx, &bar)?;
         let seconds = start.elapsed().as_secs_f64();
-        bar.println(format!(
-            "{:24} {seconds:7.1}s  {}",
-            e.id,
-            report::summary(&metrics)
-        ));
+        experiments::say(
+            &bar,
+            format!("{:24} {seconds:7.1}s  {}", e.id, report::summary(&metrics)),
+        );
         report.experiments.push(ExperimentResult {
             id: e.id.to_string(),
             seconds,

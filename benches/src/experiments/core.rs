@@ -86,10 +86,13 @@ pub fn minilm_embed(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
                         f32_seconds / theirs,
                     );
                 }
-                Err(e) => bar.println(format!("sentence-transformers comparison skipped: {e:#}")),
+                Err(e) => super::say(
+                    bar,
+                    format!("sentence-transformers comparison skipped: {e:#}"),
+                ),
             }
         }
-        None => bar.println("sentence-transformers comparison skipped: no .venv"),
+        None => super::say(bar, "sentence-transformers comparison skipped: no .venv"),
     }
     Ok(m)
 }

@@ -35,6 +35,16 @@ impl Ctx {
 
 pub type Metrics = BTreeMap<String, f64>;
 
+/// A progress line: above the bar on a terminal, to stderr when the bar is hidden
+/// (logs, CI), so it is never lost.
+pub fn say(bar: &ProgressBar, msg: impl AsRef<str>) {
+    if bar.is_hidden() {
+        eprintln!("{}", msg.as_ref());
+    } else {
+        bar.println(msg.as_ref());
+    }
+}
+
 /// A named experiment.
 pub struct Experiment {
     pub id: &'static str,

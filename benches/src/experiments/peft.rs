@@ -1,6 +1,7 @@
 //! reuse-peft experiments on all-MiniLM-L6-v2 and the Debian sections fixture.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -84,14 +85,14 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
                 c.modules_to_save = Some(vec!["classifier".into()]);
                 lm.add_adapter("default", c)?;
                 let trainable = lm.trainable_parameters().select_glob("*lora_*")?.count();
-                let r = Trainer::new(cfg(1e-3)).fit(&lm, &train, None, &mut [])?;
+                let r = Trainer::new(cfg(3e-3)).fit(&lm, &train, None, &mut [])?;
                 (accuracy(&lm, &test, 64, ctx.device)?, trainable, r)
             }
             _ => {
                 let lr = match method {
                     "full" => 1e-4,
                     "head" => 5e-3,
-                    _ => 1e-3,
+                    _ => 3e-3,
                 };
                 if method == "head" {
                     model.bert.params().freeze();
@@ -126,10 +127,13 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
             1000.0 * report.seconds / report.steps as f64,
         );
         m.insert(format!("{method}.peak_rss_mb"), peak_rss_mb());
-        bar.println(format!(
-            "  {method:9} acc {acc:.4}  trainable {trainable:>9}  {:.0} ms/step",
-            1000.0 * report.seconds / report.steps as f64
-        ));
+        super::say(
+            bar,
+            format!(
+                "  {method:9} acc {acc:.4}  trainable {trainable:>9}  {:.0} ms/step",
+                1000.0 * report.seconds / report.steps as f64
+            ),
+        );
     }
     m.insert(
         "lora_over_full_accuracy".into(),
@@ -194,23 +198,30 @@ pub fn inference_overhead(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
         let _ = h.sum(Kind::Float).double_value(&[]);
         start.elapsed().as_secs_f64()
     };
-    let (mut base, mut unmerged, mut merged) = (Vec::new(), Vec::new(), Vec::new());
-    let rounds = if ctx.device.is_cuda() { 50 } else { 12 };
-    for round in 0..rounds + 2 {
+    // Rounds of (base, unmerged, merged) in rotating order, so no variant always runs
+    // first or after a merge; medians over rounds.
+    let mut times: [Vec<f64>; 3] = Default::default();
+    let rounds = if ctx.device.is_cuda() { 60 } else { 18 };
+    for round in 0..rounds + 3 {
         bar.set_message(format!("peft.inference_overhead round {round}"));
-        lm.set_adapter(&[])?;
-        let tb = time(&lm.model);
-        lm.set_adapter(&["default"])?;
-        let tu = time(&lm.model);
-        lm.merge_adapter(&["default"])?;
-        let tm = time(&lm.model);
-        lm.unmerge_adapter()?;
-        if round >= 2 {
-            base.push(tb);
-            unmerged.push(tu);
-            merged.push(tm);
+        for k in 0..3 {
+            let variant = (round + k) % 3;
+            match variant {
+                0 => lm.set_adapter(&[])?,
+                1 => lm.set_adapter(&["default"])?,
+                _ => {
+                    lm.set_adapter(&["default"])?;
+                    lm.merge_adapter(&["default"])?;
+                }
+            }
+            let t = time(&lm.model);
+            lm.unmerge_adapter()?;
+            if round >= 3 {
+                times[variant].push(t);
+            }
         }
     }
+    let [base, unmerged, merged] = times;
     let (b, u, mm) = (median(base), median(unmerged), median(merged));
     Ok(Metrics::from([
         ("base_ms".into(), b * 1000.0),
@@ -223,7 +234,8 @@ pub fn inference_overhead(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
 
 const STEP_BATCH: usize = 32;
 const STEP_LEN: usize = 64;
-const STEP_REPS: usize = 8;
+const STEP_ROUNDS: usize = 5;
+const STEPS_PER_ROUND: usize = 2;
 
 /// One LoRA training step (forward, mean-pool head, cross-entropy, backward, AdamW) in
 /// Rust and in PyTorch + PEFT, same model, batch, sequence length and threads.
@@ -259,8 +271,7 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
     lm.add_adapter("default", c)?;
     let params = lm.trainable_parameters();
     let mut opt = Optimizer::new(Default::default(), 0.01);
-    let mut times = Vec::new();
-    for i in 0..STEP_REPS + 2 {
+    let mut step = || -> f64 {
         let start = Instant::now();
         let loss = cross_entropy(&lm.model.logits(&ids, &mask, true), &labels);
         loss.backward();
@@ -270,16 +281,16 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
         if ctx.device.is_cuda() {
             tch::Cuda::synchronize(0);
         }
-        if i >= 2 {
-            times.push(start.elapsed().as_secs_f64());
-        }
-    }
-    let ours = median(times);
-    drop(lm);
+        start.elapsed().as_secs_f64()
+    };
+    step();
+    step();
 
-    bar.set_message("peft.vs_python python");
+    // PyTorch + PEFT in a child process that answers "run N"; rounds alternate between
+    // the two sides so that both see the same machine load.
+    bar.set_message("peft.vs_python starting python");
     let device = if ctx.device.is_cuda() { "cuda" } else { "cpu" };
-    let out = Command::new(&py)
+    let mut child = Command::new(&py)
         .arg(ctx.root.join("benches/python/peft_step.py"))
         .args([
             "--model".as_ref(),
@@ -292,22 +303,44 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
             device,
             "--threads",
             &tch::get_num_threads().to_string(),
-            "--reps",
-            &STEP_REPS.to_string(),
+            "--serve",
         ])
         .args(["--classes", &splits.classes.len().to_string()])
         .env("HF_HUB_OFFLINE", "1")
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
         .context("running benches/python/peft_step.py")?;
-    if !out.status.success() {
-        bail!(
-            "peft_step.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+    let mut to_py = child.stdin.take().context("python stdin")?;
+    let mut from_py = BufReader::new(child.stdout.take().context("python stdout")?);
+    let mut read = || -> Result<serde_json::Value> {
+        let mut line = String::new();
+        if from_py.read_line(&mut line)? == 0 {
+            bail!("peft_step.py exited early");
+        }
+        Ok(serde_json::from_str(&line)?)
+    };
+    read()?; // ready
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for round in 0..STEP_ROUNDS {
+        bar.set_message(format!("peft.vs_python round {round}"));
+        for _ in 0..STEPS_PER_ROUND {
+            ours.push(step());
+        }
+        writeln!(to_py, "run {STEPS_PER_ROUND}")?;
+        let v = read()?;
+        theirs.extend(
+            v["seconds"]
+                .as_array()
+                .context("no seconds")?
+                .iter()
+                .filter_map(|x| x.as_f64()),
         );
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("peft_step.py output")?;
-    let theirs = v["median_seconds"].as_f64().context("no median_seconds")?;
+    writeln!(to_py, "quit")?;
+    let _ = child.wait();
+    let (ours, theirs) = (median(ours), median(theirs));
     Ok(Metrics::from([
         ("rust_step_ms".into(), ours * 1000.0),
         ("python_step_ms".into(), theirs * 1000.0),
