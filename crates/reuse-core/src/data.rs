@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::{Error, Result};
 
@@ -286,11 +286,6 @@ pub fn majority_baseline(train_labels: &[i64], labels: &[i64]) -> f64 {
         return 0.0;
     };
     labels.iter().filter(|&&y| y == major).count() as f64 / labels.len().max(1) as f64
-}
-
-/// Labels as an i64 tensor.
-pub fn labels_tensor(labels: &[i64]) -> Tensor {
-    Tensor::from_slice(labels).to_kind(Kind::Int64)
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@
 //! plain path, metadata `{"format": "pt"}`. `adapter_config.json` is the
 //! [`LoraConfig`] as JSON with sorted keys.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
 
 use reuse_core::checkpoint::write_atomic;
 use reuse_core::{Checkpoint, Model, Params};
@@ -323,31 +323,4 @@ impl<M: Model> LoraModel<M> {
         }
         Ok(paths)
     }
-}
-
-/// The files of a PEFT adapter folder, checked to exist.
-pub fn adapter_files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    let c = dir.join(CONFIG);
-    let w = dir.join(WEIGHTS);
-    for p in [&c, &w] {
-        if !p.exists() {
-            return Err(PeftError::Io {
-                path: p.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "adapter file not found"),
-            });
-        }
-    }
-    Ok((c, w))
-}
-
-/// Names of the modules an adapter file touches (for reports).
-pub fn adapter_modules(ck: &Checkpoint) -> BTreeSet<String> {
-    ck.names()
-        .filter_map(|k| {
-            k.strip_prefix(PREFIX)
-                .unwrap_or(k)
-                .strip_suffix(".lora_A.weight")
-                .map(String::from)
-        })
-        .collect()
 }
