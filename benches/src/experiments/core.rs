@@ -5,30 +5,20 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
-use reuse_core::data::{fixtures_dir, load_digits, load_text_splits, Batch};
-use reuse_core::models::{minilm_dir, SentenceEncoder};
-use reuse_core::trainer::{accuracy, StepOutputs, Trainable};
-use reuse_core::{Activation, Mlp, Model, Params, TrainConfig, Trainer};
+use reuse_core::data::{load_digits, load_text_splits};
+use reuse_core::models::SentenceEncoder;
+use reuse_core::trainer::accuracy;
+use reuse_core::{Activation, Mlp, Model, TrainConfig, Trainer};
+use reuse_testkit::{fixtures_dir, minilm_dir};
 use tch::Kind;
 
 use super::{Ctx, Metrics};
-
-struct Net(Mlp);
-
-impl Trainable for Net {
-    fn parameters(&self) -> Params {
-        self.0.params()
-    }
-    fn forward(&self, b: &Batch, train: bool) -> reuse_core::Result<StepOutputs> {
-        Ok(StepOutputs::logits(self.0.forward(&b.inputs, train)))
-    }
-}
 
 /// An MLP (64-128-10, ReLU) trained with AdamW on the digits fixture.
 pub fn digits_mlp(ctx: &Ctx, _bar: &ProgressBar) -> Result<Metrics> {
     let d = load_digits(&fixtures_dir().join("digits/digits.csv.gz"))?;
     tch::manual_seed(0);
-    let net = Net(Mlp::new(&[64, 128, 10], Activation::Relu, ctx.device)?);
+    let net = Mlp::new(&[64, 128, 10], Activation::Relu, ctx.device)?;
     let mut t = Trainer::new(TrainConfig {
         epochs: 25,
         lr: 2e-3,
@@ -41,7 +31,7 @@ pub fn digits_mlp(ctx: &Ctx, _bar: &ProgressBar) -> Result<Metrics> {
     Ok(Metrics::from([
         ("test_accuracy".into(), acc),
         ("train_seconds".into(), r.seconds),
-        ("params".into(), net.parameters().count() as f64),
+        ("params".into(), net.params().count() as f64),
     ]))
 }
 

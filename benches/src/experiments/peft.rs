@@ -6,17 +6,16 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
-use reuse_core::data::{fixtures_dir, load_text_splits, TextSplits};
+use reuse_core::data::{load_text_splits, TextSplits};
 use reuse_core::models::sentence::tokenize;
-use reuse_core::models::{
-    minilm_dir, Bert, BertClassifier, SentenceEncoder, TokenizedDataset, Want,
-};
+use reuse_core::models::{Bert, BertClassifier, SentenceEncoder, TokenizedDataset, Want};
 use reuse_core::optim::cross_entropy;
 use reuse_core::trainer::accuracy;
 use reuse_core::{Checkpoint, Model, Optimizer, Schedule, TrainConfig, Trainer};
 use reuse_peft::bottleneck::{add_bottleneck, set_active_bottlenecks};
 use reuse_peft::config::InitLoraWeights;
 use reuse_peft::{BottleneckConfig, LoraConfig, LoraModel};
+use reuse_testkit::{fixtures_dir, minilm_dir};
 use tch::{Kind, Tensor};
 
 use super::{Ctx, Metrics};
@@ -167,7 +166,8 @@ fn fixed_batch(
     texts.sort_by_key(|t| std::cmp::Reverse(t.len()));
     let texts: Vec<String> = texts.chunks(2).take(n).map(|c| c.join(" ")).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    Ok(tokenize(&tok, &refs)?)
+    let (ids, mask, _) = tokenize(&tok, &refs)?;
+    Ok((ids, mask))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -181,7 +181,10 @@ pub fn inference_overhead(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
     let splits = sections()?;
     let enc = SentenceEncoder::load(&dir, ctx.device, Kind::Float)?;
     let (ids, mask) = fixed_batch(&enc, &splits, 32, 64)?;
+    // Read once on the host: whether the fixed-length batch has padding at all.
+    let padded = mask.min().int64_value(&[]) == 0;
     let (ids, mask) = (ids.to_device(ctx.device), mask.to_device(ctx.device));
+    let mask = padded.then_some(&mask);
     let mut lm = LoraModel::new(enc.bert);
     let mut c = LoraConfig::new(8, 16.0, &["query", "value"]);
     c.init_lora_weights = InitLoraWeights::Bool(false);
@@ -189,7 +192,8 @@ pub fn inference_overhead(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
     let time = |b: &Bert| -> f64 {
         let start = Instant::now();
         let h = tch::no_grad(|| {
-            b.forward(&ids, &mask, None, false, Want::default())
+            b.forward(&ids, mask, None, false, Want::default())
+                .expect("valid batch")
                 .last_hidden_state
         });
         if ctx.device.is_cuda() {
@@ -260,6 +264,7 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
 
     bar.set_message("peft.vs_python rust");
     tch::manual_seed(0);
+    let padded = mask.min().int64_value(&[]) == 0;
     let (ids, mask, labels) = (
         ids.to_device(ctx.device),
         mask.to_device(ctx.device),
@@ -273,9 +278,13 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
     let mut opt = Optimizer::new(Default::default(), 0.01);
     let mut step = || -> f64 {
         let start = Instant::now();
-        let loss = cross_entropy(&lm.model.logits(&ids, &mask, true), &labels);
+        let logits = lm
+            .model
+            .logits(&ids, padded.then_some(&mask), true)
+            .expect("valid batch");
+        let loss = cross_entropy(&logits, &labels).expect("labels match");
         loss.backward();
-        opt.step(&params, 1e-3);
+        opt.step(&params, 1e-3).expect("optimizer step");
         params.zero_grad();
         let _ = loss.double_value(&[]);
         if ctx.device.is_cuda() {

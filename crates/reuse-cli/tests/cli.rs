@@ -18,10 +18,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn minilm() -> String {
-    reuse_core::models::minilm_dir()
-        .unwrap()
-        .display()
-        .to_string()
+    reuse_testkit::minilm_dir().unwrap().display().to_string()
 }
 
 fn assert_one_line_error(o: &Output, needle: &str) {

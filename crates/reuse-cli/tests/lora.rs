@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use reuse_core::models::bert::{l2_normalize, mean_pool};
-use reuse_core::models::minilm_dir;
 use reuse_core::Checkpoint;
+use reuse_testkit::minilm_dir;
 use tch::{Device, Tensor};
 
 fn reuse(args: &[&str]) -> Output {
@@ -68,7 +68,7 @@ fn embed_with_a_peft_adapter_matches_peft() {
     let ours = Checkpoint::load(&out, Device::Cpu).unwrap();
     let expect = l2_normalize(&mean_pool(
         r.tensor("lora_qv.last_hidden_state").unwrap(),
-        r.tensor("attention_mask").unwrap(),
+        Some(r.tensor("attention_mask").unwrap()),
     ));
     let d = max_diff(ours.tensor("embeddings").unwrap(), &expect);
     assert!(d <= 1e-4, "{d}");
@@ -176,7 +176,10 @@ fn merged_model_loads_in_transformers_and_sentence_transformers() {
             d <= 1e-4,
             "{name}: transformers on the merged model vs PEFT: {d}"
         );
-        let emb = l2_normalize(&mean_pool(expect, r.tensor("attention_mask").unwrap()));
+        let emb = l2_normalize(&mean_pool(
+            expect,
+            Some(r.tensor("attention_mask").unwrap()),
+        ));
         let d = max_diff(py.tensor("st_embeddings").unwrap(), &emb);
         assert!(
             d <= 1e-4,

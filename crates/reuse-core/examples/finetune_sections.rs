@@ -1,9 +1,11 @@
 //! Fine-tune all-MiniLM-L6-v2 + a head on the Debian sections fixture, with a custom
 //! technique in the loop (the README example; `cargo run --release -p reuse-core --example finetune_sections`).
 
-use reuse_core::data::{fixtures_dir, load_text_splits};
+use reuse_core::data::load_text_splits;
 use reuse_core::models::{minilm_dir, Bert, BertClassifier, SentenceEncoder, TokenizedDataset};
+use reuse_core::trainer::StepContext;
 use reuse_core::{trainer, Params, Result, Technique, TrainConfig, Trainer};
+use reuse_testkit::fixtures_dir;
 use tch::{Device, Kind};
 
 struct FreezeEmbeddings;
@@ -11,7 +13,7 @@ impl Technique for FreezeEmbeddings {
     fn name(&self) -> &str {
         "freeze-embeddings"
     }
-    fn after_backward(&mut self, params: &Params) -> Result<()> {
+    fn after_backward(&mut self, params: &Params, _ctx: &StepContext) -> Result<()> {
         for (name, p) in params.iter().filter(|(n, _)| n.starts_with("embeddings.")) {
             let _ = (name, p.grad().zero_());
         }

@@ -123,7 +123,7 @@ impl Checkpoint {
                 Error::invalid(
                     format!("tensor `{name}`"),
                     format!(
-                        "kind {kind:?} cannot be stored; use f32, f16, bf16, i8, u8, i32 or i64"
+                        "kind {kind:?} cannot be stored; use f32, f64, f16, bf16, i8, u8, i32 or i64"
                     ),
                 )
             })?;

@@ -12,8 +12,9 @@ use tch::{Kind, Tensor};
 use crate::{Error, Result};
 
 /// The kinds a [`crate::Checkpoint`] stores, with their safetensors names.
-pub const SUPPORTED: [(Dtype, Kind); 7] = [
+pub const SUPPORTED: [(Dtype, Kind); 8] = [
     (Dtype::F32, Kind::Float),
+    (Dtype::F64, Kind::Double),
     (Dtype::F16, Kind::Half),
     (Dtype::BF16, Kind::BFloat16),
     (Dtype::I8, Kind::Int8),
@@ -134,6 +135,7 @@ mod tests {
             assert_eq!(kind_of(d), Some(k));
             assert_eq!(dtype_of(k), Some(d));
         }
-        assert_eq!(kind_of(Dtype::F64), None);
+        assert_eq!(kind_of(Dtype::BOOL), None);
+        assert_eq!(element_size(Kind::Double), 8);
     }
 }

@@ -26,7 +26,7 @@ pub enum Error {
         reason: String,
     },
     /// A safetensors dtype that reuse does not handle.
-    #[error("{path}: tensor `{tensor}` has dtype {dtype}, expected one of F32, F16, BF16, I8, U8, I32, I64")]
+    #[error("{path}: tensor `{tensor}` has dtype {dtype}, expected one of F32, F64, F16, BF16, I8, U8, I32, I64")]
     UnknownDtype {
         /// The file.
         path: PathBuf,

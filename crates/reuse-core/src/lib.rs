@@ -5,7 +5,7 @@
 //! techniques live in their own crates; this crate gives them a common vocabulary:
 //!
 //! * [`Checkpoint`]: named tensors + metadata in safetensors, validated reads, atomic
-//!   writes, f32/f16/bf16/i8/u8/i32/i64 ([`dtype`] has the casts).
+//!   writes, f32/f64/f16/bf16/i8/u8/i32/i64 ([`dtype`] has the casts).
 //! * [`Params`]: parameters by dotted name; glob/regex selection, freeze, count,
 //!   snapshot/restore.
 //! * [`Linear`] with named delta slots ([`LinearDelta`]): LoRA, DoRA, IA3 and quantized
@@ -13,30 +13,38 @@
 //! * [`Model`]: every model addresses its linears and block outputs by the Hugging Face
 //!   dotted path, so techniques attach by name. [`Mlp`], [`ClassificationHead`] and the
 //!   BERT encoder in [`models::bert`] implement it.
-//! * [`data`]: seeded batching and the fixture loaders; [`trainer`]: a loop that
-//!   composes [`Technique`]s (extra losses, batch rewriting, gradient edits, end-of-task
-//!   work, saved state) with checkpointable optimizers.
+//! * [`data`]: batches that carry their example indices, task ids and padding, seeded
+//!   batching, and loaders; [`trainer`]: a loop that composes [`Technique`]s, each hook
+//!   seeing a [`StepContext`]: forward options (hidden states, attentions), task
+//!   begin/end, batch rewriting, task-loss weights and extra losses, gradient edits,
+//!   after-step fixes, and state saved with a resumable run file.
+//! * [`optim`]: AdamW and SGD over tensor ops, so their state (per-parameter step
+//!   counts, f32 masters for bf16 weights) is plain tensors that a run file holds.
 //!
 //! libtorch (through `tch`) does the arithmetic, so everything runs on CPU and CUDA;
-//! every API takes a [`tch::Device`] explicitly.
+//! every API takes a [`tch::Device`] explicitly. Models and data are found from the
+//! paths and devices a caller passes; nothing here knows where a workspace keeps them.
 //!
 //! ```no_run
-//! use reuse_core::{data, trainer, Activation, Mlp, Model, TrainConfig, Trainer};
-//! use reuse_core::trainer::{StepOutputs, Trainable};
+//! use std::path::Path;
+//! use reuse_core::{data, trainer, Activation, Mlp, RunStateConfig, SaveParams, TrainConfig, Trainer};
 //! use tch::Device;
 //!
-//! struct Net(Mlp);
-//! impl Trainable for Net {
-//!     fn parameters(&self) -> reuse_core::Params { self.0.params() }
-//!     fn forward(&self, b: &data::Batch, train: bool) -> reuse_core::Result<StepOutputs> {
-//!         Ok(StepOutputs::logits(self.0.forward(&b.inputs, train)))
-//!     }
-//! }
-//!
 //! # fn main() -> reuse_core::Result<()> {
-//! let digits = data::load_digits(&data::fixtures_dir().join("digits/digits.csv.gz"))?;
-//! let net = Net(Mlp::new(&[64, 128, 10], Activation::Relu, Device::Cpu)?);
-//! let mut trainer = Trainer::new(TrainConfig { epochs: 20, ..Default::default() });
+//! let digits = data::load_digits(Path::new("digits.csv.gz"))?;
+//! // An MLP is a `Trainable` model: it classifies a batch's inputs.
+//! let net = Mlp::new(&[64, 128, 10], Activation::Relu, Device::Cpu)?;
+//! let mut trainer = Trainer::new(TrainConfig {
+//!     epochs: 20,
+//!     // Save a resumable run every 100 steps; a killed run picks up where it stopped.
+//!     run_state: Some(RunStateConfig {
+//!         path: "run.safetensors".into(),
+//!         every: 100,
+//!         params: SaveParams::Trainable,
+//!     }),
+//!     ..Default::default()
+//! });
+//! trainer.resume(&net, &mut [])?;
 //! trainer.fit(&net, &digits.train, None, &mut [])?;
 //! let acc = trainer::accuracy(&net, &digits.test, 256, Device::Cpu)?;
 //! println!("test accuracy {acc:.3}");
@@ -58,12 +66,15 @@ pub mod trainer;
 
 pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};
-pub use linear::{Linear, LinearDelta};
+pub use linear::{Linear, LinearDelta, WeightStorage, WeightTransform};
 pub use mlp::{ClassificationHead, Mlp};
 pub use model::{Activation, Model, OutputDelta, OutputSlots};
 pub use optim::{Optimizer, OptimizerKind, Schedule};
 pub use params::{Params, Snapshot};
-pub use trainer::{Technique, TrainConfig, Trainer};
+pub use trainer::{
+    ForwardOptions, RunStateConfig, SaveParams, StepContext, StepOutputs, TaskContext, Technique,
+    TrainConfig, TrainReport, Trainable, Trainer,
+};
 
 /// CUDA if libtorch sees a GPU, else CPU.
 pub fn default_device() -> tch::Device {

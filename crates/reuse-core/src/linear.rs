@@ -12,6 +12,30 @@ use tch::{Device, Kind, Tensor};
 
 use crate::{Error, Result};
 
+/// Where a [`Linear`]'s weight lives when it is not a dense trainable tensor: int8/int4
+/// storage (the quantization crate) implements this. The layer asks it for its logical
+/// shape, for `x W^T`, and for the dense weight when a delta or a merge needs it. Its
+/// tensors (packed values, scales, zero points) are buffers, never trainable parameters.
+pub trait WeightStorage: Send {
+    /// The logical weight shape `[out_features, in_features]`.
+    fn shape(&self) -> [i64; 2];
+    /// The dense weight `[out, in]` in the compute dtype.
+    fn dequantize(&self) -> Tensor;
+    /// `x W^T` for `x` `[..., in]`. The default dequantizes and multiplies; storage with
+    /// a fused kernel overrides it.
+    fn matmul(&self, x: &Tensor) -> Tensor {
+        x.matmul(&self.dequantize().tr())
+    }
+    /// Its tensors by local name (`weight`, `weight_scale`, ...), saved with the model.
+    fn named_buffers(&self) -> Vec<(String, Tensor)>;
+    /// For downcasting to the concrete type.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// A function of the weight applied on every forward (an inference mask: `w * mask`),
+/// so a masked layer costs one element-wise product, not an extra GEMM.
+pub type WeightTransform = Box<dyn Fn(&Tensor) -> Tensor + Send>;
+
 /// A change to a [`Linear`]'s output, implemented by technique crates.
 pub trait LinearDelta: Send {
     /// Extra output added to the base output. `base_out` is `x W^T` without the bias
@@ -24,6 +48,12 @@ pub trait LinearDelta: Send {
     /// Whether [`LinearDelta::forward`] reads `base_out`; when no live delta does, the
     /// layer does not compute it.
     fn needs_base_out(&self) -> bool {
+        true
+    }
+    /// Whether [`LinearDelta::forward`] reads `base_weight`; when no live delta does and
+    /// the weight is in a [`WeightStorage`], the layer does not dequantize it and passes
+    /// an undefined tensor.
+    fn needs_base_weight(&self) -> bool {
         true
     }
     /// Adds this delta's output to `out`, the layer's output so far. The default is
@@ -54,20 +84,29 @@ struct Slot {
 }
 
 /// A fully connected layer `y = x W^T + b` plus zero or more named deltas.
+///
+/// The weight is either the dense tensor `weight` (the usual case, trainable) or a
+/// [`WeightStorage`] object (quantized); with storage set, `weight` is an undefined
+/// tensor and [`Linear::dense_weight`] dequantizes on request. `in_features` and
+/// `out_features` come from the logical shape either way.
 pub struct Linear {
-    /// Weight, `[out_features, in_features]`.
+    /// Dense weight, `[out_features, in_features]` (undefined while a storage is set).
     pub weight: Tensor,
     /// Optional bias, `[out_features]`.
     pub bias: Option<Tensor>,
+    storage: Option<Box<dyn WeightStorage>>,
+    transform: Option<WeightTransform>,
     slots: Vec<Slot>,
-    /// Per-sample routing for mixed-delta batches: (delta name, sample indices).
-    routing: Option<Vec<(String, Tensor)>>,
+    /// Per-sample routing for mixed-delta batches: (delta name, sample indices), and the
+    /// smallest batch the indices fit.
+    routing: Option<(Vec<(String, Tensor)>, i64)>,
 }
 
 impl std::fmt::Debug for Linear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Linear")
-            .field("weight", &self.weight.size())
+            .field("shape", &self.shape())
+            .field("stored", &self.storage.is_some())
             .field("bias", &self.bias.is_some())
             .field("deltas", &self.delta_names())
             .finish()
@@ -89,6 +128,8 @@ impl Linear {
         Self {
             weight,
             bias,
+            storage: None,
+            transform: None,
             slots: Vec::new(),
             routing: None,
         }
@@ -116,58 +157,196 @@ impl Linear {
         Ok(Self {
             weight,
             bias,
+            storage: None,
+            transform: None,
             slots: Vec::new(),
             routing: None,
         })
     }
 
+    /// The logical weight shape `[out, in]`.
+    pub fn shape(&self) -> [i64; 2] {
+        match &self.storage {
+            Some(s) => s.shape(),
+            None => {
+                let s = self.weight.size();
+                [s[0], s[1]]
+            }
+        }
+    }
+
     /// `in_features`.
     pub fn in_features(&self) -> i64 {
-        self.weight.size()[1]
+        self.shape()[1]
     }
 
     /// `out_features`.
     pub fn out_features(&self) -> i64 {
-        self.weight.size()[0]
+        self.shape()[0]
+    }
+
+    /// Replaces the dense weight by a storage object of the same logical shape. Refused
+    /// while a delta is merged (its change lives in the dense weight).
+    pub fn set_storage(&mut self, storage: Box<dyn WeightStorage>) -> Result<()> {
+        if storage.shape() != self.shape() {
+            return Err(Error::ShapeMismatch {
+                path: None,
+                tensor: "weight storage".into(),
+                expected: self.shape().to_vec(),
+                found: storage.shape().to_vec(),
+            });
+        }
+        if let Some(s) = self.slots.iter().find(|s| s.merged.is_some()) {
+            return Err(Error::invalid(
+                "weight storage",
+                format!("delta `{}` is merged; unmerge it first", s.name),
+            ));
+        }
+        self.storage = Some(storage);
+        self.weight = Tensor::new();
+        Ok(())
+    }
+
+    /// The storage object, if the weight is not dense.
+    pub fn storage(&self) -> Option<&dyn WeightStorage> {
+        self.storage.as_deref()
+    }
+
+    /// Removes the storage and makes its dequantized weight the dense `weight` again
+    /// (trainable if `requires_grad`).
+    pub fn densify(&mut self, requires_grad: bool) -> Option<Box<dyn WeightStorage>> {
+        let s = self.storage.take()?;
+        self.weight = s.dequantize().detach().set_requires_grad(requires_grad);
+        Some(s)
+    }
+
+    /// Sets (or clears) a function applied to the weight on every forward.
+    pub fn set_weight_transform(&mut self, transform: Option<WeightTransform>) {
+        self.transform = transform;
+    }
+
+    /// Whether a weight transform is set.
+    pub fn has_weight_transform(&self) -> bool {
+        self.transform.is_some()
+    }
+
+    /// The dense weight as the forward pass sees it: dequantized if stored, with the
+    /// weight transform applied.
+    pub fn dense_weight(&self) -> Tensor {
+        let w = match &self.storage {
+            Some(s) => s.dequantize(),
+            None => self.weight.shallow_clone(),
+        };
+        match &self.transform {
+            Some(f) => f(&w),
+            None => w,
+        }
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        let inp = self.in_features();
+        match x.size().last() {
+            Some(&d) if d == inp => Ok(()),
+            _ => Err(Error::invalid(
+                "linear input",
+                format!(
+                    "expected [..., {inp}] (in_features {inp}), found shape {:?}",
+                    x.size()
+                ),
+            )),
+        }
+    }
+
+    /// `x W^T` (no bias) with the layer's weight, stored or dense.
+    fn base_matmul(&self, x: &Tensor, w: Option<&Tensor>) -> Tensor {
+        match (w, &self.storage) {
+            (Some(w), _) => x.linear::<&Tensor>(w, None),
+            (None, Some(s)) => s.matmul(x),
+            (None, None) => x.linear::<&Tensor>(&self.weight, None),
+        }
     }
 
     /// `x W^T + b`, plus the output of every active, unmerged delta; or, while a
     /// routing is set ([`Linear::set_routing`]), each sample gets only its own delta.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        if let Some(routes) = &self.routing {
-            return self.forward_routed(x, routes, train);
+    /// An input whose last dimension is not `in_features` is an error.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.check_input(x)?;
+        // The weight as forward sees it; None = use the storage's own matmul.
+        let w: Option<Tensor> = match (&self.storage, &self.transform) {
+            (None, None) => Some(self.weight.shallow_clone()),
+            (Some(_), None) => None,
+            _ => Some(self.dense_weight()),
+        };
+        if let Some((routes, need)) = &self.routing {
+            let b = x.size().first().copied().unwrap_or(0);
+            if b < *need {
+                return Err(Error::invalid(
+                    "mixed-delta batch",
+                    format!(
+                        "routing names samples up to index {}, but the batch has {b} samples",
+                        need - 1
+                    ),
+                ));
+            }
+            return Ok(self.forward_routed(x, w.as_ref(), routes, train));
         }
         let live: Vec<&Slot> = self
             .slots
             .iter()
             .filter(|s| s.active && s.merged.is_none())
             .collect();
-        let mut out = x.linear(&self.weight, self.bias.as_ref());
         if live.is_empty() {
-            return out;
+            return Ok(match (&w, &self.bias) {
+                (Some(w), b) => x.linear(w, b.as_ref()),
+                (None, Some(b)) => self.base_matmul(x, None) + b,
+                (None, None) => self.base_matmul(x, None),
+            });
         }
         // `x W^T` without the bias, only for deltas that read it (DoRA).
-        let base = if live.iter().any(|s| s.delta.needs_base_out()) {
-            match &self.bias {
-                Some(b) => &out - b,
-                None => out.shallow_clone(),
-            }
+        let needs_base = live.iter().any(|s| s.delta.needs_base_out());
+        let (mut out, base) = if needs_base {
+            let base = self.base_matmul(x, w.as_ref());
+            let out = match &self.bias {
+                Some(b) => &base + b,
+                None => base.shallow_clone(),
+            };
+            (out, base)
         } else {
-            Tensor::new()
+            let out = match (&w, &self.bias) {
+                (Some(w), b) => x.linear(w, b.as_ref()),
+                (None, Some(b)) => self.base_matmul(x, None) + b,
+                (None, None) => self.base_matmul(x, None),
+            };
+            (out, Tensor::new())
+        };
+        let dense = match &w {
+            Some(w) => w.shallow_clone(),
+            None if live.iter().any(|s| s.delta.needs_base_weight()) => self.dense_weight(),
+            None => Tensor::new(),
         };
         for s in live {
-            out = s.delta.add_to(out, x, &self.weight, &base, train);
+            out = s.delta.add_to(out, x, &dense, &base, train);
         }
-        out
+        Ok(out)
     }
 
-    fn forward_routed(&self, x: &Tensor, routes: &[(String, Tensor)], train: bool) -> Tensor {
+    fn forward_routed(
+        &self,
+        x: &Tensor,
+        w: Option<&Tensor>,
+        routes: &[(String, Tensor)],
+        train: bool,
+    ) -> Tensor {
         // The base output is computed once for the whole batch; each delta adds its
         // output to its own samples only.
-        let base = x.linear::<&Tensor>(&self.weight, None);
+        let base = self.base_matmul(x, w);
         let mut out = match &self.bias {
             Some(b) => &base + b,
             None => base.shallow_clone(),
+        };
+        let dense = match w {
+            Some(w) => w.shallow_clone(),
+            None => self.dense_weight(),
         };
         for (name, idx) in routes {
             let Some(s) = self.slots.iter().find(|s| &s.name == name) else {
@@ -176,7 +355,7 @@ impl Linear {
             let xs = x.index_select(0, idx);
             let d = s
                 .delta
-                .forward(&xs, &self.weight, &base.index_select(0, idx), train);
+                .forward(&xs, &dense, &base.index_select(0, idx), train);
             out = out.index_add(0, idx, &d.to_kind(out.kind()));
         }
         out
@@ -185,29 +364,55 @@ impl Linear {
     /// Routes samples to deltas for mixed batches: `routes` pairs a delta name with
     /// the indices (i64, on the input's device) of the samples that use it; samples in
     /// no route get the base output. Merged deltas are in the weight for every sample,
-    /// so routing is refused while any delta is merged. `None` ends routing.
+    /// so routing is refused while any delta is merged; negative indices are refused,
+    /// and a forward on a batch too small for the indices is an error. `None` ends
+    /// routing.
     pub fn set_routing(&mut self, routes: Option<Vec<(String, Tensor)>>) -> Result<()> {
-        if let Some(r) = &routes {
-            if let Some(s) = self.slots.iter().find(|s| s.merged.is_some()) {
-                return Err(Error::invalid(
-                    "mixed-delta batch",
-                    format!(
-                        "delta `{}` is merged; unmerge before routing samples",
-                        s.name
-                    ),
-                ));
-            }
-            for (name, _) in r {
-                self.index(name)?;
+        let Some(r) = routes else {
+            self.routing = None;
+            return Ok(());
+        };
+        if let Some(s) = self.slots.iter().find(|s| s.merged.is_some()) {
+            return Err(Error::invalid(
+                "mixed-delta batch",
+                format!(
+                    "delta `{}` is merged; unmerge before routing samples",
+                    s.name
+                ),
+            ));
+        }
+        let mut need = 0i64;
+        for (name, idx) in &r {
+            self.index(name)?;
+            if idx.numel() > 0 {
+                // Set once per mixed batch, not per micro-batch: reading back is fine.
+                let (lo, hi) = (idx.min().int64_value(&[]), idx.max().int64_value(&[]));
+                if lo < 0 {
+                    return Err(Error::invalid(
+                        "mixed-delta batch",
+                        format!("negative sample index {lo} for delta `{name}`"),
+                    ));
+                }
+                need = need.max(hi + 1);
             }
         }
-        self.routing = routes;
+        self.routing = Some((r, need));
         Ok(())
     }
 
     /// Output of the base layer alone (no deltas): for mixed-adapter batches.
-    pub fn forward_base(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+    pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        let w = match (&self.storage, &self.transform) {
+            (None, None) => Some(self.weight.shallow_clone()),
+            (Some(_), None) => None,
+            _ => Some(self.dense_weight()),
+        };
+        let out = self.base_matmul(x, w.as_ref());
+        Ok(match &self.bias {
+            Some(b) => out + b,
+            None => out,
+        })
     }
 
     /// Adds a delta under `name`, active. A name already in use is an error.
@@ -293,6 +498,12 @@ impl Linear {
         if self.slots[i].merged.is_some() {
             return Ok(());
         }
+        if self.storage.is_some() {
+            return Err(Error::invalid(
+                "merge",
+                format!("delta `{name}`: the weight is in a storage object (quantized); densify it, or merge through the storage's own requantizing merge"),
+            ));
+        }
         let dw = tch::no_grad(|| self.slots[i].delta.delta_weight(&self.weight))
             .ok_or_else(|| Error::invalid("merge", format!("delta `{name}` cannot be merged")))?
             .detach()
@@ -339,9 +550,13 @@ impl Linear {
         Ok(())
     }
 
-    /// `weight`, `bias`, then each delta's parameters as `<delta name>.<local name>`.
+    /// `weight` (when dense), `bias`, then each delta's parameters as
+    /// `<delta name>.<local name>`.
     pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut v = vec![("weight".to_string(), self.weight.shallow_clone())];
+        let mut v = Vec::new();
+        if self.storage.is_none() {
+            v.push(("weight".to_string(), self.weight.shallow_clone()));
+        }
         if let Some(b) = &self.bias {
             v.push(("bias".to_string(), b.shallow_clone()));
         }
@@ -351,5 +566,13 @@ impl Linear {
             }
         }
         v
+    }
+
+    /// Buffers: the storage object's tensors, by local name (none for a dense weight).
+    pub fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        self.storage
+            .as_ref()
+            .map(|s| s.named_buffers())
+            .unwrap_or_default()
     }
 }

@@ -2,7 +2,9 @@
 
 use tch::{Device, Tensor};
 
+use crate::data::Batch;
 use crate::model::{prefixed, Activation, Model};
+use crate::trainer::{ForwardOptions, StepOutputs, Trainable};
 use crate::{Error, Linear, Result};
 
 /// Linears `layers.0 .. layers.{n-1}` with an activation between them (none after the last).
@@ -42,12 +44,12 @@ impl Mlp {
         self
     }
 
-    /// The output for `x` `[batch, in]`.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    /// The output for `x` `[batch, in]`; an input of the wrong width is an error.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let n = self.layers.len();
         let mut h = x.shallow_clone();
         for (i, l) in self.layers.iter().enumerate() {
-            h = l.forward(&h, train);
+            h = l.forward(&h, train)?;
             if i + 1 < n {
                 h = self.activation.apply(&h);
                 if self.dropout > 0.0 {
@@ -55,7 +57,7 @@ impl Mlp {
                 }
             }
         }
-        h
+        Ok(h)
     }
 }
 
@@ -72,6 +74,44 @@ impl Model for Mlp {
             .enumerate()
             .flat_map(|(i, l)| prefixed(&format!("layers.{i}"), l.named_parameters()))
             .collect()
+    }
+
+    fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| prefixed(&format!("layers.{i}"), l.named_buffers()))
+            .collect()
+    }
+}
+
+/// An MLP classifies its batch's `inputs` directly; `hidden_states` on request are the
+/// input and each hidden layer's output after its activation.
+impl Trainable for Mlp {
+    fn forward(&self, batch: &Batch, train: bool, opts: ForwardOptions) -> Result<StepOutputs> {
+        if !opts.hidden_states {
+            return Ok(StepOutputs::logits(Mlp::forward(
+                self,
+                &batch.inputs,
+                train,
+            )?));
+        }
+        let n = self.layers.len();
+        let mut h = batch.inputs.shallow_clone();
+        let mut hidden = vec![h.shallow_clone()];
+        for (i, l) in self.layers.iter().enumerate() {
+            h = l.forward(&h, train)?;
+            if i + 1 < n {
+                h = self.activation.apply(&h);
+                if self.dropout > 0.0 {
+                    h = h.dropout(self.dropout, train);
+                }
+                hidden.push(h.shallow_clone());
+            }
+        }
+        let mut out = StepOutputs::logits(h);
+        out.hidden_states = hidden;
+        Ok(out)
     }
 }
 
@@ -95,7 +135,7 @@ impl ClassificationHead {
     }
 
     /// Logits for features `[batch, in]`.
-    pub fn forward(&self, features: &Tensor, train: bool) -> Tensor {
+    pub fn forward(&self, features: &Tensor, train: bool) -> Result<Tensor> {
         let h = if self.dropout > 0.0 {
             features.dropout(self.dropout, train)
         } else {
@@ -112,5 +152,9 @@ impl Model for ClassificationHead {
 
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
         prefixed("classifier", self.classifier.named_parameters())
+    }
+
+    fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        prefixed("classifier", self.classifier.named_buffers())
     }
 }

@@ -11,7 +11,7 @@ use crate::{Error, Linear, Params, Result};
 /// crates and attached to a model's [`OutputSlots`].
 pub trait OutputDelta: Send {
     /// The new block output, given the block's input and its output.
-    fn forward(&self, input: &Tensor, output: &Tensor, train: bool) -> Tensor;
+    fn forward(&self, input: &Tensor, output: &Tensor, train: bool) -> Result<Tensor>;
     /// Its parameters by local name.
     fn named_parameters(&self) -> Vec<(String, Tensor)>;
     /// For downcasting to the concrete type.
@@ -64,11 +64,11 @@ impl OutputSlots {
     }
 
     /// Applies every active delta in order.
-    pub fn apply(&self, input: &Tensor, output: Tensor, train: bool) -> Tensor {
+    pub fn apply(&self, input: &Tensor, output: Tensor, train: bool) -> Result<Tensor> {
         self.slots
             .iter()
             .filter(|s| s.2)
-            .fold(output, |out, s| s.1.forward(input, &out, train))
+            .try_fold(output, |out, s| s.1.forward(input, &out, train))
     }
 
     /// Parameters as `<delta name>.<local name>`.
@@ -92,6 +92,28 @@ pub trait Model {
     fn visit_block_outputs(&mut self, _f: &mut dyn FnMut(&str, &mut OutputSlots)) {}
     /// Every parameter (frozen ones too) by dotted name.
     fn named_parameters(&self) -> Vec<(String, Tensor)>;
+    /// Tensors saved with the model that are not parameters (quantized weights, scales,
+    /// zero points, masks), by dotted name. Default: none.
+    fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+
+    /// [`Model::visit_linears`] with a visitor that can fail: stops at the first error
+    /// and returns it.
+    fn try_visit_linears(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Linear) -> Result<()>,
+    ) -> Result<()> {
+        let mut err = None;
+        self.visit_linears(&mut |p, l| {
+            if err.is_none() {
+                if let Err(e) = f(p, l) {
+                    err = Some(e);
+                }
+            }
+        });
+        err.map_or(Ok(()), Err)
+    }
 
     /// [`Model::named_parameters`] as [`Params`].
     fn params(&self) -> Params {

@@ -160,8 +160,11 @@ impl Params {
     }
 
     /// Scales gradients so their global L2 norm is at most `max_norm`, as
-    /// `torch.nn.utils.clip_grad_norm_` does. Returns the norm before clipping.
-    pub fn clip_grad_norm(&self, max_norm: f64) -> f64 {
+    /// `torch.nn.utils.clip_grad_norm_` does: every gradient is multiplied by
+    /// `min(1, max_norm / (norm + 1e-6))`, computed on the device, so nothing is read
+    /// back. Returns the norm before clipping (a 0-d f32 tensor on the gradients' device;
+    /// undefined when no parameter has a gradient).
+    pub fn clip_grad_norm(&self, max_norm: f64) -> Result<Tensor> {
         tch::no_grad(|| {
             let grads: Vec<Tensor> = self
                 .entries
@@ -170,24 +173,19 @@ impl Params {
                 .filter(|g| g.defined())
                 .collect();
             if grads.is_empty() {
-                return 0.0;
+                return Ok(Tensor::new());
             }
             let sq: Vec<Tensor> = grads
                 .iter()
                 .map(|g| g.to_kind(tch::Kind::Float).square().sum(tch::Kind::Float))
                 .collect();
-            let total = Tensor::stack(&sq, 0)
-                .sum(tch::Kind::Float)
-                .sqrt()
-                .double_value(&[]);
-            let coef = max_norm / (total + 1e-6);
-            if coef < 1.0 {
-                for g in &grads {
-                    let mut g = g.shallow_clone();
-                    let _ = g.f_mul_scalar_(coef);
-                }
+            let total = Tensor::stack(&sq, 0).sum(tch::Kind::Float).f_sqrt()?;
+            let coef = ((&total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+            for g in &grads {
+                let mut g = g.shallow_clone();
+                let _ = g.f_mul_(&coef.to_kind(g.kind()))?;
             }
-            total
+            Ok(total)
         })
     }
 

@@ -44,10 +44,12 @@ fn saves_and_loads_under_hugging_face_names() {
     let c = Bert::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
     let (ids, mask) = ids();
     let a = b
-        .forward(&ids, &mask, None, false, Want::default())
+        .forward(&ids, Some(&mask), None, false, Want::default())
+        .unwrap()
         .last_hidden_state;
     let z = c
-        .forward(&ids, &mask, None, false, Want::default())
+        .forward(&ids, Some(&mask), None, false, Want::default())
+        .unwrap()
         .last_hidden_state;
     assert!(a.equal(&z));
     let mut c = c;
@@ -114,20 +116,22 @@ fn padding_does_not_change_real_tokens() {
     let b = tiny();
     let (ids, mask) = ids();
     let batch = b
-        .forward(&ids, &mask, None, false, Want::default())
+        .forward(&ids, Some(&mask), None, false, Want::default())
+        .unwrap()
         .last_hidden_state;
     let alone = b
         .forward(
             &ids.narrow(0, 1, 1).narrow(1, 0, 3),
-            &mask.narrow(0, 1, 1).narrow(1, 0, 3),
+            None,
             None,
             false,
             Want::default(),
         )
+        .unwrap()
         .last_hidden_state;
     assert!(max_diff(&batch.narrow(0, 1, 1).narrow(1, 0, 3), &alone) < 1e-5);
-    let pooled = mean_pool(&batch, &mask);
-    let pooled_alone = mean_pool(&alone, &Tensor::ones([1, 3], (Kind::Int64, Device::Cpu)));
+    let pooled = mean_pool(&batch, Some(&mask));
+    let pooled_alone = mean_pool(&alone, None);
     assert!(max_diff(&pooled.narrow(0, 1, 1), &pooled_alone) < 1e-5);
 }
 
@@ -135,17 +139,21 @@ fn padding_does_not_change_real_tokens() {
 fn hidden_states_and_attentions_on_request() {
     let b = tiny();
     let (ids, mask) = ids();
-    let plain = b.forward(&ids, &mask, None, false, Want::default());
-    let full = b.forward(
-        &ids,
-        &mask,
-        None,
-        false,
-        Want {
-            hidden_states: true,
-            attentions: true,
-        },
-    );
+    let plain = b
+        .forward(&ids, Some(&mask), None, false, Want::default())
+        .unwrap();
+    let full = b
+        .forward(
+            &ids,
+            Some(&mask),
+            None,
+            false,
+            Want {
+                hidden_states: true,
+                attentions: true,
+            },
+        )
+        .unwrap();
     assert_eq!(full.hidden_states.len(), 3);
     assert_eq!(full.attentions.len(), 2);
     assert_eq!(full.attentions[0].size(), [2, 4, 5, 5]);
@@ -171,13 +179,15 @@ fn half_precision_tracks_f32() {
     b.save(dir.path()).unwrap();
     let (ids, mask) = ids();
     let r = b
-        .forward(&ids, &mask, None, false, Want::default())
+        .forward(&ids, Some(&mask), None, false, Want::default())
+        .unwrap()
         .last_hidden_state;
     for (kind, tol) in [(Kind::Half, 2e-2), (Kind::BFloat16, 1e-1)] {
         let h = Bert::load(dir.path(), Device::Cpu, kind).unwrap();
         assert_eq!(h.kind(), kind);
         let o = h
-            .forward(&ids, &mask, None, false, Want::default())
+            .forward(&ids, Some(&mask), None, false, Want::default())
+            .unwrap()
             .last_hidden_state;
         assert_eq!(o.kind(), kind);
         let d = max_diff(&o, &r);
@@ -190,14 +200,121 @@ fn dropout_only_in_training() {
     let b = tiny();
     let (ids, mask) = ids();
     let e1 = b
-        .forward(&ids, &mask, None, false, Want::default())
+        .forward(&ids, Some(&mask), None, false, Want::default())
+        .unwrap()
         .last_hidden_state;
     let e2 = b
-        .forward(&ids, &mask, None, false, Want::default())
+        .forward(&ids, Some(&mask), None, false, Want::default())
+        .unwrap()
         .last_hidden_state;
     assert!(e1.equal(&e2));
     let t1 = b
-        .forward(&ids, &mask, None, true, Want::default())
+        .forward(&ids, Some(&mask), None, true, Want::default())
+        .unwrap()
         .last_hidden_state;
     assert!(max_diff(&t1, &e1) > 1e-3);
+}
+
+#[test]
+fn a_gated_layer_at_zero_is_the_exact_identity() {
+    let mut b = tiny();
+    let (ids, mask) = ids();
+    let run = |b: &Bert, want: Want| b.forward(&ids, Some(&mask), None, false, want).unwrap();
+    let plain = run(&b, Want::default()).last_hidden_state;
+    // g = 1 is the plain layer.
+    b.set_gate(1, Some(1.0)).unwrap();
+    assert!(max_diff(&run(&b, Want::default()).last_hidden_state, &plain) < 1e-6);
+    // g = 0 on the last layer: the output is the first layer's output, bit for bit,
+    // although the layer's weights are not zero (a post-LN layer cannot be the identity
+    // by its weights).
+    b.set_gate(1, Some(0.0)).unwrap();
+    let want = Want {
+        hidden_states: true,
+        attentions: false,
+    };
+    let out = run(&b, want);
+    assert!(out.last_hidden_state.equal(&out.hidden_states[1]));
+    // The gate is a parameter under the layer's path, saved and loaded with the model.
+    assert!(b
+        .named_parameters()
+        .iter()
+        .any(|(n, t)| n == "encoder.layer.1.reuse_gate" && t.requires_grad()));
+    let dir = tempfile::tempdir().unwrap();
+    b.save(dir.path()).unwrap();
+    let c = Bert::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+    assert!(c.layers[1].gate.is_some() && c.layers[0].gate.is_none());
+    assert!(run(&c, Want::default())
+        .last_hidden_state
+        .equal(&out.last_hidden_state));
+    assert!(b
+        .set_gate(5, Some(0.0))
+        .unwrap_err()
+        .to_string()
+        .contains("layer 5"));
+}
+
+#[test]
+fn load_list_and_visit_agree_on_every_path() {
+    let mut b = tiny();
+    let names: Vec<String> = b.named_parameters().into_iter().map(|p| p.0).collect();
+    let mut linears = Vec::new();
+    b.visit_linears(&mut |p, l| linears.push((p.to_string(), l.weight.size())));
+    // every visited linear has its weight and bias listed under the same path
+    for (p, _) in &linears {
+        assert!(names.contains(&format!("{p}.weight")), "{p}");
+        assert!(names.contains(&format!("{p}.bias")), "{p}");
+    }
+    // and every listed tensor is what a save writes and a load reads back by that name
+    let dir = tempfile::tempdir().unwrap();
+    b.save(dir.path()).unwrap();
+    let ck = Checkpoint::load(dir.path().join("model.safetensors"), Device::Cpu).unwrap();
+    let mut saved: Vec<&str> = ck.names().collect();
+    saved.sort();
+    let mut listed: Vec<&str> = names.iter().map(String::as_str).collect();
+    listed.sort();
+    assert_eq!(saved, listed);
+    // FFN shapes follow the table: intermediate.dense is [inter, hidden]
+    let inter = linears
+        .iter()
+        .find(|(p, _)| p == "encoder.layer.0.intermediate.dense")
+        .unwrap();
+    assert_eq!(inter.1, [128, 32]);
+}
+
+#[test]
+fn bad_inputs_are_errors_naming_what_is_wrong() {
+    let b = tiny();
+    let long = Tensor::zeros([1, 513], (Kind::Int64, Device::Cpu));
+    let e = b
+        .forward(&long, None, None, false, Want::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("513") && e.contains("max_position_embeddings 512"),
+        "{e}"
+    );
+    let oov = Tensor::from_slice(&[1i64, 50]).view([1, 2]);
+    let e = b
+        .forward(&oov, None, None, false, Want::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("vocab_size"), "{e}");
+    let (ids, _) = ids();
+    let bad_mask = Tensor::ones([2, 4], (Kind::Int64, Device::Cpu));
+    let e = b
+        .forward(&ids, Some(&bad_mask), None, false, Want::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("attention_mask"), "{e}");
+    let floats = Tensor::zeros([1, 3], (Kind::Float, Device::Cpu));
+    assert!(b
+        .forward(&floats, None, None, false, Want::default())
+        .is_err());
+    // No mask means no padding: the same as an all-ones mask.
+    let ones = Tensor::ones([2, 5], (Kind::Int64, Device::Cpu));
+    let a = b.forward(&ids, None, None, false, Want::default()).unwrap();
+    let m = b
+        .forward(&ids, Some(&ones), None, false, Want::default())
+        .unwrap();
+    assert!(max_diff(&a.last_hidden_state, &m.last_hidden_state) < 1e-6);
 }

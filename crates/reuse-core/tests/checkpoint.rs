@@ -100,23 +100,23 @@ fn truncated_and_corrupt_files_are_typed_errors_and_left_alone() {
 
 #[test]
 fn unknown_dtype_names_file_and_tensor() {
-    // Hand-built safetensors with an F64 tensor.
-    let header = br#"{"x":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}}"#;
+    // Hand-built safetensors with a BOOL tensor.
+    let header = br#"{"x":{"dtype":"BOOL","shape":[8],"data_offsets":[0,8]}}"#;
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(header);
-    bytes.extend_from_slice(&1.0f64.to_le_bytes());
+    bytes.extend_from_slice(&[1u8; 8]);
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("f64.safetensors");
+    let p = dir.path().join("bool.safetensors");
     std::fs::write(&p, &bytes).unwrap();
     let e = Checkpoint::load(&p, Device::Cpu).unwrap_err();
     match &e {
         Error::UnknownDtype { tensor, dtype, .. } => {
             assert_eq!(tensor, "x");
-            assert_eq!(dtype, "F64");
+            assert_eq!(dtype, "BOOL");
         }
         other => panic!("expected UnknownDtype, got {other:?}"),
     }
-    assert!(e.to_string().contains("f64.safetensors"));
+    assert!(e.to_string().contains("bool.safetensors"));
 }
 
 #[test]
@@ -166,7 +166,7 @@ fn failed_atomic_write_keeps_the_old_file_and_leaves_no_temp() {
     assert_eq!(names.len(), 1, "temp file left behind: {names:?}");
     // An unsupported kind fails before anything is written.
     let mut ck = Checkpoint::new();
-    ck.insert("d", Tensor::ones([2], (Kind::Double, Device::Cpu)));
+    ck.insert("d", Tensor::ones([2], (Kind::Bool, Device::Cpu)));
     assert!(ck.save(&path).is_err());
     assert_eq!(std::fs::read(&path).unwrap(), bytes);
 }

@@ -3,11 +3,12 @@
 //!
 //! Needs the model unpacked by `cargo xtask setup` (see `REUSE_MINILM_DIR`).
 
-use reuse_core::data::{fixtures_dir, load_text_splits, majority_baseline};
-use reuse_core::models::sentence::{minilm_dir, tokenize};
+use reuse_core::data::{load_text_splits, majority_baseline};
+use reuse_core::models::sentence::tokenize;
 use reuse_core::models::{Bert, BertClassifier, SentenceEncoder, TokenizedDataset};
 use reuse_core::trainer::accuracy;
 use reuse_core::{Checkpoint, Schedule, TrainConfig, Trainer};
+use reuse_testkit::{fixtures_dir, minilm_dir};
 use tch::{Device, Kind};
 
 fn texts() -> Vec<String> {
@@ -34,7 +35,8 @@ fn tokenization_matches_sentence_transformers() {
     assert!(enc.normalize);
     let texts = texts();
     let first: Vec<&str> = texts.iter().take(5).map(String::as_str).collect();
-    let (ids, mask) = tokenize(&enc.tokenizer, &first).unwrap();
+    let (ids, mask, padded) = tokenize(&enc.tokenizer, &first).unwrap();
+    assert!(padded, "five texts of different lengths pad");
     let r = reference();
     assert!(
         ids.equal(r.tensor("input_ids_first5").unwrap()),
@@ -111,4 +113,37 @@ fn fine_tuning_on_debian_sections_beats_majority_by_far() {
         r.seconds, r.examples_per_second
     );
     assert!(acc > base + 0.5, "accuracy {acc} vs majority {base}");
+}
+
+#[test]
+fn tokenized_batches_know_their_padding_indices_and_task() {
+    let enc = SentenceEncoder::load(&minilm_dir().unwrap(), Device::Cpu, Kind::Float).unwrap();
+    let data = reuse_core::data::TextDataset {
+        texts: vec!["a b c d e f".into(), "a b".into(), "x y".into()],
+        labels: vec![0, 1, 2],
+    };
+    // The position table holds 512 tokens and the encoder truncates at 256: longer
+    // is an error, not a silent truncation or an index error inside the model.
+    let e = TokenizedDataset::new(&enc.tokenizer, &data, 600)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("600") && e.contains("256"), "{e}");
+    let d = TokenizedDataset::new(&enc.tokenizer, &data, 16)
+        .unwrap()
+        .with_task(4);
+    use reuse_core::data::BatchSource;
+    let b = d.batch(&[0, 1], Device::Cpu).unwrap();
+    assert!(b.padded);
+    assert_eq!(b.indices, [0, 1]);
+    assert_eq!(
+        Vec::<i64>::try_from(b.task_ids.as_ref().unwrap()).unwrap(),
+        [4, 4]
+    );
+    let b = d.batch(&[2, 1], Device::Cpu).unwrap();
+    assert!(!b.padded, "two texts of the same length need no padding");
+    assert!(d
+        .batch(&[3], Device::Cpu)
+        .unwrap_err()
+        .to_string()
+        .contains("out of range"));
 }

@@ -1,23 +1,14 @@
-//! The trainer on real data (scikit-learn digits), composed techniques, determinism,
-//! resumable optimizer state.
+//! The trainer on real data (scikit-learn digits): composed techniques and their hooks,
+//! determinism, optimizer state, and whole runs saved and resumed.
 
-use reuse_core::data::{fixtures_dir, load_digits, Batch, Digits};
-use reuse_core::trainer::{accuracy, StepOutputs, Trainable};
+use reuse_core::data::{load_digits, Batch, Digits};
+use reuse_core::trainer::{accuracy, ForwardOptions, StepContext, StepOutputs, TaskContext};
 use reuse_core::{
-    Activation, Checkpoint, Mlp, Model, Params, Result, Snapshot, Technique, TrainConfig, Trainer,
+    Activation, Checkpoint, Mlp, Model, Params, Result, RunStateConfig, SaveParams, Snapshot,
+    Technique, TrainConfig, Trainer,
 };
+use reuse_testkit::fixtures_dir;
 use tch::{Device, Kind, Tensor};
-
-struct Net(Mlp);
-
-impl Trainable for Net {
-    fn parameters(&self) -> Params {
-        self.0.params()
-    }
-    fn forward(&self, b: &Batch, train: bool) -> Result<StepOutputs> {
-        Ok(StepOutputs::logits(self.0.forward(&b.inputs, train)))
-    }
-}
 
 /// libtorch's random generator is global and the test harness runs tests on several
 /// threads: every test here holds this lock so that seeding gives the same numbers.
@@ -31,9 +22,9 @@ fn digits() -> Digits {
     load_digits(&fixtures_dir().join("digits/digits.csv.gz")).unwrap()
 }
 
-fn net(seed: i64) -> Net {
+fn net(seed: i64) -> Mlp {
     tch::manual_seed(seed);
-    Net(Mlp::new(&[64, 128, 10], Activation::Relu, Device::Cpu).unwrap())
+    Mlp::new(&[64, 128, 10], Activation::Relu, Device::Cpu).unwrap()
 }
 
 #[test]
@@ -74,6 +65,7 @@ impl Technique for L2Anchor {
         _b: &Batch,
         _o: &StepOutputs,
         params: &Params,
+        _ctx: &StepContext,
     ) -> Result<Option<Tensor>> {
         self.calls += 1;
         let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
@@ -94,12 +86,10 @@ impl Technique for GradMask {
     fn name(&self) -> &str {
         "mask"
     }
-    fn after_backward(&mut self, params: &Params) -> Result<()> {
+    fn after_backward(&mut self, params: &Params, _ctx: &StepContext) -> Result<()> {
         self.calls += 1;
         let g = params.get("layers.0.weight").unwrap().grad();
-        tch::no_grad(|| {
-            let _ = g.shallow_clone().f_mul_(&self.mask);
-        });
+        tch::no_grad(|| g.shallow_clone().f_mul_(&self.mask).map(drop))?;
         Ok(())
     }
 }
@@ -134,7 +124,7 @@ fn two_techniques_compose_and_each_has_its_effect() {
     );
     // Mask alone.
     let a = net(3);
-    let start_a = a.parameters().snapshot();
+    let start_a = a.params().snapshot();
     let mut m1 = GradMask {
         mask: mask.copy(),
         calls: 0,
@@ -144,13 +134,13 @@ fn two_techniques_compose_and_each_has_its_effect() {
         .unwrap();
     // Mask + L2 anchor, same seed and data order.
     let b = net(3);
-    let start_b = b.parameters().snapshot();
+    let start_b = b.params().snapshot();
     let mut m2 = GradMask {
         mask: mask.copy(),
         calls: 0,
     };
     let mut l2 = L2Anchor {
-        anchor: b.parameters().snapshot(),
+        anchor: b.params().snapshot(),
         lambda: 0.05,
         calls: 0,
     };
@@ -160,11 +150,7 @@ fn two_techniques_compose_and_each_has_its_effect() {
 
     assert_eq!((m1.calls, m2.calls, l2.calls), (150, 150, 150));
     for (net, start) in [(&a, &start_a), (&b, &start_b)] {
-        let w = net
-            .parameters()
-            .get("layers.0.weight")
-            .unwrap()
-            .shallow_clone();
+        let w = net.params().get("layers.0.weight").unwrap().shallow_clone();
         let w0 = start.get("layers.0.weight").unwrap();
         assert!(
             w.narrow(0, 0, 64).equal(&w0.narrow(0, 0, 64)),
@@ -175,10 +161,7 @@ fn two_techniques_compose_and_each_has_its_effect() {
             "free rows did not move"
         );
     }
-    let (da, db) = (
-        drift(&a.parameters(), &start_a),
-        drift(&b.parameters(), &start_b),
-    );
+    let (da, db) = (drift(&a.params(), &start_a), drift(&b.params(), &start_b));
     eprintln!("drift without L2 {da:.4}, with {db:.4}");
     assert!(
         db < 0.7 * da,
@@ -194,13 +177,13 @@ fn same_seed_same_result_and_optimizer_state_resumes() {
         max_steps: Some(20),
         ..Default::default()
     };
-    let run = |n: &Net, t: &mut Trainer| t.fit(n, &d.train, None, &mut []).unwrap().losses;
+    let run = |n: &Mlp, t: &mut Trainer| t.fit(n, &d.train, None, &mut []).unwrap().losses;
     let (a, b) = (net(5), net(5));
     let (mut ta, mut tb) = (Trainer::new(cfg.clone()), Trainer::new(cfg.clone()));
     assert_eq!(run(&a, &mut ta), run(&b, &mut tb));
     // Save a (params + optimizer) to disk, train on: reload into b, train on: equal.
     let dir = tempfile::tempdir().unwrap();
-    a.parameters()
+    a.params()
         .to_checkpoint()
         .save(dir.path().join("p.safetensors"))
         .unwrap();
@@ -210,16 +193,19 @@ fn same_seed_same_result_and_optimizer_state_resumes() {
         .unwrap();
     let la = run(&a, &mut ta);
     let c = net(99);
-    c.parameters()
+    c.params()
         .load_checkpoint(&Checkpoint::load(dir.path().join("p.safetensors"), Device::Cpu).unwrap())
         .unwrap();
     let mut tc = Trainer::new(cfg);
     tc.optimizer_mut()
-        .load_state(&Checkpoint::load(dir.path().join("o.safetensors"), Device::Cpu).unwrap())
+        .load_state(
+            &Checkpoint::load(dir.path().join("o.safetensors"), Device::Cpu).unwrap(),
+            &c.params(),
+        )
         .unwrap();
     assert_eq!(run(&c, &mut tc), la);
-    for (n, t) in a.parameters().iter() {
-        assert!(t.equal(c.parameters().get(n).unwrap()), "{n}");
+    for (n, t) in a.params().iter() {
+        assert!(t.equal(c.params().get(n).unwrap()), "{n}");
     }
 }
 
@@ -247,8 +233,8 @@ fn grad_accumulation_equals_the_big_batch_and_clipping_and_eval_work() {
     })
     .fit(&b, &d.train, None, &mut [])
     .unwrap();
-    for (n, t) in a.parameters().iter() {
-        let diff = (t - b.parameters().get(n).unwrap())
+    for (n, t) in a.params().iter() {
+        let diff = (t - b.params().get(n).unwrap())
             .abs()
             .max()
             .double_value(&[]);
@@ -256,7 +242,7 @@ fn grad_accumulation_equals_the_big_batch_and_clipping_and_eval_work() {
     }
     // Clipping the global norm to a tiny value holds the weights back.
     let (c, e) = (net(9), net(9));
-    let start = c.parameters().snapshot();
+    let start = c.params().snapshot();
     Trainer::new(sgd.clone())
         .fit(&c, &d.train, None, &mut [])
         .unwrap();
@@ -267,6 +253,283 @@ fn grad_accumulation_equals_the_big_batch_and_clipping_and_eval_work() {
     })
     .fit(&e, &d.train, Some(&d.test), &mut [])
     .unwrap();
-    assert!(drift(&e.parameters(), &start) < 0.1 * drift(&c.parameters(), &start));
+    assert!(drift(&e.params(), &start) < 0.1 * drift(&c.params(), &start));
     assert_eq!(r.evals.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4, 5]);
+}
+
+/// Records every hook call with the context it saw; weights the task loss; asks for
+/// hidden states.
+#[derive(Default)]
+struct Recorder {
+    weight: f64,
+    want_hidden: bool,
+    events: Vec<String>,
+    steps: Vec<(usize, usize, usize, f64)>,
+    hidden_seen: Vec<usize>,
+}
+
+impl Technique for Recorder {
+    fn name(&self) -> &str {
+        "recorder"
+    }
+    fn forward_options(&self) -> ForwardOptions {
+        ForwardOptions {
+            hidden_states: self.want_hidden,
+            ..Default::default()
+        }
+    }
+    fn begin_task(&mut self, ctx: &TaskContext<'_>) -> Result<()> {
+        self.events
+            .push(format!("begin {} ({} examples)", ctx.task, ctx.data.len()));
+        Ok(())
+    }
+    fn task_loss_weight(&self, _ctx: &StepContext) -> f64 {
+        self.weight
+    }
+    fn extra_loss(
+        &mut self,
+        _b: &Batch,
+        out: &StepOutputs,
+        _p: &Params,
+        _ctx: &StepContext,
+    ) -> Result<Option<Tensor>> {
+        self.hidden_seen.push(out.hidden_states.len());
+        Ok(None)
+    }
+    fn after_step(&mut self, _p: &Params, ctx: &StepContext) -> Result<()> {
+        self.steps.push((ctx.step, ctx.epoch, ctx.task, ctx.lr));
+        Ok(())
+    }
+    fn end_task(&mut self, ctx: &TaskContext<'_>) -> Result<()> {
+        self.events.push(format!("end {}", ctx.task));
+        Ok(())
+    }
+}
+
+#[test]
+fn hooks_see_the_step_context_weight_the_task_loss_and_get_extra_outputs() {
+    let _guard = seeded();
+    let d = digits();
+    let cfg = TrainConfig {
+        max_steps: Some(50),
+        batch_size: 64,
+        lr: 1e-2,
+        log_every: 7,
+        schedule: reuse_core::Schedule::Linear { warmup: 10 },
+        ..Default::default()
+    };
+    let (a, b) = (net(1), net(1));
+    let mut plain = Recorder {
+        weight: 1.0,
+        ..Default::default()
+    };
+    let mut half = Recorder {
+        weight: 0.5,
+        want_hidden: true,
+        ..Default::default()
+    };
+    let mut ta = Trainer::new(cfg.clone());
+    ta.begin_task(2, &a, &d.train, &mut [&mut plain]).unwrap();
+    let ra = ta.fit(&a, &d.train, None, &mut [&mut plain]).unwrap();
+    ta.end_task(2, &a, &d.train, &mut [&mut plain]).unwrap();
+    let rb = Trainer::new(cfg)
+        .fit(&b, &d.train, None, &mut [&mut half])
+        .unwrap();
+    assert_eq!(plain.events, ["begin 2 (1437 examples)", "end 2"]);
+    // 1437 / 64 = 23 batches per epoch: step 23 is the first of epoch 1.
+    assert_eq!(plain.steps.len(), 50);
+    assert_eq!(plain.steps[22].0..plain.steps[23].0, 22..23);
+    assert_eq!((plain.steps[22].1, plain.steps[23].1), (0, 1));
+    assert!(plain.steps.iter().all(|s| s.2 == 2));
+    assert_eq!(plain.steps[0].3, 0.0); // warmup starts at 0
+    assert!((plain.steps[5].3 - 5e-3).abs() < 1e-12);
+    // Losses were read every 7 steps and at the end, none lost.
+    assert_eq!(ra.losses.len(), 50);
+    // Same weights and batch at step 0: a task-loss weight of 0.5 halves the loss.
+    assert!(
+        (rb.losses[0] - 0.5 * ra.losses[0]).abs() < 1e-6,
+        "{} vs {}",
+        rb.losses[0],
+        ra.losses[0]
+    );
+    // Hidden states only when a technique asks: input + one hidden layer.
+    assert!(plain.hidden_seen.iter().all(|&n| n == 0));
+    assert!(half.hidden_seen.iter().all(|&n| n == 2));
+}
+
+/// PackNet's problem: a pruned weight is zero and its gradient is masked, yet AdamW's
+/// momentum and weight decay still move it. Re-zeroing after the step keeps it at 0.
+struct Pruned {
+    keep: Tensor,
+    rezero: bool,
+}
+
+impl Technique for Pruned {
+    fn name(&self) -> &str {
+        "pruned"
+    }
+    fn after_backward(&mut self, params: &Params, _ctx: &StepContext) -> Result<()> {
+        let g = params.get("layers.0.weight").unwrap().grad();
+        tch::no_grad(|| g.shallow_clone().f_mul_(&self.keep).map(drop))?;
+        Ok(())
+    }
+    fn after_step(&mut self, params: &Params, _ctx: &StepContext) -> Result<()> {
+        if self.rezero {
+            let w = params.get("layers.0.weight").unwrap();
+            tch::no_grad(|| w.shallow_clone().f_mul_(&self.keep).map(drop))?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn after_step_keeps_pruned_weights_at_zero_under_decay_and_momentum() {
+    let _guard = seeded();
+    let d = digits();
+    let keep = Tensor::rand([128, 64], (Kind::Float, Device::Cpu))
+        .ge(0.5)
+        .to_kind(Kind::Float);
+    for rezero in [false, true] {
+        let m = net(2);
+        // Train unpruned first, so AdamW has momentum everywhere; then prune.
+        let mut t = Trainer::new(TrainConfig {
+            max_steps: Some(20),
+            weight_decay: 0.01,
+            ..Default::default()
+        });
+        t.fit(&m, &d.train, None, &mut []).unwrap();
+        let w = m.params().get("layers.0.weight").unwrap().shallow_clone();
+        tch::no_grad(|| w.shallow_clone().f_mul_(&keep).map(drop)).unwrap();
+        let mut p = Pruned {
+            keep: keep.copy(),
+            rezero,
+        };
+        t.fit(&m, &d.train, None, &mut [&mut p]).unwrap();
+        let pruned_max = (&w * (keep.ones_like() - &keep))
+            .abs()
+            .max()
+            .double_value(&[]);
+        if rezero {
+            assert_eq!(pruned_max, 0.0, "pruned weights moved");
+        } else {
+            assert!(
+                pruned_max > 0.0,
+                "without after_step the optimizer moves them"
+            );
+        }
+    }
+}
+
+/// Fails at a given step, as a crash would.
+struct CrashAt(usize);
+
+impl Technique for CrashAt {
+    fn name(&self) -> &str {
+        "crash"
+    }
+    fn after_step(&mut self, _p: &Params, ctx: &StepContext) -> Result<()> {
+        if ctx.step + 1 == self.0 {
+            return Err(reuse_core::Error::Invalid {
+                what: "test".into(),
+                reason: "crash".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Counts steps, and saves the count with the run.
+#[derive(Default)]
+struct Counter(i64);
+
+impl Technique for Counter {
+    fn name(&self) -> &str {
+        "counter"
+    }
+    fn after_step(&mut self, _p: &Params, _ctx: &StepContext) -> Result<()> {
+        self.0 += 1;
+        Ok(())
+    }
+    fn state(&self) -> Result<Checkpoint> {
+        let mut c = Checkpoint::new();
+        c.insert("count", Tensor::from(self.0));
+        Ok(c)
+    }
+    fn load_state(&mut self, s: &Checkpoint) -> Result<()> {
+        self.0 = s.tensor("count")?.int64_value(&[]);
+        Ok(())
+    }
+}
+
+fn dropout_net(seed: i64) -> Mlp {
+    tch::manual_seed(seed);
+    Mlp::new(&[64, 96, 10], Activation::Relu, Device::Cpu)
+        .unwrap()
+        .with_dropout(0.2)
+}
+
+#[test]
+fn a_crashed_run_resumes_to_the_same_weights() {
+    let _guard = seeded();
+    let d = digits();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |path: &str| TrainConfig {
+        max_steps: Some(60),
+        lr: 3e-3,
+        weight_decay: 0.01,
+        schedule: reuse_core::Schedule::Cosine { warmup: 5 },
+        clip_grad_norm: Some(1.0),
+        run_state: Some(RunStateConfig {
+            path: dir.path().join(path),
+            every: 7,
+            params: SaveParams::Trainable,
+        }),
+        ..Default::default()
+    };
+    // Uninterrupted.
+    let a = dropout_net(3);
+    let mut ca = Counter::default();
+    let ra = Trainer::new(cfg("a.safetensors"))
+        .fit(&a, &d.train, None, &mut [&mut ca])
+        .unwrap();
+    // Crashes at step 40 (after the save at 35), then resumes in a fresh trainer.
+    let b = dropout_net(3);
+    let mut cb = Counter::default();
+    let e = Trainer::new(cfg("b.safetensors"))
+        .fit(&b, &d.train, None, &mut [&mut cb, &mut CrashAt(40)])
+        .unwrap_err();
+    assert!(e.to_string().contains("crash"));
+    let b2 = dropout_net(77); // other init: everything must come from the run file
+    let mut cb2 = Counter::default();
+    let mut tb = Trainer::new(cfg("b.safetensors"));
+    assert_eq!(tb.resume(&b2, &mut [&mut cb2]).unwrap(), Some(35));
+    assert_eq!(cb2.0, 35);
+    let rb = tb.fit(&b2, &d.train, None, &mut [&mut cb2]).unwrap();
+    assert_eq!(rb.resumed_from, Some(35));
+    assert_eq!(cb2.0, 60);
+    assert_eq!(rb.losses, ra.losses);
+    for (n, t) in a.params().iter() {
+        assert!(
+            t.equal(b2.params().get(n).unwrap()),
+            "{n} differs after resume"
+        );
+    }
+    // A trainer with another batch size refuses the file and changes nothing.
+    let c = dropout_net(5);
+    let before = c.params().snapshot();
+    let mut other = cfg("b.safetensors");
+    other.batch_size = 16;
+    let e = Trainer::new(other)
+        .resume(&c, &mut [])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("batch_size 32") && e.contains("16"), "{e}");
+    assert_eq!(drift(&c.params(), &before), 0.0);
+    // No file: a fresh run.
+    assert_eq!(
+        Trainer::new(cfg("none.safetensors"))
+            .resume(&c, &mut [])
+            .unwrap(),
+        None
+    );
 }

@@ -141,10 +141,10 @@ impl Bottleneck {
 }
 
 impl OutputDelta for Bottleneck {
-    fn forward(&self, input: &Tensor, output: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, input: &Tensor, output: &Tensor, train: bool) -> reuse_core::Result<Tensor> {
         let src = if self.parallel { input } else { output };
-        let h = self.act.apply(&self.down.forward(src, train));
-        output + self.up.forward(&h, train) * self.scaling
+        let h = self.act.apply(&self.down.forward(src, train)?);
+        Ok(output + self.up.forward(&h, train)? * self.scaling)
     }
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> = self

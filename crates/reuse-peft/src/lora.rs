@@ -124,6 +124,9 @@ impl LinearDelta for LoraLayer {
         }
     }
 
+    fn needs_base_weight(&self) -> bool {
+        self.magnitude.is_some()
+    }
     fn needs_base_out(&self) -> bool {
         self.magnitude.is_some()
     }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use reuse_core::data::Batch;
-use reuse_core::trainer::{StepOutputs, Trainable};
+use reuse_core::trainer::{ForwardOptions, StepOutputs, Trainable};
 use reuse_core::{Checkpoint, Error as CoreError, Model, Params};
 use tch::{Device, Kind, Tensor};
 
@@ -421,14 +421,32 @@ impl<M: Model> LoraModel<M> {
     }
 }
 
-impl<M: Model + Trainable> Trainable for LoraModel<M> {
-    fn parameters(&self) -> Params {
-        self.model.params()
+/// A `LoraModel` is the model it wraps, for techniques that walk layers by path.
+impl<M: Model> Model for LoraModel<M> {
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut reuse_core::Linear)) {
+        self.model.visit_linears(f)
     }
-    fn forward(&self, batch: &Batch, train: bool) -> reuse_core::Result<StepOutputs> {
-        Trainable::forward(&self.model, batch, train)
+    fn visit_block_outputs(&mut self, f: &mut dyn FnMut(&str, &mut reuse_core::OutputSlots)) {
+        self.model.visit_block_outputs(f)
     }
-    fn loss(&self, out: &StepOutputs, batch: &Batch) -> Tensor {
+    fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        self.model.named_parameters()
+    }
+    fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        self.model.named_buffers()
+    }
+}
+
+impl<M: Trainable> Trainable for LoraModel<M> {
+    fn forward(
+        &self,
+        batch: &Batch,
+        train: bool,
+        opts: ForwardOptions,
+    ) -> reuse_core::Result<StepOutputs> {
+        Trainable::forward(&self.model, batch, train, opts)
+    }
+    fn loss(&self, out: &StepOutputs, batch: &Batch) -> reuse_core::Result<Tensor> {
         self.model.loss(out, batch)
     }
 }

@@ -30,7 +30,8 @@ fn inputs() -> (Tensor, Tensor) {
 fn run(b: &Bert) -> Tensor {
     let (ids, mask) = inputs();
     tch::no_grad(|| {
-        b.forward(&ids, &mask, None, false, Want::default())
+        b.forward(&ids, Some(&mask), None, false, Want::default())
+            .unwrap()
             .last_hidden_state
     })
 }
@@ -77,9 +78,13 @@ fn new_adapter_changes_nothing_and_only_it_trains() {
     let labels = Tensor::from_slice(&[0i64, 1, 2]);
     let mut opt = reuse_core::Optimizer::new(Default::default(), 0.0);
     for _ in 0..3 {
-        let loss = reuse_core::optim::cross_entropy(&m.model.logits(&ids, &mask, true), &labels);
+        let loss = reuse_core::optim::cross_entropy(
+            &m.model.logits(&ids, Some(&mask), true).unwrap(),
+            &labels,
+        )
+        .unwrap();
         loss.backward();
-        opt.step(&trainable, 1e-2);
+        opt.step(&trainable, 1e-2).unwrap();
         trainable.zero_grad();
     }
     for (n, t) in m
@@ -154,7 +159,8 @@ fn mixed_batch_gives_each_sample_its_adapter() {
     let mixed = m
         .with_mixed_batch(&["b", BASE, "a"], Device::Cpu, |b| {
             tch::no_grad(|| {
-                b.forward(&ids, &mask, None, false, Want::default())
+                b.forward(&ids, Some(&mask), None, false, Want::default())
+                    .unwrap()
                     .last_hidden_state
             })
         })
@@ -262,11 +268,12 @@ fn bottleneck_adapters_per_task() {
             .all(|n| n.contains(&format!(".{name}.adapter_"))));
         let mut opt = reuse_core::Optimizer::new(Default::default(), 0.0);
         for _ in 0..3 {
-            bert.forward(&ids, &mask, None, true, Want::default())
+            bert.forward(&ids, Some(&mask), None, true, Want::default())
+                .unwrap()
                 .last_hidden_state
                 .sum(Kind::Float)
                 .backward();
-            opt.step(&p, 1e-2);
+            opt.step(&p, 1e-2).unwrap();
             p.zero_grad();
         }
         outs.push(run(&bert));

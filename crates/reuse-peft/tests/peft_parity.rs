@@ -8,10 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use reuse_core::models::{minilm_dir, Bert, Want};
+use reuse_core::models::{Bert, Want};
 use reuse_core::{Checkpoint, Model};
 use reuse_peft::config::InitLoraWeights;
 use reuse_peft::{LoraConfig, LoraModel, PeftError};
+use reuse_testkit::minilm_dir;
 use tch::{Device, Kind, Tensor};
 
 fn fixtures() -> PathBuf {
@@ -34,11 +35,12 @@ fn hidden(b: &Bert, r: &Checkpoint) -> Tensor {
     tch::no_grad(|| {
         b.forward(
             r.tensor("input_ids").unwrap(),
-            r.tensor("attention_mask").unwrap(),
+            Some(r.tensor("attention_mask").unwrap()),
             None,
             false,
             Want::default(),
         )
+        .unwrap()
         .last_hidden_state
     })
 }

@@ -176,6 +176,38 @@ pub struct BertEmbeddings {
     pub layer_norm: LayerNorm,
 }
 
+/// Which dimension a layer's linear reads or writes.
+#[derive(Debug, Clone, Copy)]
+enum Dim {
+    Hidden,
+    Inter,
+}
+
+/// The linears of one encoder layer, in forward order: path under
+/// `encoder.layer.{i}`, input dimension, output dimension. Loading, the tensor list and
+/// the visitor all walk this one table (with [`BertLayer::linears`]), so they cannot
+/// disagree.
+const LAYER_LINEARS: [(&str, Dim, Dim); 6] = [
+    ("attention.self.query", Dim::Hidden, Dim::Hidden),
+    ("attention.self.key", Dim::Hidden, Dim::Hidden),
+    ("attention.self.value", Dim::Hidden, Dim::Hidden),
+    ("attention.output.dense", Dim::Hidden, Dim::Hidden),
+    ("intermediate.dense", Dim::Hidden, Dim::Inter),
+    ("output.dense", Dim::Inter, Dim::Hidden),
+];
+/// The LayerNorms of one encoder layer, in forward order.
+const LAYER_NORMS: [&str; 2] = ["attention.output.LayerNorm", "output.LayerNorm"];
+/// The block-output slots of one layer: where bottleneck adapters attach.
+const LAYER_SLOTS: [&str; 2] = ["attention.output", "output"];
+/// The embedding tables, under `embeddings.`.
+const EMBEDDINGS: [&str; 3] = [
+    "word_embeddings",
+    "position_embeddings",
+    "token_type_embeddings",
+];
+/// A layer's residual gate parameter, under `encoder.layer.{i}.`.
+pub const GATE: &str = "reuse_gate";
+
 /// One post-LN encoder layer.
 #[derive(Debug)]
 pub struct BertLayer {
@@ -199,6 +231,70 @@ pub struct BertLayer {
     pub attention_slots: OutputSlots,
     /// Slots on the FFN output (before residual + LayerNorm).
     pub output_slots: OutputSlots,
+    /// Optional residual gate `g` (`[1]`, parameter `encoder.layer.{i}.reuse_gate`): the
+    /// layer computes `x + g * (layer(x) - x)`. With `g = 0` the layer is the exact
+    /// identity, which no weights of a post-LN BERT layer can achieve; depth growth
+    /// inserts layers this way and trains `g` up from 0. Absent by default, and then
+    /// free: the forward pass is the plain layer.
+    pub gate: Option<Tensor>,
+}
+
+impl BertLayer {
+    /// The linears in [`LAYER_LINEARS`] order.
+    fn linears(&self) -> [&Linear; 6] {
+        [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attention_output,
+            &self.intermediate,
+            &self.output,
+        ]
+    }
+
+    /// The linears in [`LAYER_LINEARS`] order, mutably.
+    fn linears_mut(&mut self) -> [&mut Linear; 6] {
+        [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.attention_output,
+            &mut self.intermediate,
+            &mut self.output,
+        ]
+    }
+
+    fn norms(&self) -> [&LayerNorm; 2] {
+        [&self.attention_norm, &self.output_norm]
+    }
+
+    fn slots(&self) -> [&OutputSlots; 2] {
+        [&self.attention_slots, &self.output_slots]
+    }
+
+    fn slots_mut(&mut self) -> [&mut OutputSlots; 2] {
+        [&mut self.attention_slots, &mut self.output_slots]
+    }
+
+    /// Builds a layer from the table order: `linears` as [`LAYER_LINEARS`], `norms` as
+    /// [`LAYER_NORMS`].
+    fn from_parts(linears: [Linear; 6], norms: [LayerNorm; 2], gate: Option<Tensor>) -> Self {
+        let [query, key, value, attention_output, intermediate, output] = linears;
+        let [attention_norm, output_norm] = norms;
+        Self {
+            query,
+            key,
+            value,
+            attention_output,
+            attention_norm,
+            intermediate,
+            output,
+            output_norm,
+            attention_slots: OutputSlots::default(),
+            output_slots: OutputSlots::default(),
+            gate,
+        }
+    }
 }
 
 /// What [`Bert::forward`] returns.
@@ -269,6 +365,32 @@ impl Loader<'_> {
             eps,
         })
     }
+    fn layer(&mut self, c: &BertConfig, i: i64) -> Result<BertLayer> {
+        let p = format!("encoder.layer.{i}");
+        let dim = |d: Dim| match d {
+            Dim::Hidden => c.hidden_size,
+            Dim::Inter => c.intermediate_size,
+        };
+        let mut lin = Vec::with_capacity(6);
+        for (name, di, dout) in LAYER_LINEARS {
+            lin.push(self.linear(&format!("{p}.{name}"), dim(di), dim(dout))?);
+        }
+        let mut norms = Vec::with_capacity(2);
+        for name in LAYER_NORMS {
+            norms.push(self.norm(&format!("{p}.{name}"), c.hidden_size, c.layer_norm_eps)?);
+        }
+        let gate_name = format!("{p}.{GATE}");
+        let gate = if self.ck.get(&gate_name).is_some() {
+            Some(self.take(&gate_name, &[1])?.to_kind(Kind::Float))
+        } else {
+            None
+        };
+        Ok(BertLayer::from_parts(
+            lin.try_into().expect("six linears"),
+            norms.try_into().expect("two norms"),
+            gate,
+        ))
+    }
 }
 
 impl Bert {
@@ -304,35 +426,24 @@ impl Bert {
             }
         }
         let c = &config;
-        let (h, f, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
+        let (h, eps) = (c.hidden_size, c.layer_norm_eps);
         let mut l = Loader { ck, kind, device };
+        let rows = [c.vocab_size, c.max_position_embeddings, c.type_vocab_size];
+        let mut tables = Vec::with_capacity(3);
+        for (name, n) in EMBEDDINGS.iter().zip(rows) {
+            tables.push(l.take(&format!("embeddings.{name}.weight"), &[n, h])?);
+        }
+        let [word_embeddings, position_embeddings, token_type_embeddings]: [Tensor; 3] =
+            tables.try_into().expect("three tables");
         let embeddings = BertEmbeddings {
-            word_embeddings: l.take("embeddings.word_embeddings.weight", &[c.vocab_size, h])?,
-            position_embeddings: l.take(
-                "embeddings.position_embeddings.weight",
-                &[c.max_position_embeddings, h],
-            )?,
-            token_type_embeddings: l.take(
-                "embeddings.token_type_embeddings.weight",
-                &[c.type_vocab_size, h],
-            )?,
+            word_embeddings,
+            position_embeddings,
+            token_type_embeddings,
             layer_norm: l.norm("embeddings.LayerNorm", h, eps)?,
         };
         let mut layers = Vec::new();
         for i in 0..c.num_hidden_layers {
-            let p = format!("encoder.layer.{i}");
-            layers.push(BertLayer {
-                query: l.linear(&format!("{p}.attention.self.query"), h, h)?,
-                key: l.linear(&format!("{p}.attention.self.key"), h, h)?,
-                value: l.linear(&format!("{p}.attention.self.value"), h, h)?,
-                attention_output: l.linear(&format!("{p}.attention.output.dense"), h, h)?,
-                attention_norm: l.norm(&format!("{p}.attention.output.LayerNorm"), h, eps)?,
-                intermediate: l.linear(&format!("{p}.intermediate.dense"), h, f)?,
-                output: l.linear(&format!("{p}.output.dense"), f, h)?,
-                output_norm: l.norm(&format!("{p}.output.LayerNorm"), h, eps)?,
-                attention_slots: OutputSlots::default(),
-                output_slots: OutputSlots::default(),
-            });
+            layers.push(l.layer(c, i)?);
         }
         let pooler = if l.ck.get("pooler.dense.weight").is_some() {
             Some(l.linear("pooler.dense", h, h)?)
@@ -379,32 +490,31 @@ impl Bert {
         norm(&mut ck, "embeddings.LayerNorm");
         for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
-            for (name, i_, o) in [
-                ("attention.self.query", h, h),
-                ("attention.self.key", h, h),
-                ("attention.self.value", h, h),
-                ("attention.output.dense", h, h),
-                ("intermediate.dense", h, f),
-                ("output.dense", f, h),
-            ] {
+            let dim = |d: Dim| match d {
+                Dim::Hidden => h,
+                Dim::Inter => f,
+            };
+            for (name, di, dout) in LAYER_LINEARS {
+                let (i_, o) = (dim(di), dim(dout));
                 ck.insert(format!("{p}.{name}.weight"), n(&[o, i_]));
                 ck.insert(
                     format!("{p}.{name}.bias"),
                     Tensor::zeros([o], (Kind::Float, Device::Cpu)),
                 );
             }
-            norm(&mut ck, &format!("{p}.attention.output.LayerNorm"));
-            norm(&mut ck, &format!("{p}.output.LayerNorm"));
+            for name in LAYER_NORMS {
+                norm(&mut ck, &format!("{p}.{name}"));
+            }
         }
         Self::from_checkpoint(config, &mut ck, device, Kind::Float)
     }
 
-    /// The base weights by Hugging Face name (no deltas, no slot parameters): what
-    /// `model.safetensors` holds.
+    /// The base weights by Hugging Face name (no deltas, no slot parameters; buffers of
+    /// stored weights and layer gates included): what `model.safetensors` holds.
     pub fn state_dict(&self) -> Checkpoint {
         let mut ck = Checkpoint::new();
         tch::no_grad(|| {
-            for (n, t) in self.tensors(false) {
+            for (n, t) in self.tensors(false).into_iter().chain(self.named_buffers()) {
                 ck.insert(n, t.detach().copy());
             }
         });
@@ -419,6 +529,8 @@ impl Bert {
         self.config.save(&dir.join("config.json"))
     }
 
+    /// Every tensor by Hugging Face path, walking the path tables: base weights, then
+    /// (with `with_deltas`) delta and slot parameters, and each layer's gate.
     fn tensors(&self, with_deltas: bool) -> Vec<(String, Tensor)> {
         let lin = |p: &str, l: &Linear| {
             let v = l.named_parameters();
@@ -432,55 +544,66 @@ impl Bert {
             prefixed(p, v)
         };
         let e = &self.embeddings;
-        let mut v = vec![
-            (
-                "embeddings.word_embeddings.weight".to_string(),
-                e.word_embeddings.shallow_clone(),
-            ),
-            (
-                "embeddings.position_embeddings.weight".to_string(),
-                e.position_embeddings.shallow_clone(),
-            ),
-            (
-                "embeddings.token_type_embeddings.weight".to_string(),
-                e.token_type_embeddings.shallow_clone(),
-            ),
-        ];
+        let mut v: Vec<(String, Tensor)> = EMBEDDINGS
+            .iter()
+            .zip([
+                &e.word_embeddings,
+                &e.position_embeddings,
+                &e.token_type_embeddings,
+            ])
+            .map(|(n, t)| (format!("embeddings.{n}.weight"), t.shallow_clone()))
+            .collect();
         v.extend(prefixed("embeddings.LayerNorm", e.layer_norm.named()));
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("encoder.layer.{i}");
-            v.extend(lin(&format!("{p}.attention.self.query"), &l.query));
-            v.extend(lin(&format!("{p}.attention.self.key"), &l.key));
-            v.extend(lin(&format!("{p}.attention.self.value"), &l.value));
-            v.extend(lin(
-                &format!("{p}.attention.output.dense"),
-                &l.attention_output,
-            ));
+            let lins = l.linears();
+            // Forward order: q, k, v, attention.output.dense, its LayerNorm, FFN in,
+            // FFN out, its LayerNorm.
+            for (k, (name, _, _)) in LAYER_LINEARS.iter().enumerate() {
+                v.extend(lin(&format!("{p}.{name}"), lins[k]));
+                if k == 3 {
+                    v.extend(prefixed(
+                        &format!("{p}.{}", LAYER_NORMS[0]),
+                        l.norms()[0].named(),
+                    ));
+                }
+            }
             v.extend(prefixed(
-                &format!("{p}.attention.output.LayerNorm"),
-                l.attention_norm.named(),
-            ));
-            v.extend(lin(&format!("{p}.intermediate.dense"), &l.intermediate));
-            v.extend(lin(&format!("{p}.output.dense"), &l.output));
-            v.extend(prefixed(
-                &format!("{p}.output.LayerNorm"),
-                l.output_norm.named(),
+                &format!("{p}.{}", LAYER_NORMS[1]),
+                l.norms()[1].named(),
             ));
             if with_deltas {
-                v.extend(prefixed(
-                    &format!("{p}.attention.output"),
-                    l.attention_slots.named_parameters(),
-                ));
-                v.extend(prefixed(
-                    &format!("{p}.output"),
-                    l.output_slots.named_parameters(),
-                ));
+                for (name, slots) in LAYER_SLOTS.iter().zip(l.slots()) {
+                    v.extend(prefixed(&format!("{p}.{name}"), slots.named_parameters()));
+                }
+            }
+            if let Some(g) = &l.gate {
+                v.push((format!("{p}.{GATE}"), g.shallow_clone()));
             }
         }
         if let Some(pl) = &self.pooler {
             v.extend(lin("pooler.dense", pl));
         }
         v
+    }
+
+    /// Adds (or replaces) layer `layer`'s residual gate with value `g` (trainable), or
+    /// removes it with `None`. See [`BertLayer::gate`].
+    pub fn set_gate(&mut self, layer: usize, g: Option<f64>) -> Result<()> {
+        let n = self.layers.len();
+        let device = self.device();
+        let l = self.layers.get_mut(layer).ok_or_else(|| {
+            Error::invalid(
+                "layer gate",
+                format!("layer {layer} does not exist ({n} layers)"),
+            )
+        })?;
+        l.gate = g.map(|g| {
+            Tensor::from_slice(&[g as f32])
+                .to_device(device)
+                .set_requires_grad(true)
+        });
+        Ok(())
     }
 
     /// Device of the weights.
@@ -495,29 +618,92 @@ impl Bert {
 
     /// Runs the encoder.
     ///
-    /// * `input_ids`, `attention_mask`: `[b, t]` (i64; mask 1 = token, 0 = padding).
+    /// * `input_ids`: `[b, t]` i64, `t` at most `max_position_embeddings`.
+    /// * `attention_mask`: `[b, t]` (1 = token, 0 = padding), or `None` when no example
+    ///   is padded (then no mask is built and SDPA may pick its fastest kernel, as
+    ///   transformers does). The caller knows whether its batch is padded
+    ///   ([`crate::data::Batch::padded`]); nothing is read back from the device.
     /// * `token_type_ids`: `[b, t]`, zeros when `None`.
     /// * `train`: enables dropout.
+    ///
+    /// Inputs of the wrong shape, dtype or length, and token ids outside the
+    /// vocabulary, are errors.
     pub fn forward(
         &self,
         input_ids: &Tensor,
-        attention_mask: &Tensor,
+        attention_mask: Option<&Tensor>,
         token_type_ids: Option<&Tensor>,
         train: bool,
         want: Want,
-    ) -> BertOutput {
+    ) -> Result<BertOutput> {
         let c = &self.config;
-        let (b, t) = (input_ids.size()[0], input_ids.size()[1]);
+        let size = input_ids.size();
+        if size.len() != 2 || input_ids.kind() != Kind::Int64 {
+            return Err(Error::invalid(
+                "input_ids",
+                format!(
+                    "expected i64 [batch, seq], found {:?} {size:?}",
+                    input_ids.kind()
+                ),
+            ));
+        }
+        let (b, t) = (size[0], size[1]);
+        if t > c.max_position_embeddings {
+            return Err(Error::invalid(
+                "input_ids",
+                format!(
+                    "sequence length {t} exceeds max_position_embeddings {}; truncate the input",
+                    c.max_position_embeddings
+                ),
+            ));
+        }
+        for (what, x) in [
+            ("attention_mask", attention_mask),
+            ("token_type_ids", token_type_ids),
+        ] {
+            if let Some(x) = x {
+                if x.size() != size {
+                    return Err(Error::invalid(
+                        what,
+                        format!(
+                            "expected shape {size:?} like input_ids, found {:?}",
+                            x.size()
+                        ),
+                    ));
+                }
+            }
+        }
         let device = input_ids.device();
         let e = &self.embeddings;
         let pos = Tensor::arange(t, (Kind::Int64, device));
+        let words = Tensor::f_embedding(&e.word_embeddings, input_ids, -1, false, false).map_err(
+            |err| {
+                Error::invalid(
+                    "input_ids",
+                    format!(
+                        "token ids must be in 0..{} (vocab_size): {err}",
+                        c.vocab_size
+                    ),
+                )
+            },
+        )?;
         let types = match token_type_ids {
-            Some(tt) => tt.shallow_clone(),
-            None => Tensor::zeros([b, t], (Kind::Int64, device)),
+            Some(tt) => Tensor::f_embedding(&e.token_type_embeddings, tt, -1, false, false)
+                .map_err(|err| {
+                    Error::invalid(
+                        "token_type_ids",
+                        format!(
+                            "must be in 0..{} (type_vocab_size): {err}",
+                            c.type_vocab_size
+                        ),
+                    )
+                })?,
+            // Token type 0 everywhere: one row, broadcast.
+            None => e.token_type_embeddings.get(0).view([1, 1, c.hidden_size]),
         };
-        let x = Tensor::embedding(&e.word_embeddings, input_ids, -1, false, false)
+        let x = words
             + Tensor::embedding(&e.position_embeddings, &pos, -1, false, false).unsqueeze(0)
-            + Tensor::embedding(&e.token_type_embeddings, &types, -1, false, false);
+            + types;
         let mut h = e
             .layer_norm
             .forward(&x)
@@ -528,15 +714,9 @@ impl Bert {
             Kind::BFloat16 => -3.3895e38,
             _ => f32::MIN as f64,
         };
-        // [b, 1, 1, t]: 0 where attended, the dtype's minimum at padding. Without padding
-        // there is no mask at all, which lets SDPA pick its fastest kernel (as
-        // transformers does).
-        let padded = attention_mask.numel() > 0 && attention_mask.min().int64_value(&[]) == 0;
-        let ext = padded.then(|| {
-            (attention_mask.to_kind(kind).ones_like() - attention_mask.to_kind(kind))
-                .view([b, 1, 1, t])
-                * min
-        });
+        // [b, 1, 1, t]: 0 where attended, the dtype's minimum at padding.
+        let ext = attention_mask
+            .map(|m| (m.to_kind(kind).ones_like() - m.to_kind(kind)).view([b, 1, 1, t]) * min);
         let mut out = BertOutput {
             last_hidden_state: Tensor::new(),
             hidden_states: Vec::new(),
@@ -549,9 +729,9 @@ impl Bert {
         let hd = c.hidden_size / nh;
         for l in &self.layers {
             let split = |x: Tensor| x.view([b, t, nh, hd]).transpose(1, 2);
-            let q = split(l.query.forward(&h, train));
-            let k = split(l.key.forward(&h, train));
-            let v = split(l.value.forward(&h, train));
+            let q = split(l.query.forward(&h, train)?);
+            let k = split(l.key.forward(&h, train)?);
+            let v = split(l.value.forward(&h, train)?);
             let p_drop = if train {
                 c.attention_probs_dropout_prob
             } else {
@@ -581,39 +761,36 @@ impl Bert {
             let ctx = ctx.transpose(1, 2).contiguous().view([b, t, c.hidden_size]);
             let a = l
                 .attention_output
-                .forward(&ctx, train)
+                .forward(&ctx, train)?
                 .dropout(c.hidden_dropout_prob, train);
-            let a = l.attention_slots.apply(&ctx, a, train);
+            let a = l.attention_slots.apply(&ctx, a, train)?;
             let h1 = l.attention_norm.forward(&(a + &h));
-            let inter = self.activation.apply(&l.intermediate.forward(&h1, train));
+            let inter = self.activation.apply(&l.intermediate.forward(&h1, train)?);
             let o = l
                 .output
-                .forward(&inter, train)
+                .forward(&inter, train)?
                 .dropout(c.hidden_dropout_prob, train);
-            let o = l.output_slots.apply(&h1, o, train);
-            h = l.output_norm.forward(&(o + &h1));
+            let o = l.output_slots.apply(&h1, o, train)?;
+            let y = l.output_norm.forward(&(o + &h1));
+            h = match &l.gate {
+                Some(g) => &h + (y - &h) * g.to_kind(kind),
+                None => y,
+            };
             if want.hidden_states {
                 out.hidden_states.push(h.shallow_clone());
             }
         }
         out.last_hidden_state = h;
-        out
+        Ok(out)
     }
 }
 
 impl Model for Bert {
     fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("encoder.layer.{i}");
-            f(&format!("{p}.attention.self.query"), &mut l.query);
-            f(&format!("{p}.attention.self.key"), &mut l.key);
-            f(&format!("{p}.attention.self.value"), &mut l.value);
-            f(
-                &format!("{p}.attention.output.dense"),
-                &mut l.attention_output,
-            );
-            f(&format!("{p}.intermediate.dense"), &mut l.intermediate);
-            f(&format!("{p}.output.dense"), &mut l.output);
+            for ((name, _, _), lin) in LAYER_LINEARS.iter().zip(l.linears_mut()) {
+                f(&format!("encoder.layer.{i}.{name}"), lin);
+            }
         }
         if let Some(p) = &mut self.pooler {
             f("pooler.dense", p);
@@ -622,22 +799,40 @@ impl Model for Bert {
 
     fn visit_block_outputs(&mut self, f: &mut dyn FnMut(&str, &mut OutputSlots)) {
         for (i, l) in self.layers.iter_mut().enumerate() {
-            f(
-                &format!("encoder.layer.{i}.attention.output"),
-                &mut l.attention_slots,
-            );
-            f(&format!("encoder.layer.{i}.output"), &mut l.output_slots);
+            for (name, slots) in LAYER_SLOTS.iter().zip(l.slots_mut()) {
+                f(&format!("encoder.layer.{i}.{name}"), slots);
+            }
         }
     }
 
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
         self.tensors(true)
     }
+
+    fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for ((name, _, _), lin) in LAYER_LINEARS.iter().zip(l.linears()) {
+                v.extend(prefixed(
+                    &format!("encoder.layer.{i}.{name}"),
+                    lin.named_buffers(),
+                ));
+            }
+        }
+        if let Some(p) = &self.pooler {
+            v.extend(prefixed("pooler.dense", p.named_buffers()));
+        }
+        v
+    }
 }
 
 /// Mean of `hidden` `[b, t, h]` over positions where `mask` `[b, t]` is 1, in f32, as
 /// sentence-transformers' mean pooling does (padding excluded, [CLS]/[SEP] included).
-pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Tensor {
+/// With no mask (no padding) the plain mean over positions.
+pub fn mean_pool(hidden: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    let Some(mask) = mask else {
+        return hidden.to_kind(Kind::Float).mean_dim(1, false, Kind::Float);
+    };
     let m = mask.to_kind(Kind::Float).unsqueeze(-1);
     let summed = (hidden.to_kind(Kind::Float) * &m).sum_dim_intlist(1, false, Kind::Float);
     let counts = m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1e-9);

@@ -14,29 +14,31 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::bert::{l2_normalize, mean_pool, Bert, Want};
 use crate::data::{Batch, BatchSource, TextDataset};
-use crate::model::{prefixed, Model};
-use crate::trainer::{StepOutputs, Trainable};
-use crate::{ClassificationHead, Error, Linear, OutputSlots, Params, Result};
+use crate::model::Model;
+use crate::trainer::{ForwardOptions, StepOutputs, Trainable};
+use crate::{ClassificationHead, Error, Linear, OutputSlots, Result};
 
 /// Environment variable naming the all-MiniLM-L6-v2 folder (`cargo xtask setup`
-/// unpacks it to `.cache/models/all-MiniLM-L6-v2` and `.cargo/config.toml` points this
-/// variable there).
+/// unpacks it and the workspace's `.cargo/config.toml` points this variable there).
 pub const MINILM_ENV: &str = "REUSE_MINILM_DIR";
 
-/// The all-MiniLM-L6-v2 folder: `$REUSE_MINILM_DIR`, else the workspace cache.
+/// The all-MiniLM-L6-v2 folder named by `$REUSE_MINILM_DIR`: an error when the variable
+/// is unset or the folder has no `model.safetensors`. Library code takes model folders
+/// as arguments; this is for programs that let users name the model by environment.
 pub fn minilm_dir() -> Result<PathBuf> {
-    let dir = std::env::var_os(MINILM_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/all-MiniLM-L6-v2")
-        });
+    let Some(dir) = std::env::var_os(MINILM_ENV).map(PathBuf::from) else {
+        return Err(Error::invalid(
+            "model folder",
+            format!("{MINILM_ENV} is not set; point it at an all-MiniLM-L6-v2 folder (config.json, model.safetensors, tokenizer.json)"),
+        ));
+    };
     if dir.join("model.safetensors").exists() {
         Ok(dir)
     } else {
         Err(Error::invalid(
             "model folder",
             format!(
-                "{} has no model.safetensors; run `cargo xtask setup` (or set {MINILM_ENV})",
+                "{} (from {MINILM_ENV}) has no model.safetensors",
                 dir.display()
             ),
         ))
@@ -68,8 +70,9 @@ pub fn load_tokenizer(path: &Path, max_len: usize) -> Result<Tokenizer> {
     Ok(tok)
 }
 
-/// Token ids and attention mask `[n, t]` (i64, CPU) for `texts`.
-pub fn tokenize(tok: &Tokenizer, texts: &[&str]) -> Result<(Tensor, Tensor)> {
+/// Token ids and attention mask `[n, t]` (i64, CPU) for `texts`, and whether any text
+/// is padded.
+pub fn tokenize(tok: &Tokenizer, texts: &[&str]) -> Result<(Tensor, Tensor, bool)> {
     let enc = tok
         .encode_batch(texts.to_vec(), true)
         .map_err(|e| Error::invalid("tokenization", e.to_string()))?;
@@ -83,9 +86,11 @@ pub fn tokenize(tok: &Tokenizer, texts: &[&str]) -> Result<(Tensor, Tensor)> {
         .iter()
         .flat_map(|e| e.get_attention_mask().iter().map(|&i| i as i64))
         .collect();
+    let padded = mask.contains(&0);
     Ok((
         Tensor::from_slice(&ids).view([n, t]),
         Tensor::from_slice(&mask).view([n, t]),
+        padded,
     ))
 }
 
@@ -150,10 +155,13 @@ impl SentenceEncoder {
         tch::no_grad(|| -> Result<()> {
             for chunk in order.chunks(batch_size.max(1)) {
                 let batch: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
-                let (ids, mask) = tokenize(&self.tokenizer, &batch)?;
+                let (ids, mask, padded) = tokenize(&self.tokenizer, &batch)?;
                 let (ids, mask) = (ids.to_device(device), mask.to_device(device));
-                let out = self.bert.forward(&ids, &mask, None, false, Want::default());
-                let mut e = mean_pool(&out.last_hidden_state, &mask);
+                let mask = padded.then_some(&mask);
+                let out = self
+                    .bert
+                    .forward(&ids, mask, None, false, Want::default())?;
+                let mut e = mean_pool(&out.last_hidden_state, mask);
                 if self.normalize {
                     e = l2_normalize(&e);
                 }
@@ -177,17 +185,47 @@ impl SentenceEncoder {
 }
 
 /// Texts tokenized once, padded to `max_len`, batched by index; each batch is trimmed
-/// to its longest text.
+/// to its longest text and knows whether it is padded. Optionally every example carries
+/// a task id.
 #[derive(Debug)]
 pub struct TokenizedDataset {
     ids: Tensor,
     mask: Tensor,
+    /// Tokens per example (host side: batches find their length and padding here).
+    lens: Vec<i64>,
     labels: Tensor,
+    task: Option<i64>,
 }
 
 impl TokenizedDataset {
-    /// Tokenizes `data` with `tok` (whose truncation should be at most `max_len`).
+    /// Tokenizes `data` with `tok`, truncating at `max_len`. `max_len` may not exceed the
+    /// tokenizer's own truncation length (a sentence encoder sets it to the model's
+    /// position table): longer inputs would not fit the model.
     pub fn new(tok: &Tokenizer, data: &TextDataset, max_len: usize) -> Result<Self> {
+        if max_len == 0 {
+            return Err(Error::invalid("max_len", "must be at least 1"));
+        }
+        if let Some(t) = tok.get_truncation() {
+            if max_len > t.max_length {
+                return Err(Error::invalid(
+                    "max_len",
+                    format!(
+                        "{max_len} exceeds the tokenizer's truncation length {} (the model's longest input)",
+                        t.max_length
+                    ),
+                ));
+            }
+        }
+        if data.texts.len() != data.labels.len() {
+            return Err(Error::invalid(
+                "text dataset",
+                format!(
+                    "{} texts but {} labels",
+                    data.texts.len(),
+                    data.labels.len()
+                ),
+            ));
+        }
         let mut tok = tok.clone();
         tok.with_truncation(Some(TruncationParams {
             max_length: max_len,
@@ -195,12 +233,25 @@ impl TokenizedDataset {
         }))
         .map_err(|e| Error::invalid("truncation", e.to_string()))?;
         let texts: Vec<&str> = data.texts.iter().map(String::as_str).collect();
-        let (ids, mask) = tokenize(&tok, &texts)?;
+        let (ids, mask, _) = tokenize(&tok, &texts)?;
+        let lens = if mask.numel() > 0 {
+            Vec::<i64>::try_from(&mask.sum_dim_intlist(1, false, Kind::Int64))?
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             ids,
             mask,
+            lens,
             labels: Tensor::from_slice(&data.labels),
+            task: None,
         })
+    }
+
+    /// The same data, every example tagged with task id `task`.
+    pub fn with_task(mut self, task: i64) -> Self {
+        self.task = Some(task);
+        self
     }
 }
 
@@ -210,22 +261,31 @@ impl BatchSource for TokenizedDataset {
     }
 
     fn batch(&self, indices: &[i64], device: Device) -> Result<Batch> {
+        crate::data::check_indices(indices, self.len())?;
         let idx = Tensor::from_slice(indices);
-        let mask = self.mask.index_select(0, &idx);
-        let t = mask
-            .sum_dim_intlist(1, false, Kind::Int64)
-            .max()
-            .int64_value(&[])
-            .max(1);
-        Ok(Batch {
+        let lens: Vec<i64> = indices.iter().map(|&i| self.lens[i as usize]).collect();
+        let t = lens.iter().copied().max().unwrap_or(1).max(1);
+        let padded = lens.iter().any(|&l| l < t);
+        let b = Batch {
             inputs: self
                 .ids
                 .index_select(0, &idx)
                 .narrow(1, 0, t)
                 .to_device(device),
-            mask: Some(mask.narrow(1, 0, t).to_device(device)),
+            mask: Some(
+                self.mask
+                    .index_select(0, &idx)
+                    .narrow(1, 0, t)
+                    .to_device(device),
+            ),
+            padded,
             labels: self.labels.index_select(0, &idx).to_device(device),
-            task: None,
+            indices: indices.to_vec(),
+            task_ids: None,
+        };
+        Ok(match self.task {
+            Some(k) => b.with_task(k),
+            None => b,
         })
     }
 }
@@ -251,12 +311,38 @@ impl BertClassifier {
         Self { bert, head }
     }
 
+    /// Logits `[b, classes]` (f32) and, as asked, hidden states, attentions and the
+    /// pooled features. `mask` is `None` when no example is padded.
+    pub fn run(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+        opts: ForwardOptions,
+    ) -> Result<StepOutputs> {
+        let want = Want {
+            hidden_states: opts.hidden_states,
+            attentions: opts.attentions,
+        };
+        let out = self.bert.forward(ids, mask, None, train, want)?;
+        let pooled = mean_pool(&out.last_hidden_state, mask);
+        let logits = self
+            .head
+            .forward(&pooled.to_kind(self.head.classifier.weight.kind()), train)?
+            .to_kind(Kind::Float);
+        Ok(StepOutputs {
+            logits,
+            hidden_states: out.hidden_states,
+            attentions: out.attentions,
+            pooled: opts.pooled.then_some(pooled),
+        })
+    }
+
     /// Logits `[b, classes]` (f32).
-    pub fn logits(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
-        let out = self.bert.forward(ids, mask, None, train, Want::default());
-        let pooled =
-            mean_pool(&out.last_hidden_state, mask).to_kind(self.head.classifier.weight.kind());
-        self.head.forward(&pooled, train).to_kind(Kind::Float)
+    pub fn logits(&self, ids: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        Ok(self
+            .run(ids, mask, train, ForwardOptions::default())?
+            .logits)
     }
 }
 
@@ -272,24 +358,23 @@ impl Model for BertClassifier {
 
     fn named_parameters(&self) -> Vec<(String, Tensor)> {
         let mut v = self.bert.named_parameters();
-        v.extend(prefixed(
-            "classifier",
-            self.head.classifier.named_parameters(),
-        ));
+        v.extend(self.head.named_parameters());
+        v
+    }
+
+    fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        let mut v = self.bert.named_buffers();
+        v.extend(self.head.named_buffers());
         v
     }
 }
 
 impl Trainable for BertClassifier {
-    fn parameters(&self) -> Params {
-        self.params()
-    }
-
-    fn forward(&self, batch: &Batch, train: bool) -> Result<StepOutputs> {
+    fn forward(&self, batch: &Batch, train: bool, opts: ForwardOptions) -> Result<StepOutputs> {
         let mask = batch
             .mask
             .as_ref()
             .ok_or_else(|| Error::invalid("batch", "BERT needs an attention mask"))?;
-        Ok(StepOutputs::logits(self.logits(&batch.inputs, mask, train)))
+        self.run(&batch.inputs, batch.padded.then_some(mask), train, opts)
     }
 }

@@ -1,9 +1,10 @@
-//! Data: seeded shuffling and batching, and loaders for the committed fixtures
-//! (scikit-learn's handwritten digits, the Debian package-sections text set).
+//! Data: batches that know where they came from, seeded shuffling, and loaders for the
+//! file formats of the data sets used throughout (scikit-learn's handwritten digits, a
+//! `split<TAB>label<TAB>text` file such as the Debian package-sections set).
 
 use std::fs::File;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -13,22 +14,68 @@ use tch::{Device, Tensor};
 use crate::{Error, Result};
 
 /// One training or evaluation batch.
+///
+/// Besides inputs and labels a batch carries where it came from: the example indices it
+/// was drawn from (a teacher cache looks outputs up by them) and, for multi-task and
+/// continual learning, one task id per example (replay mixes tasks in one batch;
+/// multi-head models route by them). Cloning is shallow (tensors share storage).
 #[derive(Debug)]
 pub struct Batch {
     /// Model inputs: features `[b, d]` or token ids `[b, t]`.
     pub inputs: Tensor,
     /// Attention mask `[b, t]` (1 = token, 0 = padding) for token inputs.
     pub mask: Option<Tensor>,
+    /// Whether any example is padded (some mask entry is 0). Known by the source on the
+    /// host, so models need not read the mask back from the device to find out.
+    pub padded: bool,
     /// Class labels `[b]` (i64).
     pub labels: Tensor,
-    /// Task id, for multi-task and continual learning.
-    pub task: Option<usize>,
+    /// Index of each example in the source it was drawn from.
+    pub indices: Vec<i64>,
+    /// Task id of each example `[b]` (i64), when the source has one.
+    pub task_ids: Option<Tensor>,
+}
+
+impl Clone for Batch {
+    fn clone(&self) -> Self {
+        Batch {
+            inputs: self.inputs.shallow_clone(),
+            mask: self.mask.as_ref().map(Tensor::shallow_clone),
+            padded: self.padded,
+            labels: self.labels.shallow_clone(),
+            indices: self.indices.clone(),
+            task_ids: self.task_ids.as_ref().map(Tensor::shallow_clone),
+        }
+    }
 }
 
 impl Batch {
+    /// A batch of dense features and labels (no mask, no task ids); `indices` default to
+    /// `0..b`.
+    pub fn new(inputs: Tensor, labels: Tensor) -> Result<Batch> {
+        let n = check_labels("batch labels", &labels)?;
+        if inputs.size().first() != Some(&n) {
+            return Err(Error::invalid(
+                "batch",
+                format!(
+                    "inputs have shape {:?} but there are {n} labels",
+                    inputs.size()
+                ),
+            ));
+        }
+        Ok(Batch {
+            inputs,
+            mask: None,
+            padded: false,
+            labels,
+            indices: (0..n).collect(),
+            task_ids: None,
+        })
+    }
+
     /// Number of examples.
     pub fn len(&self) -> usize {
-        self.labels.size()[0] as usize
+        self.labels.size().first().copied().unwrap_or(0) as usize
     }
 
     /// True for an empty batch.
@@ -41,10 +88,144 @@ impl Batch {
         Batch {
             inputs: self.inputs.to_device(device),
             mask: self.mask.as_ref().map(|m| m.to_device(device)),
+            padded: self.padded,
             labels: self.labels.to_device(device),
-            task: self.task,
+            indices: self.indices.clone(),
+            task_ids: self.task_ids.as_ref().map(|t| t.to_device(device)),
         }
     }
+
+    /// Sets every example's task id to `task`.
+    pub fn with_task(mut self, task: i64) -> Batch {
+        self.task_ids = Some(Tensor::full(
+            [self.len() as i64],
+            task,
+            (tch::Kind::Int64, self.labels.device()),
+        ));
+        self
+    }
+
+    /// The examples at positions `rows` of this batch (positions, not source indices).
+    pub fn select(&self, rows: &[i64]) -> Result<Batch> {
+        let n = self.len() as i64;
+        if let Some(bad) = rows.iter().find(|&&r| r < 0 || r >= n) {
+            return Err(Error::invalid(
+                "batch rows",
+                format!("row {bad} is out of range for a batch of {n}"),
+            ));
+        }
+        let dev = self.labels.device();
+        let idx = Tensor::from_slice(rows).to_device(dev);
+        let mask = self.mask.as_ref().map(|m| m.index_select(0, &idx));
+        let padded = match &mask {
+            Some(m) if self.padded => m.numel() > 0 && m.min().int64_value(&[]) == 0,
+            _ => false,
+        };
+        Ok(Batch {
+            inputs: self.inputs.index_select(0, &idx),
+            mask,
+            padded,
+            labels: self.labels.index_select(0, &idx),
+            indices: rows.iter().map(|&r| self.indices[r as usize]).collect(),
+            task_ids: self.task_ids.as_ref().map(|t| t.index_select(0, &idx)),
+        })
+    }
+
+    /// Concatenates batches along the batch dimension. Token batches of different
+    /// lengths are right-padded to the longest with `pad_id` (mask 0). Either every batch
+    /// has task ids or none has; all must be on one device.
+    pub fn concat(batches: &[Batch], pad_id: i64) -> Result<Batch> {
+        let Some(first) = batches.first() else {
+            return Err(Error::invalid("batch concat", "no batches given"));
+        };
+        let masked = first.mask.is_some();
+        let tasks = first.task_ids.is_some();
+        for (i, b) in batches.iter().enumerate() {
+            if b.mask.is_some() != masked {
+                return Err(Error::invalid(
+                    "batch concat",
+                    format!("batch {i} has a mask and batch 0 has not, or the reverse"),
+                ));
+            }
+            if b.task_ids.is_some() != tasks {
+                return Err(Error::invalid(
+                    "batch concat",
+                    format!("batch {i} has task ids and batch 0 has not, or the reverse"),
+                ));
+            }
+            if b.inputs.size()[1..] != first.inputs.size()[1..] && !masked {
+                return Err(Error::invalid(
+                    "batch concat",
+                    format!(
+                        "batch {i} has inputs {:?}, batch 0 {:?}",
+                        b.inputs.size(),
+                        first.inputs.size()
+                    ),
+                ));
+            }
+        }
+        let (inputs, mask, padded) = if masked {
+            let t = batches
+                .iter()
+                .map(|b| b.inputs.size()[1])
+                .max()
+                .unwrap_or(0);
+            let pad = |x: &Tensor, v: i64| -> Tensor {
+                let have = x.size()[1];
+                if have == t {
+                    x.shallow_clone()
+                } else {
+                    x.pad([0, t - have], "constant", Some(v as f64))
+                }
+            };
+            let ids: Vec<Tensor> = batches.iter().map(|b| pad(&b.inputs, pad_id)).collect();
+            let masks: Vec<Tensor> = batches
+                .iter()
+                .map(|b| pad(b.mask.as_ref().expect("checked"), 0))
+                .collect();
+            let padded = batches.iter().any(|b| b.padded || b.inputs.size()[1] < t);
+            (Tensor::cat(&ids, 0), Some(Tensor::cat(&masks, 0)), padded)
+        } else {
+            let xs: Vec<&Tensor> = batches.iter().map(|b| &b.inputs).collect();
+            (Tensor::cat(&xs, 0), None, false)
+        };
+        let labels: Vec<&Tensor> = batches.iter().map(|b| &b.labels).collect();
+        let task_ids = tasks.then(|| {
+            let t: Vec<&Tensor> = batches
+                .iter()
+                .map(|b| b.task_ids.as_ref().expect("checked"))
+                .collect();
+            Tensor::cat(&t, 0)
+        });
+        Ok(Batch {
+            inputs,
+            mask,
+            padded,
+            labels: Tensor::cat(&labels, 0),
+            indices: batches.iter().flat_map(|b| b.indices.clone()).collect(),
+            task_ids,
+        })
+    }
+}
+
+/// Labels must be a 1-D i64 tensor; returns their count.
+pub(crate) fn check_labels(what: &str, labels: &Tensor) -> Result<i64> {
+    if labels.dim() != 1 {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "expected 1-D class labels [n], found shape {:?}",
+                labels.size()
+            ),
+        ));
+    }
+    if labels.kind() != tch::Kind::Int64 {
+        return Err(Error::invalid(
+            what,
+            format!("expected i64 class labels, found {:?}", labels.kind()),
+        ));
+    }
+    Ok(labels.size()[0])
 }
 
 /// Anything the trainer can draw batches from by example index.
@@ -55,7 +236,7 @@ pub trait BatchSource {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// The examples at `indices`, as one batch on `device`.
+    /// The examples at `indices`, as one batch on `device`, carrying those indices.
     fn batch(&self, indices: &[i64], device: Device) -> Result<Batch>;
 }
 
@@ -77,24 +258,30 @@ pub struct TensorDataset {
     pub x: Tensor,
     /// Labels `[n]`, i64.
     pub y: Tensor,
-    /// Task id attached to every batch.
-    pub task: Option<usize>,
+    /// Task id given to every example's batch row (`Batch::task_ids`).
+    pub task: Option<i64>,
 }
 
 impl TensorDataset {
-    /// A dataset of `x` and `y`; their first dimensions must agree.
+    /// A dataset of `x` and `y`: `y` must be 1-D i64 and the first dimensions agree.
     pub fn new(x: Tensor, y: Tensor) -> Result<Self> {
-        if x.size().first() != y.size().first() {
+        let n = check_labels("dataset labels", &y)?;
+        if x.size().first() != Some(&n) {
             return Err(Error::invalid(
                 "dataset",
                 format!(
-                    "features have {:?} rows but labels {:?}",
-                    x.size().first(),
-                    y.size().first()
+                    "features have shape {:?} but there are {n} labels",
+                    x.size()
                 ),
             ));
         }
         Ok(Self { x, y, task: None })
+    }
+
+    /// The same data, every example tagged with task id `task`.
+    pub fn with_task(mut self, task: i64) -> Self {
+        self.task = Some(task);
+        self
     }
 
     /// The examples whose label is in `classes` (for split tasks).
@@ -110,25 +297,38 @@ impl TensorDataset {
     }
 }
 
+/// Checks `indices` against a source of `n` examples.
+pub(crate) fn check_indices(indices: &[i64], n: usize) -> Result<()> {
+    if let Some(bad) = indices.iter().find(|&&i| i < 0 || i >= n as i64) {
+        return Err(Error::invalid(
+            "example index",
+            format!("{bad} is out of range for a dataset of {n} examples"),
+        ));
+    }
+    Ok(())
+}
+
 impl BatchSource for TensorDataset {
     fn len(&self) -> usize {
         self.y.size()[0] as usize
     }
 
     fn batch(&self, indices: &[i64], device: Device) -> Result<Batch> {
+        check_indices(indices, self.len())?;
         let idx = Tensor::from_slice(indices);
-        Ok(Batch {
+        let b = Batch {
             inputs: self.x.index_select(0, &idx).to_device(device),
             mask: None,
+            padded: false,
             labels: self.y.index_select(0, &idx).to_device(device),
-            task: self.task,
+            indices: indices.to_vec(),
+            task_ids: None,
+        };
+        Ok(match self.task {
+            Some(t) => b.with_task(t),
+            None => b,
         })
     }
-}
-
-/// The workspace's `fixtures/` folder (for tests, benches and examples).
-pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
 fn open_gz(path: &Path) -> Result<String> {
@@ -308,6 +508,10 @@ mod tests {
             epoch_batches(5, 2, None, 0),
             vec![vec![0, 1], vec![2, 3], vec![4]]
         );
+    }
+
+    fn fixtures_dir() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
     }
 
     #[test]
