@@ -535,4 +535,94 @@ mod tests {
         let e = load_digits(&p).unwrap_err().to_string();
         assert!(e.contains("d.csv.gz"), "{e}");
     }
+
+    fn token_batch(ids: &[&[i64]], first_index: i64) -> Batch {
+        let t = ids.iter().map(|r| r.len()).max().unwrap();
+        let mut flat = Vec::new();
+        let mut mask = Vec::new();
+        for r in ids {
+            for j in 0..t {
+                flat.push(*r.get(j).unwrap_or(&0));
+                mask.push(i64::from(j < r.len()));
+            }
+        }
+        let n = ids.len() as i64;
+        Batch {
+            inputs: Tensor::from_slice(&flat).view([n, t as i64]),
+            mask: Some(Tensor::from_slice(&mask).view([n, t as i64])),
+            padded: ids.iter().any(|r| r.len() < t),
+            labels: Tensor::arange(n, (tch::Kind::Int64, Device::Cpu)),
+            indices: (first_index..first_index + n).collect(),
+            task_ids: None,
+        }
+    }
+
+    #[test]
+    fn token_batches_concatenate_padded_to_the_longer() {
+        let a = token_batch(&[&[5, 6, 7], &[8, 9, 10]], 0).with_task(0);
+        let b = token_batch(&[&[11, 12, 13, 14, 15]], 40).with_task(3);
+        assert!(!a.padded);
+        let c = Batch::concat(&[a.clone(), b], 99).unwrap();
+        assert_eq!(c.inputs.size(), [3, 5]);
+        assert_eq!(
+            Vec::<i64>::try_from(c.inputs.get(0)).unwrap(),
+            [5, 6, 7, 99, 99]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(c.mask.as_ref().unwrap().get(1)).unwrap(),
+            [1, 1, 1, 0, 0]
+        );
+        assert!(c.padded);
+        assert_eq!(c.indices, [0, 1, 40]);
+        assert_eq!(
+            Vec::<i64>::try_from(c.task_ids.as_ref().unwrap()).unwrap(),
+            [0, 0, 3]
+        );
+        // select picks rows and keeps their source indices and task ids
+        let s = c.select(&[2, 0]).unwrap();
+        assert_eq!(s.indices, [40, 0]);
+        assert_eq!(Vec::<i64>::try_from(&s.labels).unwrap(), [0, 0]);
+        assert!(s.padded, "row 0 is padded to 5 in the concatenated batch");
+        assert!(c.select(&[3]).is_err());
+        // a batch without task ids does not mix with one that has them
+        let plain = token_batch(&[&[1]], 0);
+        assert!(Batch::concat(&[a, plain], 0).is_err());
+        assert!(Batch::concat(&[], 0).is_err());
+    }
+
+    #[test]
+    fn dense_batches_and_labels_are_checked() {
+        let x = Tensor::zeros([4, 3], (tch::Kind::Float, Device::Cpu));
+        let scalar = Tensor::from(2i64);
+        let e = TensorDataset::new(x.shallow_clone(), scalar.shallow_clone())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1-D") && e.contains("[]"), "{e}");
+        let e = Batch::new(x.shallow_clone(), scalar)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1-D"), "{e}");
+        let floats = Tensor::zeros([4], (tch::Kind::Float, Device::Cpu));
+        assert!(TensorDataset::new(x.shallow_clone(), floats).is_err());
+        let y = Tensor::from_slice(&[0i64, 1, 2, 3]);
+        let d = TensorDataset::new(x.shallow_clone(), y)
+            .unwrap()
+            .with_task(7);
+        let b = d.batch(&[3, 1], Device::Cpu).unwrap();
+        assert_eq!(b.indices, [3, 1]);
+        assert_eq!(
+            Vec::<i64>::try_from(b.task_ids.as_ref().unwrap()).unwrap(),
+            [7, 7]
+        );
+        assert!(d.batch(&[4], Device::Cpu).is_err());
+        let two = Batch::concat(&[b.clone(), b], 0).unwrap();
+        assert_eq!(two.inputs.size(), [4, 3]);
+        // cross-entropy refuses 0-d or mismatched labels instead of panicking
+        let logits = Tensor::zeros([4, 5], (tch::Kind::Float, Device::Cpu));
+        assert!(crate::optim::cross_entropy(&logits, &Tensor::from(1i64)).is_err());
+        assert!(crate::optim::cross_entropy(&logits, &Tensor::from_slice(&[1i64, 2])).is_err());
+        let ok =
+            crate::optim::cross_entropy(&logits, &Tensor::from_slice(&[0i64, 1, 2, 3])).unwrap();
+        assert!((ok.double_value(&[]) - 5f64.ln()).abs() < 1e-6);
+    }
 }
