@@ -46,8 +46,18 @@ impl Mlp {
 
     /// The output for `x` `[batch, in]`; an input of the wrong width is an error.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.run(x, train, false)?.0)
+    }
+
+    /// The output and, with `keep_hidden`, the input and each hidden layer's output after
+    /// its activation (and dropout).
+    fn run(&self, x: &Tensor, train: bool, keep_hidden: bool) -> Result<(Tensor, Vec<Tensor>)> {
         let n = self.layers.len();
         let mut h = x.shallow_clone();
+        let mut hidden = Vec::new();
+        if keep_hidden {
+            hidden.push(h.shallow_clone());
+        }
         for (i, l) in self.layers.iter().enumerate() {
             h = l.forward(&h, train)?;
             if i + 1 < n {
@@ -55,9 +65,12 @@ impl Mlp {
                 if self.dropout > 0.0 {
                     h = h.dropout(self.dropout, train);
                 }
+                if keep_hidden {
+                    hidden.push(h.shallow_clone());
+                }
             }
         }
-        Ok(h)
+        Ok((h, hidden))
     }
 }
 
@@ -89,27 +102,8 @@ impl Model for Mlp {
 /// input and each hidden layer's output after its activation.
 impl Trainable for Mlp {
     fn forward(&self, batch: &Batch, train: bool, opts: ForwardOptions) -> Result<StepOutputs> {
-        if !opts.hidden_states {
-            return Ok(StepOutputs::logits(Mlp::forward(
-                self,
-                &batch.inputs,
-                train,
-            )?));
-        }
-        let n = self.layers.len();
-        let mut h = batch.inputs.shallow_clone();
-        let mut hidden = vec![h.shallow_clone()];
-        for (i, l) in self.layers.iter().enumerate() {
-            h = l.forward(&h, train)?;
-            if i + 1 < n {
-                h = self.activation.apply(&h);
-                if self.dropout > 0.0 {
-                    h = h.dropout(self.dropout, train);
-                }
-                hidden.push(h.shallow_clone());
-            }
-        }
-        let mut out = StepOutputs::logits(h);
+        let (logits, hidden) = self.run(&batch.inputs, train, opts.hidden_states)?;
+        let mut out = StepOutputs::logits(logits);
         out.hidden_states = hidden;
         Ok(out)
     }

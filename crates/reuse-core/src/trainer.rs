@@ -393,16 +393,22 @@ impl Trainer {
     ) -> Result<()> {
         self.task = task;
         self.resume = None;
-        let ctx = TaskContext {
+        let ctx = self.task_context(task, model, data);
+        techniques.iter_mut().try_for_each(|t| t.begin_task(&ctx))
+    }
+
+    fn task_context<'a>(
+        &self,
+        task: usize,
+        model: &'a dyn Trainable,
+        data: &'a dyn BatchSource,
+    ) -> TaskContext<'a> {
+        TaskContext {
             task,
             model,
             data,
             device: self.config.device,
-        };
-        for t in techniques.iter_mut() {
-            t.begin_task(&ctx)?;
         }
-        Ok(())
     }
 
     /// Trains `model` on `train`, composing `techniques` in order. After
@@ -791,16 +797,8 @@ impl Trainer {
         data: &dyn BatchSource,
         techniques: &mut [&mut dyn Technique],
     ) -> Result<()> {
-        let ctx = TaskContext {
-            task,
-            model,
-            data,
-            device: self.config.device,
-        };
-        for t in techniques.iter_mut() {
-            t.end_task(&ctx)?;
-        }
-        Ok(())
+        let ctx = self.task_context(task, model, data);
+        techniques.iter_mut().try_for_each(|t| t.end_task(&ctx))
     }
 }
 
