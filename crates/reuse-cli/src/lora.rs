@@ -123,9 +123,11 @@ fn merge(a: MergeArgs) -> Result<()> {
     let bert = Bert::load(&a.model, tch::Device::Cpu, Kind::Float)
         .with_context(|| format!("cannot load model from {}", a.model.display()))?;
     let mut lm = LoraModel::new(bert);
-    let modules = lm
+    let loaded = lm
         .load_adapter(&a.adapter, "merge")
         .with_context(|| format!("cannot apply adapter {}", a.adapter.display()))?;
+    note_set_aside(&a.adapter, &loaded.set_aside);
+    let modules = loaded.modules;
     let merged = lm.merge_and_unload()?;
     // Build the folder beside its destination, then move it into place in one rename.
     let parent = a
@@ -228,6 +230,16 @@ fn train(a: TrainArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// One line on stderr per `modules_to_save` module the model lacks.
+pub fn note_set_aside(adapter: &Path, set_aside: &[String]) {
+    for m in set_aside {
+        eprintln!(
+            "note: the adapter's {m} (modules_to_save) in {} was set aside: this model has no `{m}`",
+            adapter.display()
+        );
+    }
 }
 
 fn train_len(d: &TokenizedDataset, batch: usize) -> usize {
