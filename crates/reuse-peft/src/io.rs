@@ -5,6 +5,11 @@
 //! (no adapter name in the keys), `modules_to_save` and trained biases under their
 //! plain path, metadata `{"format": "pt"}`. `adapter_config.json` is the
 //! [`LoraConfig`] as JSON with sorted keys.
+//!
+//! Loading accepts exactly those keys: its LoRA tensors, its `modules_to_save` and the
+//! biases its `bias` setting names. Any other key is an error naming it (an adapter
+//! never overwrites other base weights), and `modules_to_save` the model lacks are set
+//! aside ([`LoadedAdapter::set_aside`]) and written back when the adapter is saved.
 
 use std::collections::BTreeMap;
 use std::path::Path;
