@@ -93,8 +93,10 @@ pub fn run(a: Args) -> Result<()> {
         let mut names = Vec::new();
         for (i, dir) in a.adapters.iter().enumerate() {
             let name = format!("adapter{i}");
-            lm.load_adapter(dir, &name)
+            let loaded = lm
+                .load_adapter(dir, &name)
                 .with_context(|| format!("cannot apply adapter {}", dir.display()))?;
+            crate::lora::note_set_aside(dir, &loaded.set_aside);
             names.push(name);
         }
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();

@@ -3,9 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use reuse_core::data::{load_text_splits, majority_baseline};
+use reuse_core::data::labelled::{load_labelled, LabelledOptions};
+use reuse_core::data::majority_baseline;
 use reuse_core::models::{Bert, BertClassifier, SentenceEncoder, TokenizedDataset};
 use reuse_core::trainer::accuracy;
+use reuse_core::trainer::{RunStateConfig, SaveParams};
 use reuse_core::{Model, Schedule, TrainConfig, Trainer};
 use reuse_peft::config::TargetModules;
 use reuse_peft::{LoraConfig, LoraModel};
@@ -19,9 +21,10 @@ pub enum Command {
     /// Merge a PEFT LoRA adapter into its base model and write a complete model folder
     /// that transformers and sentence-transformers load as they load the base.
     Merge(MergeArgs),
-    /// Train LoRA + a classification head on the Debian sections fixture and write a
-    /// PEFT adapter folder (head under modules_to_save) with its test accuracy.
-    Train(TrainArgs),
+    /// Train LoRA + a classification head on labelled text (TSV, CSV or JSON Lines, or
+    /// the Debian sections fixture) and write a PEFT adapter folder (head under
+    /// modules_to_save) with its dev and test accuracy.
+    Train(Box<TrainArgs>),
 }
 
 /// Arguments of `reuse lora merge`.
@@ -44,9 +47,33 @@ pub struct TrainArgs {
     /// Base model folder.
     #[arg(long)]
     model: PathBuf,
-    /// The sections fixture: a `split<TAB>label<TAB>text` .tsv.gz, or a folder holding `sections.tsv.gz`.
+    /// Labelled text: a .tsv, .csv or .jsonl file (optionally .gz) with a header /
+    /// keys naming its columns, or the sections fixture (a headerless
+    /// `split<TAB>label<TAB>text` .tsv.gz, or a folder holding `sections.tsv.gz`).
     #[arg(long)]
     data: PathBuf,
+    /// Format of --data: tsv, csv or jsonl (default: from its extension).
+    #[arg(long)]
+    format: Option<String>,
+    /// The column (JSON key) holding the text.
+    #[arg(long, default_value = "text")]
+    text_column: String,
+    /// The column (JSON key) holding the label.
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    /// The column holding each row's split (train, dev or validation, test); default: a
+    /// column named `split` if there is one, else dev and test are held out by --seed.
+    #[arg(long)]
+    split_column: Option<String>,
+    /// Fraction held out for dev when the data has no split column.
+    #[arg(long, default_value_t = 0.1)]
+    dev_fraction: f64,
+    /// Fraction held out for test when the data has no split column.
+    #[arg(long, default_value_t = 0.1)]
+    test_fraction: f64,
+    /// Hold out the same fraction of every class.
+    #[arg(long)]
+    stratify: bool,
     /// Output adapter folder.
     #[arg(long)]
     out: PathBuf,
@@ -86,12 +113,23 @@ pub struct TrainArgs {
     /// cpu or cuda (default: cuda if available).
     #[arg(long)]
     device: Option<String>,
+    /// Write a resumable run state (`run_state.safetensors` in --out) every N steps
+    /// and at the end.
+    #[arg(long, value_name = "N")]
+    save_every: Option<usize>,
+    /// Continue from the run state in --out (run with the same arguments); the adapter
+    /// is the one an uninterrupted run writes. Without a run state, starts afresh.
+    #[arg(long)]
+    resume: bool,
 }
+
+/// The run state file `reuse lora train --save-every` writes in its output folder.
+pub const RUN_STATE: &str = "run_state.safetensors";
 
 pub fn run(c: Command) -> Result<()> {
     match c {
         Command::Merge(a) => merge(a),
-        Command::Train(a) => train(a),
+        Command::Train(a) => train(*a),
     }
 }
 
@@ -123,9 +161,11 @@ fn merge(a: MergeArgs) -> Result<()> {
     let bert = Bert::load(&a.model, tch::Device::Cpu, Kind::Float)
         .with_context(|| format!("cannot load model from {}", a.model.display()))?;
     let mut lm = LoraModel::new(bert);
-    let modules = lm
+    let loaded = lm
         .load_adapter(&a.adapter, "merge")
         .with_context(|| format!("cannot apply adapter {}", a.adapter.display()))?;
+    note_set_aside(&a.adapter, &loaded.set_aside);
+    let modules = loaded.modules;
     let merged = lm.merge_and_unload()?;
     // Build the folder beside its destination, then move it into place in one rename.
     let parent = a
@@ -170,7 +210,20 @@ fn train(a: TrainArgs) -> Result<()> {
     } else {
         a.data.clone()
     };
-    let splits = load_text_splits(&data)?;
+    if a.save_every == Some(0) {
+        bail!("--save-every must be at least 1");
+    }
+    let opts = LabelledOptions {
+        format: a.format.as_deref().map(str::parse).transpose()?,
+        text_column: a.text_column.clone(),
+        label_column: a.label_column.clone(),
+        split_column: a.split_column.clone(),
+        dev_fraction: a.dev_fraction,
+        test_fraction: a.test_fraction,
+        stratify: a.stratify,
+        seed: a.seed,
+    };
+    let splits = load_labelled(&data, &opts)?;
     let enc = SentenceEncoder::load(&a.model, device, Kind::Float)
         .with_context(|| format!("cannot load model from {}", a.model.display()))?;
     let train = TokenizedDataset::new(&enc.tokenizer, &splits.train, a.max_len)?;
@@ -193,6 +246,15 @@ fn train(a: TrainArgs) -> Result<()> {
     let trainable = lm.trainable_parameters().count();
     let per_epoch = train_len(&train, a.batch_size);
     let total = a.max_steps.unwrap_or(per_epoch * a.epochs);
+    let run_state = (a.save_every.is_some() || a.resume).then(|| RunStateConfig {
+        path: a.out.join(RUN_STATE),
+        every: a.save_every.unwrap_or(total.max(1)),
+        params: SaveParams::Trainable,
+    });
+    if run_state.is_some() {
+        std::fs::create_dir_all(&a.out)
+            .with_context(|| format!("cannot create {}", a.out.display()))?;
+    }
     let mut t = Trainer::new(TrainConfig {
         max_steps: Some(total),
         batch_size: a.batch_size,
@@ -202,11 +264,30 @@ fn train(a: TrainArgs) -> Result<()> {
         seed: a.seed,
         device,
         progress: true,
+        run_state,
         ..Default::default()
     });
+    if a.resume {
+        let path = a.out.join(RUN_STATE);
+        match t.resume(&lm, &mut [])? {
+            Some(step) => eprintln!("resuming from step {step} of {total} ({})", path.display()),
+            None => eprintln!(
+                "note: no run state at {}; starting from the beginning",
+                path.display()
+            ),
+        }
+    }
     let report = t.fit(&lm, &train, None, &mut [])?;
-    let dev_acc = accuracy(&lm, &dev, 64, device)?;
-    let test_acc = accuracy(&lm, &test, 64, device)?;
+    let eval = |d: &TokenizedDataset| -> Result<Option<f64>> {
+        use reuse_core::data::BatchSource;
+        Ok(if d.is_empty() {
+            None
+        } else {
+            Some(accuracy(&lm, d, 64, device)?)
+        })
+    };
+    let dev_acc = eval(&dev)?;
+    let test_acc = eval(&test)?;
     lm.save_adapter("default", &a.out)?;
     let metrics = serde_json::json!({
         "test_accuracy": test_acc,
@@ -223,11 +304,24 @@ fn train(a: TrainArgs) -> Result<()> {
         &a.out.join("train_metrics.json"),
         serde_json::to_string_pretty(&metrics)?.as_bytes(),
     )?;
+    let show = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
     println!(
-        "test accuracy {test_acc:.4} (dev {dev_acc:.4}); {trainable} trainable of {base_params} base parameters; adapter in {}",
+        "test accuracy {} (dev {}); {trainable} trainable of {base_params} base parameters; adapter in {}",
+        show(test_acc),
+        show(dev_acc),
         a.out.display()
     );
     Ok(())
+}
+
+/// One line on stderr per `modules_to_save` module the model lacks.
+pub fn note_set_aside(adapter: &Path, set_aside: &[String]) {
+    for m in set_aside {
+        eprintln!(
+            "note: the adapter's {m} (modules_to_save) in {} was set aside: this model has no `{m}`",
+            adapter.display()
+        );
+    }
 }
 
 fn train_len(d: &TokenizedDataset, batch: usize) -> usize {

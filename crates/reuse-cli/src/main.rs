@@ -5,7 +5,8 @@
 //! * `reuse embed --model DIR --texts FILE` writes sentence embeddings of one text per
 //!   line, as sentence-transformers would compute them, optionally with PEFT adapters.
 //! * `reuse lora merge` folds a PEFT adapter into a complete model folder;
-//!   `reuse lora train` trains LoRA + a head on the Debian sections fixture.
+//!   `reuse lora train` trains LoRA + a head on labelled text (TSV, CSV, JSON Lines or
+//!   the Debian sections fixture), resumably with `--save-every` / `--resume`.
 //!
 //! Errors are one line on stderr and a non-zero exit status, never a panic backtrace.
 
@@ -31,7 +32,7 @@ enum Command {
     Inspect(inspect::Args),
     /// Compute sentence embeddings (mean pooling + L2 norm, as sentence-transformers) for one text per line.
     Embed(embed::Args),
-    /// LoRA adapters: merge into a base model, or train on the Debian sections fixture.
+    /// LoRA adapters: merge into a base model, or train on labelled text.
     #[command(subcommand)]
     Lora(lora::Command),
 }

@@ -25,6 +25,16 @@ pub enum Error {
         /// What was wrong, as precisely as known (names the tensor where one is involved).
         reason: String,
     },
+    /// A row of a data file is malformed (wrong field count, bad JSON, missing column...).
+    #[error("{path}: line {line}: {reason}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// The line (1-based) where the row starts.
+        line: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A safetensors dtype that reuse does not handle.
     #[error("{path}: tensor `{tensor}` has dtype {dtype}, expected one of F32, F64, F16, BF16, I8, U8, I32, I64")]
     UnknownDtype {

@@ -181,9 +181,16 @@ pub struct ModuleSpec {
     pub scaling: f64,
 }
 
+/// The regex a `rank_pattern` / `alpha_pattern` key stands for: PEFT matches it
+/// against a module path as `(.*\.)?(key)$`.
+fn pattern_regex(key: &str) -> std::result::Result<Regex, regex::Error> {
+    Regex::new(&format!(r"^(.*\.)?({key})$"))
+}
+
 fn pattern_key<'a, V>(patterns: &'a BTreeMap<String, V>, path: &str) -> Option<&'a V> {
+    // Keys are checked by `validate`; a bad one matches nothing here.
     patterns.iter().find_map(|(k, v)| {
-        Regex::new(&format!(r"^(.*\.)?({k})$"))
+        pattern_regex(k)
             .ok()
             .filter(|re| re.is_match(path))
             .map(|_| v)
@@ -245,6 +252,32 @@ impl LoraConfig {
                 "r",
                 format!("must be positive, found {}", self.r),
             ));
+        }
+        if !self.lora_alpha.is_finite() || self.lora_alpha < 0.0 {
+            return Err(config_err(
+                "lora_alpha",
+                format!("must be a finite number >= 0, found {}", self.lora_alpha),
+            ));
+        }
+        for (k, r) in &self.rank_pattern {
+            let key = format!("rank_pattern[{k:?}]");
+            pattern_regex(k).map_err(|e| config_err(&key, format!("bad regex: {e}")))?;
+            if *r <= 0 {
+                return Err(config_err(
+                    &key,
+                    format!("rank must be positive, found {r}"),
+                ));
+            }
+        }
+        for (k, a) in &self.alpha_pattern {
+            let key = format!("alpha_pattern[{k:?}]");
+            pattern_regex(k).map_err(|e| config_err(&key, format!("bad regex: {e}")))?;
+            if !a.is_finite() || *a < 0.0 {
+                return Err(config_err(
+                    &key,
+                    format!("alpha must be a finite number >= 0, found {a}"),
+                ));
+            }
         }
         if !["none", "all", "lora_only"].contains(&self.bias.as_str()) {
             return Err(config_err(
@@ -421,10 +454,48 @@ mod tests {
             (r#"{"r":0}"#, "r"),
             (r#"{"bias":"some"}"#, "bias"),
             (r#"{"target_modules":"(","r":2}"#, "target_modules"),
+            (r#"{"r":-3}"#, "r"),
+            (r#"{"lora_alpha":-1}"#, "lora_alpha"),
+            (
+                r#"{"rank_pattern":{"query":4,"inter(mediate":2}}"#,
+                r#"rank_pattern["inter(mediate"]"#,
+            ),
+            (
+                r#"{"rank_pattern":{"query":0}}"#,
+                r#"rank_pattern["query"]"#,
+            ),
+            (
+                r#"{"rank_pattern":{"value":-2}}"#,
+                r#"rank_pattern["value"]"#,
+            ),
+            (
+                r#"{"alpha_pattern":{"[dense":8}}"#,
+                r#"alpha_pattern["[dense"]"#,
+            ),
+            (
+                r#"{"alpha_pattern":{"dense":-0.5}}"#,
+                r#"alpha_pattern["dense"]"#,
+            ),
         ] {
             let c: LoraConfig = serde_json::from_str(json).unwrap();
             let e = c.validate().unwrap_err().to_string();
-            assert!(e.contains(key), "{json}: {e}");
+            assert!(e.contains(&format!("invalid {key}:")), "{json}: {e}");
         }
+        // Valid patterns, alpha 0 and the defaults pass.
+        let ok: LoraConfig = serde_json::from_str(
+            r#"{"lora_alpha":0,"rank_pattern":{"layer\\.0\\..*query":2},"alpha_pattern":{"value":4.5}}"#,
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.module_spec("encoder.layer.0.attention.self.query").r, 2);
+        // Through a file, the error names the file too.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("adapter_config.json");
+        std::fs::write(&f, r#"{"rank_pattern":{"(":2}}"#).unwrap();
+        let e = LoraConfig::load(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("adapter_config.json") && e.contains(r#"rank_pattern["("]"#),
+            "{e}"
+        );
     }
 }

@@ -5,6 +5,11 @@
 //! (no adapter name in the keys), `modules_to_save` and trained biases under their
 //! plain path, metadata `{"format": "pt"}`. `adapter_config.json` is the
 //! [`LoraConfig`] as JSON with sorted keys.
+//!
+//! Loading accepts exactly those keys: its LoRA tensors, its `modules_to_save` and the
+//! biases its `bias` setting names. Any other key is an error naming it (an adapter
+//! never overwrites other base weights), and `modules_to_save` the model lacks are set
+//! aside ([`LoadedAdapter::set_aside`]) and written back when the adapter is saved.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -32,6 +37,20 @@ fn mismatch(path: &Path, reason: String) -> PeftError {
     }
 }
 
+/// What [`LoraModel::load_adapter`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadedAdapter {
+    /// The linear paths that now carry the adapter.
+    pub modules: Vec<String>,
+    /// `modules_to_save` modules of the file that the model does not have (e.g.
+    /// `classifier` when a classification adapter is loaded into a bare encoder): not
+    /// loaded, kept with the adapter and written back by [`LoraModel::save_adapter`].
+    pub set_aside: Vec<String>,
+    /// Base biases the load wrote (its `bias` setting), by parameter name; deleting the
+    /// adapter puts their previous values back.
+    pub biases: Vec<String>,
+}
+
 #[derive(Default)]
 struct ModuleTensors {
     a: Option<Tensor>,
@@ -49,6 +68,11 @@ impl<M: Model> LoraModel<M> {
         })?;
         let config = st.config.clone();
         let modules = st.modules.clone();
+        let set_aside: Vec<(String, Tensor)> = st
+            .set_aside
+            .iter()
+            .flat_map(|c| c.iter().map(|(n, t)| (n.to_string(), t.copy())))
+            .collect();
         let parked = st.parked.as_ref().map(|c| {
             c.iter()
                 .map(|(n, t)| (n.to_string(), t.copy()))
@@ -93,6 +117,9 @@ impl<M: Model> LoraModel<M> {
                 ck.insert(format!("{PREFIX}{n}"), t.detach().copy());
             }
         }
+        for (n, t) in set_aside {
+            ck.insert(format!("{PREFIX}{n}"), t);
+        }
         std::fs::create_dir_all(dir).map_err(|e| PeftError::Io {
             path: dir.to_path_buf(),
             source: e,
@@ -107,7 +134,15 @@ impl<M: Model> LoraModel<M> {
     /// Reads a PEFT adapter folder into a new adapter `name`. Every tensor is checked
     /// against the base model (module exists, shapes fit the config's rank) before
     /// anything is attached: on error the model is unchanged.
-    pub fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<Vec<String>> {
+    ///
+    /// A load writes only its own LoRA tensors, its `modules_to_save` and the biases its
+    /// `bias` setting names (`"all"`: any bias; `"lora_only"`: biases of the linears it
+    /// adapts); any other key is an error naming it. Biases written into the base are
+    /// remembered and put back by [`LoraModel::delete_adapter`]. A `modules_to_save`
+    /// module the model does not have (a classification head loaded into a bare encoder)
+    /// is set aside, not an error: [`LoadedAdapter::set_aside`] names it, and
+    /// [`LoraModel::save_adapter`] writes it back unchanged.
+    pub fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<LoadedAdapter> {
         let config = LoraConfig::load(&dir.join(CONFIG))?;
         let wpath = dir.join(WEIGHTS);
         let ck = Checkpoint::load(&wpath, Device::Cpu)?;
@@ -122,14 +157,9 @@ impl<M: Model> LoraModel<M> {
         ck: &Checkpoint,
         file: &Path,
         name: &str,
-    ) -> Result<Vec<String>> {
+    ) -> Result<LoadedAdapter> {
         config.validate()?;
-        if self.adapters.contains_key(name) {
-            return Err(PeftError::Adapter {
-                name: name.into(),
-                reason: "already exists".into(),
-            });
-        }
+        self.check_new_name(name)?;
         // Shapes of the model's linears and parameters.
         let mut linears: BTreeMap<String, (i64, i64, tch::Kind, Device)> = BTreeMap::new();
         self.model.visit_linears(&mut |p, l| {
@@ -145,7 +175,7 @@ impl<M: Model> LoraModel<M> {
         });
         let params: BTreeMap<String, Tensor> = self.model.named_parameters().into_iter().collect();
         let mut modules: BTreeMap<String, ModuleTensors> = BTreeMap::new();
-        let mut plain: Vec<(String, Tensor)> = Vec::new();
+        let mut plain: Vec<(&str, String, Tensor)> = Vec::new();
         for (key, t) in ck.iter() {
             let k = key.strip_prefix(PREFIX).unwrap_or(key);
             let (module, which) = if let Some(m) = k.strip_suffix(".lora_A.weight") {
@@ -155,23 +185,7 @@ impl<M: Model> LoraModel<M> {
             } else if let Some(m) = k.strip_suffix(".lora_magnitude_vector") {
                 (m, 2)
             } else {
-                let p = params.get(k).ok_or_else(|| {
-                    mismatch(
-                        file,
-                        format!("`{key}` names no parameter of the base model"),
-                    )
-                })?;
-                if p.size() != t.size() {
-                    return Err(mismatch(
-                        file,
-                        format!(
-                            "`{key}` has shape {:?}, the base model's is {:?}",
-                            t.size(),
-                            p.size()
-                        ),
-                    ));
-                }
-                plain.push((k.to_string(), t.shallow_clone()));
+                plain.push((key, k.to_string(), t.shallow_clone()));
                 continue;
             };
             if !linears.contains_key(module) {
@@ -194,6 +208,70 @@ impl<M: Model> LoraModel<M> {
                 file,
                 "no lora_A / lora_B tensors in the file".into(),
             ));
+        }
+        // Every other key must be a modules_to_save tensor or a bias the config trains.
+        let mut saved: Vec<(String, Tensor)> = Vec::new();
+        let mut aside: Vec<(String, Tensor)> = Vec::new();
+        let mut aside_modules: Vec<String> = Vec::new();
+        let mut biases: Vec<(String, Tensor)> = Vec::new();
+        for (key, k, t) in plain {
+            let module = module_of(&k);
+            let fits = |p: &Tensor| -> Result<()> {
+                if p.size() != t.size() {
+                    return Err(mismatch(
+                        file,
+                        format!(
+                            "`{key}` has shape {:?}, the base model's is {:?}",
+                            t.size(),
+                            p.size()
+                        ),
+                    ));
+                }
+                Ok(())
+            };
+            if config.saves_module(module) {
+                if let Some(p) = params.get(&k) {
+                    fits(p)?;
+                    saved.push((k, t));
+                } else if params.keys().any(|n| module_of(n) == module) {
+                    return Err(mismatch(
+                        file,
+                        format!("`{key}`: the model's module `{module}` (in modules_to_save) has no parameter `{k}`"),
+                    ));
+                } else {
+                    if !aside_modules.iter().any(|m| m == module) {
+                        aside_modules.push(module.to_string());
+                    }
+                    aside.push((k, t));
+                }
+                continue;
+            }
+            let bias_ok = k.ends_with(".bias")
+                && match config.bias.as_str() {
+                    "all" => true,
+                    "lora_only" => modules.contains_key(module),
+                    _ => false,
+                };
+            if !bias_ok {
+                return Err(mismatch(
+                    file,
+                    format!(
+                        "`{key}` is not a LoRA tensor of this adapter, nor in its modules_to_save \
+                         ({:?}), nor a bias its `bias` setting ({:?}) trains: an adapter may not \
+                         overwrite other base weights",
+                        config.modules_to_save.as_deref().unwrap_or_default(),
+                        config.bias
+                    ),
+                ));
+            }
+            let p = params.get(&k).ok_or_else(|| {
+                mismatch(
+                    file,
+                    format!("`{key}` names no parameter of the base model"),
+                )
+            })?;
+            fits(p)?;
+            biases.push((k, t));
         }
         let mut layers = Vec::new();
         for (module, mt) in &modules {
@@ -280,11 +358,9 @@ impl<M: Model> LoraModel<M> {
             });
             return Err(e.into());
         }
-        // Biases trained with the adapter are loaded into the model; modules_to_save
-        // values become this adapter's copy.
-        let (saved, biases): (Vec<_>, Vec<_>) = plain
-            .into_iter()
-            .partition(|(n, _)| config.saves_module(n.rsplit_once('.').map(|m| m.0).unwrap_or("")));
+        // Biases trained with the adapter are loaded into the model, remembering the
+        // values they replace; modules_to_save values become this adapter's copy.
+        let mut replaced = None;
         if !biases.is_empty() {
             let targets = Params::new(
                 biases
@@ -292,19 +368,34 @@ impl<M: Model> LoraModel<M> {
                     .map(|(n, _)| (n.clone(), params[n].shallow_clone()))
                     .collect(),
             );
+            let before = targets.to_checkpoint();
             let mut src = Checkpoint::new();
             for (n, t) in &biases {
                 src.insert(n.clone(), t.shallow_clone());
             }
-            targets.load_checkpoint(&src)?;
-        }
-        let parked = (!saved.is_empty()).then(|| {
-            let mut c = Checkpoint::new();
-            for (n, t) in saved {
-                c.insert(n, t);
+            if let Err(e) = targets.load_checkpoint(&src) {
+                // Put back what may have been written, then drop the deltas.
+                let _ = targets.load_checkpoint(&before);
+                self.model.visit_linears(&mut |_, l| {
+                    let _ = l.remove_delta(name);
+                });
+                return Err(e.into());
             }
-            c
-        });
+            replaced = Some(before);
+        }
+        let to_ck = |v: Vec<(String, Tensor)>| {
+            (!v.is_empty()).then(|| {
+                let mut c = Checkpoint::new();
+                for (n, t) in v {
+                    c.insert(n, t);
+                }
+                c
+            })
+        };
+        let bias_names: Vec<String> = biases.iter().map(|(n, _)| n.clone()).collect();
+        let parked = to_ck(saved);
+        let set_aside = to_ck(aside);
+        let seq = self.next_seq();
         let first = self.adapters.is_empty();
         self.adapters.insert(
             name.to_string(),
@@ -312,6 +403,9 @@ impl<M: Model> LoraModel<M> {
                 config,
                 modules: paths.clone(),
                 parked,
+                set_aside,
+                replaced_biases: replaced,
+                seq,
             },
         );
         if first {
@@ -321,6 +415,14 @@ impl<M: Model> LoraModel<M> {
             let a: Vec<&str> = active.iter().map(String::as_str).collect();
             self.set_adapter(&a)?;
         }
-        Ok(paths)
+        Ok(LoadedAdapter {
+            modules: paths,
+            set_aside: aside_modules,
+            biases: bias_names,
+        })
     }
+}
+
+fn module_of(param: &str) -> &str {
+    param.rsplit_once('.').map(|(m, _)| m).unwrap_or("")
 }

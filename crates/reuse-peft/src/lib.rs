@@ -15,6 +15,16 @@
 //!   exactly as PEFT does;
 //! * [`bottleneck`] has Houlsby, Pfeiffer and parallel adapters on block outputs.
 //!
+//! What an adapter owns is found by structure, never by name matching: its tensors are
+//! those of the linears that carry a delta of its name. An adapter name that is a
+//! segment of one of the model's parameter names (`query`, `output`, `dense`, `0`,
+//! `weight`...) is refused. A load writes only its own LoRA tensors, its
+//! `modules_to_save` and the biases its `bias` setting names (any other key is an error
+//! naming it, and nothing is attached); biases it writes into the base are put back by
+//! `delete_adapter`. A `modules_to_save` module the model lacks (a classification head
+//! loaded into a bare encoder) is set aside and reported in [`LoadedAdapter`], and
+//! saving the adapter writes it back.
+//!
 //! ```no_run
 //! use reuse_core::models::{minilm_dir, Bert};
 //! use reuse_peft::{LoraConfig, LoraModel};
@@ -40,5 +50,6 @@ pub mod model;
 pub use bottleneck::{BottleneckConfig, BottleneckKind};
 pub use config::LoraConfig;
 pub use error::{PeftError, Result};
+pub use io::LoadedAdapter;
 pub use lora::LoraLayer;
 pub use model::{LoraModel, BASE};

@@ -24,6 +24,15 @@ pub(crate) struct AdapterState {
     /// This adapter's copy of its `modules_to_save` values while another adapter's copy
     /// is live in the model.
     pub(crate) parked: Option<Checkpoint>,
+    /// `modules_to_save` tensors a loaded file held for modules this model lacks, by
+    /// parameter name: kept aside and written back by `save_adapter`.
+    pub(crate) set_aside: Option<Checkpoint>,
+    /// Base biases a load overwrote, with the values they had before; `delete_adapter`
+    /// puts them back.
+    pub(crate) replaced_biases: Option<Checkpoint>,
+    /// Order of creation, to restore overwritten biases correctly when several
+    /// adapters replaced the same bias.
+    pub(crate) seq: u64,
 }
 
 /// A model with LoRA adapters. The base weights stay frozen; only the active adapters
@@ -36,6 +45,8 @@ pub struct LoraModel<M: Model> {
     active: Vec<String>,
     /// Whose `modules_to_save` values are live in the model.
     live_modules: Option<String>,
+    /// The next [`AdapterState::seq`].
+    next_seq: u64,
 }
 
 fn adapter_err(name: &str, reason: impl Into<String>) -> PeftError {
@@ -58,6 +69,7 @@ impl<M: Model> LoraModel<M> {
             adapters: BTreeMap::new(),
             active: Vec::new(),
             live_modules: None,
+            next_seq: 0,
         }
     }
 
@@ -99,15 +111,7 @@ impl<M: Model> LoraModel<M> {
     /// [`LoraModel::set_adapter`]. Returns the adapted linear paths.
     pub fn add_adapter(&mut self, name: &str, config: LoraConfig) -> Result<Vec<String>> {
         config.validate()?;
-        if name == BASE || name.is_empty() || name.contains('.') {
-            return Err(adapter_err(
-                name,
-                "reserved or invalid name (no dots, not __base__)",
-            ));
-        }
-        if self.adapters.contains_key(name) {
-            return Err(adapter_err(name, "already exists"));
-        }
+        self.check_new_name(name)?;
         let paths = self.targets(&config)?;
         let mut err = None;
         self.model.visit_linears(&mut |path, l| {
@@ -132,12 +136,16 @@ impl<M: Model> LoraModel<M> {
             self.detach(name);
             return Err(e);
         }
+        let seq = self.next_seq();
         self.adapters.insert(
             name.to_string(),
             AdapterState {
                 config,
                 modules: paths.clone(),
                 parked: None,
+                set_aside: None,
+                replaced_biases: None,
+                seq,
             },
         );
         self.park_new_modules(name)?;
@@ -147,6 +155,44 @@ impl<M: Model> LoraModel<M> {
             self.apply_active();
         }
         Ok(paths)
+    }
+
+    /// Refuses a name that is reserved, already used, or equal to a segment of one of the
+    /// model's parameter or buffer names (`query`, `output`, `dense`, `0`, `weight`...):
+    /// an adapter's parameters are named `<linear path>.<adapter>.lora_A.weight`, so
+    /// such a name would be ambiguous in every tool that selects parameters by name.
+    pub(crate) fn check_new_name(&self, name: &str) -> Result<()> {
+        if name == BASE || name.is_empty() || name.contains('.') {
+            return Err(adapter_err(
+                name,
+                "reserved or invalid name (no dots, not __base__)",
+            ));
+        }
+        if self.adapters.contains_key(name) {
+            return Err(adapter_err(name, "already exists"));
+        }
+        let clash = self
+            .model
+            .named_parameters()
+            .into_iter()
+            .chain(self.model.named_buffers())
+            .map(|(n, _)| n)
+            .find(|n| n.split('.').any(|seg| seg == name));
+        if let Some(n) = clash {
+            return Err(adapter_err(
+                name,
+                format!(
+                    "the name is a path segment of the model (e.g. in `{n}`); \
+                     choose a name that is not part of any parameter name"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn next_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
     }
 
     /// The linear paths `config` targets, or an error listing the model's linears.
@@ -224,10 +270,22 @@ impl<M: Model> LoraModel<M> {
         Ok(())
     }
 
-    fn apply_active(&mut self) {
+    pub(crate) fn apply_active(&mut self) {
         let active: Vec<&str> = self.active.iter().map(String::as_str).collect();
         self.model.visit_linears(&mut |_, l| l.set_active(&active));
         self.mark_trainable();
+    }
+
+    /// The tensors of adapter `name`'s deltas, found by structure: the linears that
+    /// carry a delta named `name`, and that delta's own parameters.
+    fn delta_tensors(&mut self, name: &str) -> Vec<Tensor> {
+        let mut v = Vec::new();
+        self.model.visit_linears(&mut |_, l| {
+            if let Some(d) = l.delta(name) {
+                v.extend(d.named_parameters().into_iter().map(|(_, t)| t));
+            }
+        });
+        v
     }
 
     /// Freezes everything but the active adapters' parameters, their modules_to_save and
@@ -235,13 +293,14 @@ impl<M: Model> LoraModel<M> {
     fn mark_trainable(&mut self) {
         let params = self.model.params();
         params.freeze();
-        for name in &self.active {
-            let st = &self.adapters[name];
-            let tag = format!(".{name}.");
+        for name in self.active.clone() {
+            for t in self.delta_tensors(&name) {
+                let _ = t.set_requires_grad(true);
+            }
+            let st = &self.adapters[&name];
             for (n, t) in params.iter() {
                 let module = module_of(n);
-                let on = n.contains(&tag)
-                    || st.config.saves_module(module)
+                let on = st.config.saves_module(module)
                     || (n.ends_with(".bias")
                         && match st.config.bias.as_str() {
                             "all" => true,
@@ -261,9 +320,61 @@ impl<M: Model> LoraModel<M> {
         });
     }
 
-    /// Removes adapter `name` (unmerging it first if merged).
+    /// Removes adapter `name` (unmerging it first if merged). Base biases that loading
+    /// it overwrote get back the values they had before (when a later adapter
+    /// overwrote the same bias, that adapter restores them when it is deleted).
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
         self.state(name)?;
+        let old: Vec<(String, Tensor)> = self.adapters[name]
+            .replaced_biases
+            .iter()
+            .flat_map(|c| c.iter().map(|(k, v)| (k.to_string(), v.shallow_clone())))
+            .collect();
+        if !old.is_empty() {
+            let seq = self.adapters[name].seq;
+            let mut restore = Checkpoint::new();
+            for (k, v) in old {
+                let k = k.as_str();
+                // The earliest later adapter that overwrote this bias inherits the value.
+                let heir = self
+                    .adapters
+                    .iter()
+                    .filter(|(n, st)| {
+                        n.as_str() != name
+                            && st.seq > seq
+                            && st
+                                .replaced_biases
+                                .as_ref()
+                                .is_some_and(|c| c.get(k).is_some())
+                    })
+                    .min_by_key(|(_, st)| st.seq)
+                    .map(|(n, _)| n.clone());
+                match heir {
+                    Some(h) => {
+                        let c = self.adapters.get_mut(&h).expect("found above");
+                        c.replaced_biases
+                            .as_mut()
+                            .expect("checked above")
+                            .insert(k.to_string(), v.shallow_clone());
+                    }
+                    None => {
+                        restore.insert(k.to_string(), v.shallow_clone());
+                    }
+                }
+            }
+            if !restore.is_empty() {
+                let names: Vec<String> = restore.names().map(String::from).collect();
+                let params = self.model.params();
+                let targets = Params::new(
+                    params
+                        .iter()
+                        .filter(|(n, _)| names.iter().any(|k| k == n))
+                        .map(|(n, t)| (n.to_string(), t.shallow_clone()))
+                        .collect(),
+                );
+                targets.load_checkpoint(&restore)?;
+            }
+        }
         if self.live_modules.as_deref() == Some(name) {
             self.live_modules = None;
         }
@@ -327,11 +438,15 @@ impl<M: Model> LoraModel<M> {
     /// Runs `f` with each sample routed to its own adapter (`adapter_names[i]` for
     /// sample i, [`BASE`] for none): the base output is computed once and each
     /// adapter's output is added to its samples only. No adapter may be merged.
+    ///
+    /// `f` returns a `reuse_core::Result` so that errors from the forward pass surface
+    /// here: in particular more adapter names than the batch has samples is an error
+    /// (from the first routed linear), never a panic. Routing ends whatever `f` returns.
     pub fn with_mixed_batch<T>(
         &mut self,
         adapter_names: &[&str],
         device: Device,
-        f: impl FnOnce(&M) -> T,
+        f: impl FnOnce(&M) -> reuse_core::Result<T>,
     ) -> Result<T> {
         let mut groups: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
         for (i, n) in adapter_names.iter().enumerate() {
@@ -365,8 +480,19 @@ impl<M: Model> LoraModel<M> {
         });
         match (err, out) {
             (Some(e), _) => Err(e.into()),
-            (None, Some(o)) => Ok(o),
-            (None, None) => unreachable!("f runs when routing succeeded"),
+            (None, Some(o)) => o.map_err(|e| {
+                PeftError::Core(CoreError::Invalid {
+                    what: "mixed-adapter batch".into(),
+                    reason: format!(
+                        "{} adapter names were given (one per sample): {e}",
+                        adapter_names.len()
+                    ),
+                })
+            }),
+            (None, None) => Err(PeftError::Core(CoreError::Invalid {
+                what: "mixed-adapter batch".into(),
+                reason: "routing could not be set".into(),
+            })),
         }
     }
 
@@ -381,15 +507,10 @@ impl<M: Model> LoraModel<M> {
         self.model.params().trainable()
     }
 
-    /// Values in the adapters' LoRA tensors, all adapters.
-    pub fn adapter_parameter_count(&self, name: &str) -> usize {
-        let tag = format!(".{name}.");
-        self.model
-            .named_parameters()
-            .iter()
-            .filter(|(n, _)| n.contains(&tag))
-            .map(|(_, t)| t.numel())
-            .sum()
+    /// Values in adapter `name`'s own tensors (LoRA A, B and DoRA magnitudes of the
+    /// linears that carry it; 0 for an unknown name).
+    pub fn adapter_parameter_count(&mut self, name: &str) -> usize {
+        self.delta_tensors(name).iter().map(Tensor::numel).sum()
     }
 
     /// Casts every adapter's tensors to `kind` (e.g. to match a bf16 base).

@@ -159,9 +159,8 @@ fn mixed_batch_gives_each_sample_its_adapter() {
     let mixed = m
         .with_mixed_batch(&["b", BASE, "a"], Device::Cpu, |b| {
             tch::no_grad(|| {
-                b.forward(&ids, Some(&mask), None, false, Want::default())
-                    .unwrap()
-                    .last_hidden_state
+                Ok(b.forward(&ids, Some(&mask), None, false, Want::default())?
+                    .last_hidden_state)
             })
         })
         .unwrap();
@@ -172,9 +171,11 @@ fn mixed_batch_gives_each_sample_its_adapter() {
     assert!(max_diff(&run(&m.model), &single[0]) > 1e-3);
     m.merge_adapter(&["a"]).unwrap();
     assert!(m
-        .with_mixed_batch(&["a", "b", "a"], Device::Cpu, |_| ())
+        .with_mixed_batch(&["a", "b", "a"], Device::Cpu, |_| Ok(()))
         .is_err());
-    assert!(m.with_mixed_batch(&["zzz"], Device::Cpu, |_| ()).is_err());
+    assert!(m
+        .with_mixed_batch(&["zzz"], Device::Cpu, |_| Ok(()))
+        .is_err());
 }
 
 #[test]

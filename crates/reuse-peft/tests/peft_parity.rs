@@ -65,7 +65,10 @@ fn peft_adapters_give_peft_outputs_in_rust() {
     let base = r.tensor("base.last_hidden_state").unwrap();
     for name in ["lora_qv", "rslora_mix", "dora_qv"] {
         let mut m = LoraModel::new(bert());
-        let modules = m.load_adapter(&fixtures().join(name), name).unwrap();
+        let modules = m
+            .load_adapter(&fixtures().join(name), name)
+            .unwrap()
+            .modules;
         let expect = r.tensor(&format!("{name}.last_hidden_state")).unwrap();
         assert!(
             max_diff(expect, base) > 1e-2,
@@ -87,7 +90,10 @@ fn peft_adapters_give_peft_outputs_in_rust() {
     }
     // rslora_mix: rank_pattern and layers_to_transform were honoured.
     let mut m = LoraModel::new(bert());
-    let modules = m.load_adapter(&fixtures().join("rslora_mix"), "x").unwrap();
+    let modules = m
+        .load_adapter(&fixtures().join("rslora_mix"), "x")
+        .unwrap()
+        .modules;
     assert!(modules.iter().all(
         |p| ["encoder.layer.0.", "encoder.layer.2.", "encoder.layer.5."]
             .iter()

@@ -1,6 +1,7 @@
 //! Data: batches that know where they came from, seeded shuffling, and loaders for the
 //! file formats of the data sets used throughout (scikit-learn's handwritten digits, a
-//! `split<TAB>label<TAB>text` file such as the Debian package-sections set).
+//! `split<TAB>label<TAB>text` file such as the Debian package-sections set) and, in
+//! [`labelled`], users' own labelled text as TSV, CSV or JSON Lines.
 
 use std::fs::File;
 use std::io::Read;
@@ -12,6 +13,8 @@ use rand::SeedableRng;
 use tch::{Device, Tensor};
 
 use crate::{Error, Result};
+
+pub mod labelled;
 
 /// One training or evaluation batch.
 ///
@@ -424,7 +427,11 @@ pub struct TextSplits {
 /// Loads a `split \t label \t text` gzip TSV (the Debian sections fixture). Classes
 /// are numbered in sorted order of their names.
 pub fn load_text_splits(path: &Path) -> Result<TextSplits> {
-    let text = open_gz(path)?;
+    parse_split_label_text(path, &open_gz(path)?)
+}
+
+/// [`load_text_splits`] on text already read; `path` is named in errors.
+pub(crate) fn parse_split_label_text(path: &Path, text: &str) -> Result<TextSplits> {
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.is_empty() {
