@@ -827,7 +827,7 @@ impl Model for Bert {
 }
 
 /// Mean of `hidden` `[b, t, h]` over positions where `mask` `[b, t]` is 1, in f32, as
-/// sentence-transformers' mean pooling does (padding excluded, [CLS]/[SEP] included).
+/// sentence-transformers' mean pooling does (padding excluded, `[CLS]`/`[SEP]` included).
 /// With no mask (no padding) the plain mean over positions.
 pub fn mean_pool(hidden: &Tensor, mask: Option<&Tensor>) -> Tensor {
     let Some(mask) = mask else {
