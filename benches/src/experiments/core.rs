@@ -52,12 +52,12 @@ pub fn digits_mlp(ctx: &Ctx, _bar: &ProgressBar) -> Result<Outcome> {
         metrics: m,
         notes: vec![
             format!(
-                "Seeds {DIGITS_SEEDS:?} (initialisation and data order); test_accuracy is \
-                 their mean, test_accuracy_sd the sample sd; train_seconds is one whole fit \
+                "Seeds {DIGITS_SEEDS:?} (initialisation and data order); `test_accuracy` is \
+                 their mean, `test_accuracy_sd` the sample sd; `train_seconds_*` is one whole fit \
                  per seed ({epochs} epochs)."
             ),
-            "Hyperparameters (AdamW, lr 2e-3, batch 32) are fixed, not tuned: the digits \
-             fixture has no dev split."
+            "Hyperparameters (AdamW, lr 2e-3, batch 32) are fixed in the code, not \
+             searched by this bench; the digits fixture has no dev split to choose them on."
                 .into(),
         ],
     })
@@ -220,7 +220,7 @@ pub fn minilm_embed(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
          process embedding on request, same threads) in an order that rotates per round."
     ));
     notes.push(
-        "*_time_over_st are per-round ratios of Rust's pass time to sentence-transformers' \
+        "`*_time_over_st_*` are per-round ratios of Rust's pass time to sentence-transformers' \
          in the same round (below 1: Rust is faster)."
             .into(),
     );

@@ -231,22 +231,22 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         ),
         format!(
             "Each method then trains at its lr for seeds {SEEDS:?} (head/adapter init, \
-             dropout, data order; seed 0 is the grid's run): <method>.test_accuracy and \
-             .dev_accuracy are means over the seeds, *_sd sample sds; *_over_full_accuracy \
-             divide those means."
+             dropout, data order; seed 0 is the grid's run): `<method>.test_accuracy` and \
+             `.dev_accuracy` are means over the seeds, `*_sd` sample sds; \
+             `*_over_full_accuracy` divide those means."
         ),
     ];
     notes.extend(grid_notes);
     notes.push(
-        "trainable_params counts everything that trains with the method, head included \
+        "`trainable_params` counts everything that trains with the method, head included \
          (LoRA: A/B matrices and the classifier; Pfeiffer: adapters and the classifier); \
-         trainable_fraction divides it by total_params, every parameter of that model \
+         `trainable_fraction` divides it by `total_params`, every parameter of that model \
          (encoder, head and any adapter), as PEFT's print_trainable_parameters does."
             .into(),
     );
     notes.push(format!(
-        "<method>.step_ms: each sample is one whole run's wall time / {steps} steps, one \
-         per seed (the runs are sequential, not interleaved). peak_rss_mb: the larger \
+        "`<method>.step_ms_*`: each sample is one whole run's wall time / {steps} steps, one \
+         per seed (the runs are sequential, not interleaved). `peak_rss_mb`: the larger \
          process peak RSS of the seed 1 and 2 runs (each reset before its run)."
     ));
     Ok(Outcome { metrics: m, notes })
@@ -348,10 +348,10 @@ pub fn inference_overhead(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                 "Each sample is one no-grad forward of MiniLM on the same 32 x 64 batch; \
                  {rounds} rounds after {warmup} warm-up round(s), each timing base, unmerged \
                  LoRA (r=8 on query/value, non-zero B) and merged LoRA in an order that \
-                 rotates per round. *_over_base are per-round ratios to the base forward \
+                 rotates per round. `*_over_base_*` are per-round ratios to the base forward \
                  of the same round."
             ),
-            "control_merged_over_base is a control, not a result: a merged model runs \
+            "`control_merged_over_base_*` is a control, not a result: a merged model runs \
              exactly the base model's operations (the delta is folded into the weights), so \
              it measures timing noise and should be 1 within its spread."
                 .into(),
@@ -498,8 +498,8 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                  {STEPS_PER_ROUND} Rust steps with {STEPS_PER_ROUND} PyTorch + PEFT steps (a \
                  Python child process stepping on request, same threads)."
             ),
-            "step_ratio_rust_over_python is the ratio of the two medians; \
-             paired_step_ratio_rust_over_python_* are ratios of the i-th Rust step to the \
+            "`step_ratio_rust_over_python` is the ratio of the two medians; \
+             `paired_step_ratio_rust_over_python_*` are ratios of the i-th Rust step to the \
              i-th Python step of the same round (below 1: Rust is faster)."
                 .into(),
         ],
