@@ -1,9 +1,13 @@
-"""Times sentence-transformers on the same texts as `core.minilm_embed` (side by side).
+"""sentence-transformers' side of `core.minilm_embed` (benches/src/experiments/core.rs).
 
-Prints {"seconds": encode time after one warm-up batch}. Used by benches/src/experiments/core.rs.
+Loads all-MiniLM-L6-v2 and the texts (one per line), embeds one warm-up batch, prints
+{"ready": true, "sentences": N, "threads": T}, then answers each "run" line on stdin
+with {"seconds": time to embed all texts once}; "quit" or end of input stops. The Rust
+side interleaves its own passes with these, so both see the same machine load.
 """
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -24,10 +28,22 @@ model = SentenceTransformer(a.model, device=a.device)
 model.encode(texts[: a.batch_size], batch_size=a.batch_size)
 if a.device == "cuda":
     torch.cuda.synchronize()
-start = time.perf_counter()
-emb = model.encode(texts, batch_size=a.batch_size)
-if a.device == "cuda":
-    torch.cuda.synchronize()
-secs = time.perf_counter() - start
-assert emb.shape[0] == len(texts)
-print(json.dumps({"seconds": secs, "sentences": len(texts), "threads": torch.get_num_threads()}))
+print(json.dumps({"ready": True, "sentences": len(texts), "threads": torch.get_num_threads()}), flush=True)
+
+
+def run():
+    start = time.perf_counter()
+    emb = model.encode(texts, batch_size=a.batch_size)
+    if a.device == "cuda":
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - start
+    assert emb.shape[0] == len(texts)
+    return secs
+
+
+for line in sys.stdin:
+    cmd = line.split()
+    if not cmd or cmd[0] == "quit":
+        break
+    if cmd[0] == "run":
+        print(json.dumps({"seconds": run()}), flush=True)

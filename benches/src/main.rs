@@ -2,9 +2,11 @@
 //!
 //! Each experiment is a named function returning metrics; the runner times it, shows
 //! progress and writes `target/reuse-report/report.json`
-//! (`{"device", "torch", "git", "experiments": [{"id", "seconds", "metrics"}]}`) and a
-//! readable `target/reuse-report/REPORT.md`. Ratios against other tools are measured
-//! side by side in the same run.
+//! (`{"commit", "dirty", "date", "device", "threads", "torch", "quick", "experiments":
+//! [{"id", "about", "seconds", "metrics", "notes"}]}`) and a readable
+//! `target/reuse-report/REPORT.md`. Ratios against other tools are measured in the
+//! same run, with the two sides' rounds interleaved. `cargo xtask readme-figures`
+//! writes the README's figures from report.json.
 
 mod experiments;
 mod report;
@@ -31,6 +33,11 @@ struct Args {
     /// List the experiments and exit.
     #[arg(long)]
     list: bool,
+    /// Smoke-test sizes (few steps, small splits, few rounds): checks that the
+    /// experiments run end to end in minutes; the figures mean nothing and the report
+    /// is marked quick.
+    #[arg(long)]
+    quick: bool,
 }
 
 fn main() -> Result<()> {
@@ -58,8 +65,8 @@ fn main() -> Result<()> {
         .iter()
         .filter(|e| args.only.is_empty() || args.only.iter().any(|o| o == e.id))
         .collect();
-    let ctx = Ctx::new(device)?;
-    let mut report = Report::new(device);
+    let ctx = Ctx::new(device, args.quick)?;
+    let mut report = Report::new(device, &ctx.root, args.quick);
     let bar = ProgressBar::new(chosen.len() as u64);
     bar.set_style(ProgressStyle::with_template(
         "[{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
@@ -67,7 +74,7 @@ fn main() -> Result<()> {
     for e in chosen {
         bar.set_message(e.id);
         let start = Instant::now();
-        let metrics = (e.run)(&ctx, &bar)?;
+        let experiments::Outcome { metrics, notes } = (e.run)(&ctx, &bar)?;
         let seconds = start.elapsed().as_secs_f64();
         experiments::say(
             &bar,
@@ -75,8 +82,10 @@ fn main() -> Result<()> {
         );
         report.experiments.push(ExperimentResult {
             id: e.id.to_string(),
+            about: e.about.to_string(),
             seconds,
             metrics,
+            notes,
         });
         bar.inc(1);
     }

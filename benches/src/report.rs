@@ -1,8 +1,11 @@
-//! The report: JSON for machines, Markdown for people, both written atomically.
+//! The report: JSON for machines, Markdown for people, both written atomically. It
+//! records where its figures came from: the commit (and whether the tree had
+//! uncommitted changes), the date, the device and the thread count.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -12,16 +15,28 @@ use tch::Device;
 #[derive(Serialize)]
 pub struct ExperimentResult {
     pub id: String,
+    pub about: String,
     pub seconds: f64,
     pub metrics: BTreeMap<String, f64>,
+    pub notes: Vec<String>,
 }
 
 /// The whole run.
 #[derive(Serialize)]
 pub struct Report {
+    /// `git rev-parse HEAD` of the workspace the bench was built from.
+    pub commit: String,
+    /// Whether tracked files differed from that commit (`git status --porcelain`).
+    pub dirty: bool,
+    /// When the run started, UTC, ISO 8601.
+    pub date: String,
+    /// `cpu` or `cuda:N`.
     pub device: String,
+    /// libtorch intra-op threads.
+    pub threads: i32,
     pub torch: String,
-    pub git: String,
+    /// Smoke-test sizes (`--quick`): the figures mean nothing.
+    pub quick: bool,
     pub experiments: Vec<ExperimentResult>,
 }
 
@@ -37,25 +52,49 @@ fn torch_version() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn git_version() -> String {
+/// (commit, dirty) of the git tree at `root`; ("unknown", false) outside git.
+fn git_source(root: &Path) -> (String, bool) {
     let out = |args: &[&str]| {
         Command::new("git")
             .args(args)
+            .current_dir(root)
             .output()
             .ok()
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
-    match out(&["rev-parse", "--short", "HEAD"]) {
-        Some(h)
-            if out(&["status", "--porcelain", "--untracked-files=no"])
-                .is_some_and(|s| !s.is_empty()) =>
-        {
-            format!("{h}-dirty")
+    match out(&["rev-parse", "HEAD"]) {
+        Some(h) => {
+            let dirty = out(&["status", "--porcelain", "--untracked-files=no"])
+                .is_none_or(|s| !s.is_empty());
+            (h, dirty)
         }
-        Some(h) => h,
-        None => "unknown".into(),
+        None => ("unknown".into(), false),
     }
+}
+
+/// Now as `YYYY-MM-DDTHH:MM:SSZ` (days to civil date after H. Hinnant's algorithm).
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// `k=v` pairs for the progress line.
@@ -75,15 +114,20 @@ fn fmt(v: f64) -> String {
 }
 
 impl Report {
-    pub fn new(device: Device) -> Self {
+    pub fn new(device: Device, root: &Path, quick: bool) -> Self {
         let device = match device {
             Device::Cuda(i) => format!("cuda:{i}"),
-            _ => format!("cpu ({} threads)", tch::get_num_threads()),
+            _ => "cpu".into(),
         };
+        let (commit, dirty) = git_source(root);
         Self {
+            commit,
+            dirty,
+            date: utc_now(),
             device,
+            threads: tch::get_num_threads(),
             torch: torch_version(),
-            git: git_version(),
+            quick,
             experiments: Vec::new(),
         }
     }
@@ -93,14 +137,32 @@ impl Report {
         let json = serde_json::to_string_pretty(self)?;
         reuse_core::checkpoint::write_atomic(&dir.join("report.json"), json.as_bytes())?;
         let mut md = format!(
-            "# reuse benchmark report\n\ndevice: {}  \ntorch: {}  \ngit: {}\n",
-            self.device, self.torch, self.git
+            "# reuse benchmark report\n\ncommit: {}{}  \ndate: {}  \ndevice: {} ({} threads)  \ntorch: {}\n",
+            self.commit,
+            if self.dirty {
+                " (with uncommitted changes)"
+            } else {
+                ""
+            },
+            self.date,
+            self.device,
+            self.threads,
+            self.torch
         );
+        if self.quick {
+            md.push_str(
+                "\n**Quick mode (`--quick`): smoke-test sizes, the figures mean nothing.**\n",
+            );
+        }
         for e in &self.experiments {
             md.push_str(&format!(
-                "\n## {} ({:.1} s)\n\n| metric | value |\n|---|---|\n",
-                e.id, e.seconds
+                "\n## {} ({:.1} s)\n\n{}\n",
+                e.id, e.seconds, e.about
             ));
+            for n in &e.notes {
+                md.push_str(&format!("\n- {n}"));
+            }
+            md.push_str("\n\n| metric | value |\n|---|---|\n");
             for (k, v) in &e.metrics {
                 md.push_str(&format!("| {k} | {} |\n", fmt(*v)));
             }

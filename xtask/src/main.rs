@@ -6,6 +6,7 @@
 //! and `fixtures` run `setup` first.
 
 mod cmd;
+mod figures;
 mod fixtures;
 mod fsutil;
 mod model;
@@ -42,6 +43,9 @@ enum Command {
     Bench(tasks::BenchArgs),
     /// Regenerate the committed fixtures under fixtures/.
     Fixtures(fixtures::FixturesArgs),
+    /// Rewrite the README's figures block (between `<!-- bench:begin -->` and
+    /// `<!-- bench:end -->`) from target/reuse-report/report.json, naming its commit.
+    ReadmeFigures(figures::FiguresArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +71,7 @@ fn run(command: Command) -> Result<()> {
         Command::Test => tasks::test(&root),
         Command::Bench(args) => tasks::bench(&root, &args),
         Command::Fixtures(args) => fixtures::run(&root, &args),
+        Command::ReadmeFigures(args) => figures::run(&root, &tasks::target_dir(&root), &args),
     }
 }
 

@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// Device to run on (default: CUDA if available, else CPU).
     #[arg(long, value_parser = ["cpu", "cuda"])]
     device: Option<String>,
+    /// Smoke-test sizes: checks the experiments run end to end in minutes; the figures
+    /// mean nothing and the report is marked quick.
+    #[arg(long)]
+    quick: bool,
     /// Further arguments passed to reuse-bench as they are (after `--`).
     #[arg(last = true)]
     rest: Vec<String>,
@@ -68,6 +72,9 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
     if let Some(device) = &args.device {
         c.args(["--device", device]);
     }
+    if args.quick {
+        c.arg("--quick");
+    }
     c.args(&args.rest);
     cmd::step(&mut c)?;
     let report = target_dir(root).join("reuse-report");
@@ -79,11 +86,14 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
             println!("report: {} was not written", path.display());
         }
     }
+    if args.only.is_none() && !args.quick {
+        println!("`cargo xtask readme-figures` writes the README's figures from this report");
+    }
     Ok(())
 }
 
 /// `$CARGO_TARGET_DIR` (relative to the root) or `<root>/target`.
-fn target_dir(root: &Path) -> PathBuf {
+pub fn target_dir(root: &Path) -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR").filter(|v| !v.is_empty()) {
         Some(dir) => root.join(dir),
         None => root.join("target"),

@@ -1,9 +1,11 @@
 //! reuse-core experiments.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use indicatif::ProgressBar;
 use reuse_core::data::{load_digits, load_text_splits};
 use reuse_core::models::SentenceEncoder;
@@ -12,112 +14,215 @@ use reuse_core::{Activation, Mlp, Model, TrainConfig, Trainer};
 use reuse_testkit::{fixtures_dir, minilm_dir};
 use tch::Kind;
 
-use super::{Ctx, Metrics};
+use super::{insert_spread, mean, sample_sd, Ctx, Metrics, Outcome};
 
-/// An MLP (64-128-10, ReLU) trained with AdamW on the digits fixture.
-pub fn digits_mlp(ctx: &Ctx, _bar: &ProgressBar) -> Result<Metrics> {
+const DIGITS_SEEDS: [u64; 3] = [0, 1, 2];
+
+/// An MLP (64-128-10, ReLU) trained with AdamW on the digits fixture, seeds 0, 1, 2.
+pub fn digits_mlp(ctx: &Ctx, _bar: &ProgressBar) -> Result<Outcome> {
     let d = load_digits(&fixtures_dir().join("digits/digits.csv.gz"))?;
-    tch::manual_seed(0);
-    let net = Mlp::new(&[64, 128, 10], Activation::Relu, ctx.device)?;
-    let mut t = Trainer::new(TrainConfig {
-        epochs: 25,
-        lr: 2e-3,
-        batch_size: 32,
-        device: ctx.device,
-        ..Default::default()
-    });
-    let r = t.fit(&net, &d.train, None, &mut [])?;
-    let acc = accuracy(&net, &d.test, 256, ctx.device)?;
-    Ok(Metrics::from([
-        ("test_accuracy".into(), acc),
-        ("train_seconds".into(), r.seconds),
-        ("params".into(), net.params().count() as f64),
-    ]))
+    let epochs = ctx.size(25, 2);
+    let (mut accs, mut secs) = (Vec::new(), Vec::new());
+    let mut params = 0;
+    for seed in DIGITS_SEEDS {
+        tch::manual_seed(seed as i64);
+        let net = Mlp::new(&[64, 128, 10], Activation::Relu, ctx.device)?;
+        let mut t = Trainer::new(TrainConfig {
+            epochs,
+            lr: 2e-3,
+            batch_size: 32,
+            device: ctx.device,
+            seed,
+            ..Default::default()
+        });
+        let r = t.fit(&net, &d.train, None, &mut [])?;
+        accs.push(accuracy(&net, &d.test, 256, ctx.device)?);
+        secs.push(r.seconds);
+        params = net.params().count();
+    }
+    let mut m = Metrics::from([
+        ("test_accuracy".into(), mean(&accs)),
+        ("test_accuracy_sd".into(), sample_sd(&accs)),
+        ("seeds".into(), DIGITS_SEEDS.len() as f64),
+        ("epochs".into(), epochs as f64),
+        ("params".into(), params as f64),
+    ]);
+    insert_spread(&mut m, "train_seconds", &secs);
+    Ok(Outcome {
+        metrics: m,
+        notes: vec![
+            format!(
+                "Seeds {DIGITS_SEEDS:?} (initialisation and data order); `test_accuracy` is \
+                 their mean, `test_accuracy_sd` the sample sd; `train_seconds_*` is one whole fit \
+                 per seed ({epochs} epochs)."
+            ),
+            "Hyperparameters (AdamW, lr 2e-3, batch 32) are fixed in the code, not \
+             searched by this bench; the digits fixture has no dev split to choose them on."
+                .into(),
+        ],
+    })
 }
 
 const BATCH: usize = 32;
 
-/// Embeddings per second over the Debian fixture's test texts (real short sentences),
-/// f32 and bf16, and sentence-transformers on the same texts in the same run.
-pub fn minilm_embed(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
-    let dir = minilm_dir()?;
-    let splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
-    let texts: Vec<&str> = splits.test.texts.iter().map(String::as_str).collect();
-    let mut m = Metrics::new();
-    m.insert("sentences".into(), texts.len() as f64);
-    let mut f32_seconds = 0.0;
-    for (kind, name) in [(Kind::Float, "f32"), (Kind::BFloat16, "bf16")] {
-        bar.set_message(format!("core.minilm_embed {name}"));
-        let enc = SentenceEncoder::load(&dir, ctx.device, kind)?;
-        let _ = enc.encode(&texts[..BATCH.min(texts.len())], BATCH)?; // warm-up
-        let start = Instant::now();
-        let e = enc.encode(&texts, BATCH)?;
-        let secs = start.elapsed().as_secs_f64();
-        anyhow::ensure!(e.size()[0] as usize == texts.len());
-        m.insert(
-            format!("sentences_per_second_{name}"),
-            texts.len() as f64 / secs,
-        );
-        if kind == Kind::Float {
-            f32_seconds = secs;
-        }
-    }
-    match ctx.python() {
-        Some(py) => {
-            bar.set_message("core.minilm_embed sentence-transformers");
-            match sentence_transformers_seconds(ctx, &py, &dir, &texts) {
-                Ok(theirs) => {
-                    m.insert(
-                        "sentence_transformers_sentences_per_second".into(),
-                        texts.len() as f64 / theirs,
-                    );
-                    m.insert(
-                        "ratio_vs_sentence_transformers".into(),
-                        f32_seconds / theirs,
-                    );
-                }
-                Err(e) => super::say(
-                    bar,
-                    format!("sentence-transformers comparison skipped: {e:#}"),
-                ),
-            }
-        }
-        None => super::say(bar, "sentence-transformers comparison skipped: no .venv"),
-    }
-    Ok(m)
+/// sentence-transformers in a child process (benches/python/st_embed.py --serve) that
+/// embeds the texts file once per `run` line and answers with the seconds it took.
+struct StChild {
+    child: Child,
+    to: ChildStdin,
+    from: BufReader<ChildStdout>,
 }
 
-fn sentence_transformers_seconds(
-    ctx: &Ctx,
-    py: &std::path::Path,
-    dir: &std::path::Path,
-    texts: &[&str],
-) -> Result<f64> {
-    let tmp = ctx.root.join("target/reuse-report");
-    std::fs::create_dir_all(&tmp)?;
-    let input = tmp.join("embed_texts.txt");
-    std::fs::write(&input, texts.join("\n"))?;
-    let device = if ctx.device.is_cuda() { "cuda" } else { "cpu" };
-    let out = Command::new(py)
-        .arg(ctx.root.join("benches/python/st_embed.py"))
-        .args(["--model".as_ref(), dir.as_os_str()])
-        .args(["--texts".as_ref(), input.as_os_str()])
-        .args(["--batch-size", &BATCH.to_string(), "--device", device])
-        .args(["--threads", &tch::get_num_threads().to_string()])
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .context("running benches/python/st_embed.py")?;
-    if !out.status.success() {
-        bail!(
-            "st_embed.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
+impl StChild {
+    fn start(ctx: &Ctx, py: &Path, model: &Path, texts: &[&str]) -> Result<Self> {
+        let tmp = ctx.root.join("target/reuse-report");
+        std::fs::create_dir_all(&tmp)?;
+        let input = tmp.join("embed_texts.txt");
+        std::fs::write(&input, texts.join("\n"))?;
+        let device = if ctx.device.is_cuda() { "cuda" } else { "cpu" };
+        let mut child = Command::new(py)
+            .arg(ctx.root.join("benches/python/st_embed.py"))
+            .args(["--model".as_ref(), model.as_os_str()])
+            .args(["--texts".as_ref(), input.as_os_str()])
+            .args(["--batch-size", &BATCH.to_string(), "--device", device])
+            .args(["--threads", &tch::get_num_threads().to_string()])
+            .env("HF_HUB_OFFLINE", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("running benches/python/st_embed.py")?;
+        let to = child.stdin.take().context("python stdin")?;
+        let from = BufReader::new(child.stdout.take().context("python stdout")?);
+        let mut me = Self { child, to, from };
+        let ready = me.read()?;
+        ensure!(
+            ready["sentences"].as_u64() == Some(texts.len() as u64),
+            "st_embed.py read {} texts, expected {}",
+            ready["sentences"],
+            texts.len()
         );
+        Ok(me)
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("st_embed.py output")?;
-    v["seconds"]
-        .as_f64()
-        .context("st_embed.py printed no `seconds`")
+
+    fn read(&mut self) -> Result<serde_json::Value> {
+        let mut line = String::new();
+        if self.from.read_line(&mut line)? == 0 {
+            bail!("st_embed.py exited early (run it by hand to see why)");
+        }
+        serde_json::from_str(&line).context("st_embed.py output")
+    }
+
+    /// Seconds for one pass over the texts.
+    fn run(&mut self) -> Result<f64> {
+        writeln!(self.to, "run")?;
+        self.read()?["seconds"]
+            .as_f64()
+            .context("st_embed.py printed no `seconds`")
+    }
+}
+
+impl Drop for StChild {
+    fn drop(&mut self) {
+        let _ = writeln!(self.to, "quit");
+        let _ = self.child.wait();
+    }
+}
+
+/// Embeddings per second over the Debian fixture's test texts (real short sentences):
+/// Rust f32, Rust bf16 and sentence-transformers, in interleaved rounds.
+pub fn minilm_embed(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    let dir = minilm_dir()?;
+    let splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
+    let mut texts: Vec<&str> = splits.test.texts.iter().map(String::as_str).collect();
+    texts.truncate(ctx.size(texts.len(), 96));
+    let rounds = ctx.size(if ctx.device.is_cuda() { 10 } else { 5 }, 2);
+    let n = texts.len() as f64;
+
+    let f32_enc = SentenceEncoder::load(&dir, ctx.device, Kind::Float)?;
+    let bf16_enc = SentenceEncoder::load(&dir, ctx.device, Kind::BFloat16)?;
+    for enc in [&f32_enc, &bf16_enc] {
+        let _ = enc.encode(&texts[..BATCH.min(texts.len())], BATCH)?; // warm-up
+    }
+    let mut notes = Vec::new();
+    let mut st = match ctx.python() {
+        Some(py) => {
+            bar.set_message("core.minilm_embed starting sentence-transformers");
+            match StChild::start(ctx, &py, &dir, &texts) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    let msg = format!("sentence-transformers comparison skipped: {e:#}");
+                    super::say(bar, &msg);
+                    notes.push(msg);
+                    None
+                }
+            }
+        }
+        None => {
+            let msg = "sentence-transformers comparison skipped: no .venv";
+            super::say(bar, msg);
+            notes.push(msg.into());
+            None
+        }
+    };
+    let rust = |enc: &SentenceEncoder| -> Result<f64> {
+        let start = Instant::now();
+        let e = enc.encode(&texts, BATCH)?;
+        if ctx.device.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        ensure!(e.size()[0] as usize == texts.len());
+        Ok(secs)
+    };
+    // Seconds per pass: [rust f32, rust bf16, sentence-transformers] per round; the
+    // order rotates from round to round so no side always runs first.
+    let mut secs: [Vec<f64>; 3] = Default::default();
+    for round in 0..rounds {
+        bar.set_message(format!("core.minilm_embed round {}/{rounds}", round + 1));
+        for k in 0..3 {
+            let side = (round + k) % 3;
+            match side {
+                0 => secs[0].push(rust(&f32_enc)?),
+                1 => secs[1].push(rust(&bf16_enc)?),
+                _ => {
+                    if let Some(c) = st.as_mut() {
+                        secs[2].push(c.run()?);
+                    }
+                }
+            }
+        }
+    }
+    drop(st);
+    let per_s = |v: &[f64]| v.iter().map(|s| n / s).collect::<Vec<_>>();
+    let mut m = Metrics::from([
+        ("sentences".into(), n),
+        ("rounds".into(), rounds as f64),
+        ("batch_size".into(), BATCH as f64),
+    ]);
+    insert_spread(&mut m, "rust_f32.sentences_per_second", &per_s(&secs[0]));
+    insert_spread(&mut m, "rust_bf16.sentences_per_second", &per_s(&secs[1]));
+    if !secs[2].is_empty() {
+        insert_spread(
+            &mut m,
+            "sentence_transformers.sentences_per_second",
+            &per_s(&secs[2]),
+        );
+        for (i, name) in [(0, "rust_f32"), (1, "rust_bf16")] {
+            let ratios: Vec<f64> = secs[i].iter().zip(&secs[2]).map(|(a, b)| a / b).collect();
+            insert_spread(&mut m, &format!("{name}_time_over_st"), &ratios);
+        }
+    }
+    notes.push(format!(
+        "Each sample is one pass over the same {n} texts (the Debian fixture's test \
+         synopses) in batches of {BATCH}, after one warm-up batch per side; {rounds} \
+         rounds, each running Rust f32, Rust bf16 and sentence-transformers (a Python child \
+         process embedding on request, same threads) in an order that rotates per round."
+    ));
+    notes.push(
+        "`*_time_over_st_*` are per-round ratios of Rust's pass time to sentence-transformers' \
+         in the same round (below 1: Rust is faster)."
+            .into(),
+    );
+    Ok(Outcome { metrics: m, notes })
 }

@@ -1,4 +1,5 @@
-//! The experiment registry.
+//! The experiment registry, and what experiments share: the context, their outcome
+//! (metrics and notes) and summary statistics for repeated measurements.
 
 mod core;
 mod peft;
@@ -16,14 +17,21 @@ pub struct Ctx {
     pub device: Device,
     /// Workspace root.
     pub root: PathBuf,
+    /// Smoke-test sizes (few steps, small splits): checks that an experiment runs end
+    /// to end; its figures mean nothing and the report says it was quick.
+    pub quick: bool,
 }
 
 impl Ctx {
-    pub fn new(device: Device) -> Result<Self> {
+    pub fn new(device: Device, quick: bool) -> Result<Self> {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("..")
             .canonicalize()?;
-        Ok(Self { device, root })
+        Ok(Self {
+            device,
+            root,
+            quick,
+        })
     }
 
     /// The `.venv` python, if set-up made one.
@@ -31,9 +39,25 @@ impl Ctx {
         let p = self.root.join(".venv/bin/python");
         p.exists().then_some(p)
     }
+
+    /// `full` normally, `quick` in quick mode.
+    pub fn size(&self, full: usize, quick: usize) -> usize {
+        if self.quick {
+            quick
+        } else {
+            full
+        }
+    }
 }
 
 pub type Metrics = BTreeMap<String, f64>;
+
+/// What an experiment returns: its metrics and notes saying how they were obtained
+/// (how hyperparameters were chosen, what was timed, which figures are controls).
+pub struct Outcome {
+    pub metrics: Metrics,
+    pub notes: Vec<String>,
+}
 
 /// A progress line: above the bar on a terminal, to stderr when the bar is hidden
 /// (logs, CI), so it is never lost.
@@ -45,32 +69,67 @@ pub fn say(bar: &ProgressBar, msg: impl AsRef<str>) {
     }
 }
 
+pub fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// Sample standard deviation (n - 1); 0 for fewer than two values.
+pub fn sample_sd(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let m = mean(v);
+    (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// A repeated timing (or throughput): `{name}_median`, `{name}_sd` (sample),
+/// `{name}_min`, `{name}_max` and `{name}_samples`.
+pub fn insert_spread(m: &mut Metrics, name: &str, samples: &[f64]) {
+    let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    m.insert(format!("{name}_median"), median(samples));
+    m.insert(format!("{name}_sd"), sample_sd(samples));
+    m.insert(format!("{name}_min"), min);
+    m.insert(format!("{name}_max"), max);
+    m.insert(format!("{name}_samples"), samples.len() as f64);
+}
+
 /// A named experiment.
 pub struct Experiment {
     pub id: &'static str,
     pub about: &'static str,
-    pub run: fn(&Ctx, &ProgressBar) -> Result<Metrics>,
+    pub run: fn(&Ctx, &ProgressBar) -> Result<Outcome>,
 }
 
 pub const EXPERIMENTS: &[Experiment] = &[
     Experiment {
         id: "core.digits_mlp",
-        about: "MLP on scikit-learn digits: test accuracy, training time, parameters",
+        about: "MLP on scikit-learn digits, 3 seeds: test accuracy, training time, parameters",
         run: core::digits_mlp,
     },
     Experiment {
         id: "core.minilm_embed",
-        about: "all-MiniLM-L6-v2 sentence embeddings/s (f32, bf16) vs sentence-transformers",
+        about: "all-MiniLM-L6-v2 sentence embeddings/s (f32, bf16) vs sentence-transformers, interleaved rounds",
         run: core::minilm_embed,
     },
     Experiment {
         id: "peft.minilm_sections",
-        about: "MiniLM on Debian sections, same budget: full fine-tune, head only, LoRA r=8 q,v, Pfeiffer",
+        about: "MiniLM on Debian sections, same budget, lr chosen on dev, 3 seeds: full fine-tune, head only, LoRA r=8 q,v, Pfeiffer",
         run: peft::minilm_sections,
     },
     Experiment {
         id: "peft.inference_overhead",
-        about: "forward time of merged / unmerged LoRA over the base model (batch 32 x 64)",
+        about: "forward time of unmerged LoRA over the base model (batch 32 x 64), merged as a control",
         run: peft::inference_overhead,
     },
     Experiment {

@@ -11,19 +11,29 @@ use reuse_core::models::sentence::tokenize;
 use reuse_core::models::{Bert, BertClassifier, SentenceEncoder, TokenizedDataset, Want};
 use reuse_core::optim::cross_entropy;
 use reuse_core::trainer::accuracy;
-use reuse_core::{Checkpoint, Model, Optimizer, Schedule, TrainConfig, Trainer};
+use reuse_core::{Checkpoint, Model, Optimizer, Schedule, TrainConfig, Trainable, Trainer};
 use reuse_peft::bottleneck::{add_bottleneck, set_active_bottlenecks};
 use reuse_peft::config::InitLoraWeights;
 use reuse_peft::{BottleneckConfig, LoraConfig, LoraModel};
 use reuse_testkit::{fixtures_dir, minilm_dir};
 use tch::{Kind, Tensor};
 
-use super::{Ctx, Metrics};
+use super::{insert_spread, mean, median, sample_sd, Ctx, Metrics, Outcome};
 
-/// Training budget shared by every method.
+/// Training budget shared by every method (the grid runs use it too).
 const STEPS: usize = 300;
 const BATCH: usize = 16;
 const MAX_LEN: usize = 32;
+/// Seeds of the reported runs; seed 0 is also the seed of the lr grid.
+const SEEDS: [u64; 3] = [0, 1, 2];
+/// Learning-rate grids, ascending (a tie on dev accuracy goes to the smaller lr): half
+/// decades around each method's usual value.
+const METHODS: [(&str, &[f64]); 4] = [
+    ("full", &[3e-5, 1e-4, 3e-4]),
+    ("head", &[1e-3, 3e-3, 1e-2]),
+    ("lora", &[1e-3, 3e-3, 1e-2]),
+    ("pfeiffer", &[1e-3, 3e-3, 1e-2]),
+];
 
 /// Resets the kernel's peak-RSS counter (VmHWM) so each method's peak is its own.
 fn reset_peak_rss() {
@@ -50,98 +60,196 @@ fn sections() -> Result<TextSplits> {
     )?)
 }
 
-/// Same steps, batch, sequence length, schedule and seed for every method; each
-/// method's learning rate is the usual one for it.
-pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
+/// A fresh classifier set up for `method`, its random parts (head, adapters) drawn
+/// from `seed`: everything trains (`full`), the head only (`head`), LoRA r=8 on
+/// query/value plus the head (`lora`), a Pfeiffer adapter plus the head (`pfeiffer`).
+fn classifier(
+    method: &str,
+    dir: &std::path::Path,
+    ctx: &Ctx,
+    n_classes: i64,
+    seed: u64,
+) -> Result<Box<dyn Trainable>> {
+    tch::manual_seed(seed as i64);
+    let mut model = BertClassifier::new(Bert::load(dir, ctx.device, Kind::Float)?, n_classes);
+    Ok(match method {
+        "full" => Box::new(model),
+        "head" => {
+            model.bert.params().freeze();
+            Box::new(model)
+        }
+        "lora" => {
+            let mut lm = LoraModel::new(model);
+            let mut c = LoraConfig::new(8, 16.0, &["query", "value"]);
+            c.modules_to_save = Some(vec!["classifier".into()]);
+            lm.add_adapter("default", c)?;
+            Box::new(lm)
+        }
+        "pfeiffer" => {
+            let mut bc = BottleneckConfig::pfeiffer();
+            bc.hidden_size = model.bert.config.hidden_size;
+            add_bottleneck(&mut model.bert, "task", &bc, ctx.device)?;
+            set_active_bottlenecks(&mut model, &["task"]);
+            for (_, t) in model.head.classifier.named_parameters() {
+                let _ = t.set_requires_grad(true);
+            }
+            Box::new(model)
+        }
+        _ => bail!("unknown method `{method}`"),
+    })
+}
+
+/// One trained model and what its run measured.
+struct Run {
+    model: Box<dyn Trainable>,
+    dev: f64,
+    step_ms: f64,
+}
+
+/// Same steps, batch, sequence length and schedule for every method. Each method's
+/// learning rate is the one of its grid with the best dev accuracy at seed 0; then the
+/// method is reported over seeds 0, 1, 2 at that lr (the seed-0 run is the grid's).
+/// Test accuracy is computed only for the chosen lr.
+pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let dir = minilm_dir()?;
-    let splits = sections()?;
+    let mut splits = sections()?;
+    splits.dev.texts.truncate(ctx.size(usize::MAX, 64));
+    splits.dev.labels.truncate(ctx.size(usize::MAX, 64));
+    splits.test.texts.truncate(ctx.size(usize::MAX, 64));
+    splits.test.labels.truncate(ctx.size(usize::MAX, 64));
+    let steps = ctx.size(STEPS, 6);
     let enc = SentenceEncoder::load(&dir, ctx.device, Kind::Float)?;
     let train = TokenizedDataset::new(&enc.tokenizer, &splits.train, MAX_LEN)?;
+    let dev = TokenizedDataset::new(&enc.tokenizer, &splits.dev, MAX_LEN)?;
     let test = TokenizedDataset::new(&enc.tokenizer, &splits.test, MAX_LEN)?;
-    let base_params = enc.bert.params().count() as f64;
     drop(enc);
     let n_classes = splits.classes.len() as i64;
+    let cfg = |lr: f64, seed: u64| TrainConfig {
+        max_steps: Some(steps),
+        batch_size: BATCH,
+        lr,
+        weight_decay: 0.01,
+        schedule: Schedule::Linear { warmup: steps / 10 },
+        device: ctx.device,
+        seed,
+        ..Default::default()
+    };
+    let fit = |method: &str, lr: f64, seed: u64| -> Result<Run> {
+        let model = classifier(method, &dir, ctx, n_classes, seed)?;
+        let r = Trainer::new(cfg(lr, seed)).fit(&*model, &train, None, &mut [])?;
+        let dev = accuracy(&*model, &dev, 64, ctx.device)?;
+        Ok(Run {
+            model,
+            dev,
+            step_ms: 1000.0 * r.seconds / r.steps as f64,
+        })
+    };
     let mut m = Metrics::new();
-    for method in ["full", "head", "lora", "pfeiffer"] {
-        bar.set_message(format!("peft.minilm_sections {method}"));
-        reset_peak_rss();
-        tch::manual_seed(0);
-        let mut model = BertClassifier::new(Bert::load(&dir, ctx.device, Kind::Float)?, n_classes);
-        let cfg = |lr: f64| TrainConfig {
-            max_steps: Some(STEPS),
-            batch_size: BATCH,
-            lr,
-            weight_decay: 0.01,
-            schedule: Schedule::Linear { warmup: STEPS / 10 },
-            device: ctx.device,
-            seed: 0,
-            ..Default::default()
-        };
-        let (acc, trainable, report) = match method {
-            "lora" => {
-                let mut lm = LoraModel::new(model);
-                let mut c = LoraConfig::new(8, 16.0, &["query", "value"]);
-                c.modules_to_save = Some(vec!["classifier".into()]);
-                lm.add_adapter("default", c)?;
-                let trainable = lm.trainable_parameters().select_glob("*lora_*")?.count();
-                let r = Trainer::new(cfg(3e-3)).fit(&lm, &train, None, &mut [])?;
-                (accuracy(&lm, &test, 64, ctx.device)?, trainable, r)
+    let mut grid_notes = Vec::new();
+    for (method, grid) in METHODS {
+        // The grid, at seed 0, read on dev only; the best run is kept as seed 0's.
+        let mut best: Option<(f64, Run)> = None;
+        let mut seen = Vec::new();
+        for &lr in grid {
+            bar.set_message(format!("peft.minilm_sections {method} grid lr {lr:e}"));
+            let run = fit(method, lr, SEEDS[0])?;
+            super::say(
+                bar,
+                format!("  {method:9} grid lr {lr:e}: dev acc {:.4}", run.dev),
+            );
+            seen.push(format!("{lr:e}: {:.4}", run.dev));
+            if best.as_ref().is_none_or(|(_, b)| run.dev > b.dev) {
+                best = Some((lr, run));
             }
-            _ => {
-                let lr = match method {
-                    "full" => 1e-4,
-                    "head" => 5e-3,
-                    _ => 3e-3,
-                };
-                if method == "head" {
-                    model.bert.params().freeze();
-                }
-                if method == "pfeiffer" {
-                    let mut bc = BottleneckConfig::pfeiffer();
-                    bc.hidden_size = model.bert.config.hidden_size;
-                    add_bottleneck(&mut model.bert, "task", &bc, ctx.device)?;
-                    set_active_bottlenecks(&mut model, &["task"]);
-                    model
-                        .head
-                        .classifier
-                        .named_parameters()
-                        .iter()
-                        .for_each(|(_, t)| {
-                            let _ = t.set_requires_grad(true);
-                        });
-                }
-                let trainable = model.bert.params().count_trainable();
-                let r = Trainer::new(cfg(lr)).fit(&model, &train, None, &mut [])?;
-                (accuracy(&model, &test, 64, ctx.device)?, trainable, r)
-            }
-        };
-        m.insert(format!("{method}.test_accuracy"), acc);
-        m.insert(format!("{method}.trainable_params"), trainable as f64);
-        m.insert(
-            format!("{method}.trainable_fraction"),
-            trainable as f64 / base_params,
-        );
-        m.insert(
-            format!("{method}.step_ms"),
-            1000.0 * report.seconds / report.steps as f64,
-        );
-        m.insert(format!("{method}.peak_rss_mb"), peak_rss_mb());
+        }
+        let (lr, run0) = best.context("empty lr grid")?;
+        grid_notes.push(format!(
+            "{method}: dev accuracy at seed 0 by lr {{{}}}, chose {lr:e}",
+            seen.join(", ")
+        ));
+        let (mut devs, mut tests, mut step_ms, mut rss) = (vec![run0.dev], vec![], vec![], vec![]);
+        tests.push(accuracy(&*run0.model, &test, 64, ctx.device)?);
+        step_ms.push(run0.step_ms);
+        let params = run0.model.params();
+        let (trainable, total) = (params.count_trainable(), params.count());
+        drop((params, run0));
+        for &seed in &SEEDS[1..] {
+            bar.set_message(format!("peft.minilm_sections {method} seed {seed}"));
+            reset_peak_rss();
+            let run = fit(method, lr, seed)?;
+            rss.push(peak_rss_mb());
+            devs.push(run.dev);
+            tests.push(accuracy(&*run.model, &test, 64, ctx.device)?);
+            step_ms.push(run.step_ms);
+        }
         super::say(
             bar,
             format!(
-                "  {method:9} acc {acc:.4}  trainable {trainable:>9}  {:.0} ms/step",
-                1000.0 * report.seconds / report.steps as f64
+                "  {method:9} lr {lr:e}: test acc {:.4} ± {:.4} (seeds {SEEDS:?}), trainable {trainable} of {total}",
+                mean(&tests),
+                sample_sd(&tests)
             ),
         );
+        let k = |name: &str| format!("{method}.{name}");
+        m.insert(k("lr"), lr);
+        m.insert(k("test_accuracy"), mean(&tests));
+        m.insert(k("test_accuracy_sd"), sample_sd(&tests));
+        m.insert(k("dev_accuracy"), mean(&devs));
+        m.insert(k("dev_accuracy_sd"), sample_sd(&devs));
+        m.insert(k("trainable_params"), trainable as f64);
+        m.insert(k("total_params"), total as f64);
+        m.insert(k("trainable_fraction"), trainable as f64 / total as f64);
+        insert_spread(&mut m, &k("step_ms"), &step_ms);
+        m.insert(
+            k("peak_rss_mb"),
+            rss.iter().copied().fold(f64::NAN, f64::max),
+        );
     }
-    m.insert(
-        "lora_over_full_accuracy".into(),
-        m["lora.test_accuracy"] / m["full.test_accuracy"],
-    );
-    m.insert("steps".into(), STEPS as f64);
+    for method in ["head", "lora", "pfeiffer"] {
+        m.insert(
+            format!("{method}_over_full_accuracy"),
+            m[&format!("{method}.test_accuracy")] / m["full.test_accuracy"],
+        );
+    }
+    m.insert("seeds".into(), SEEDS.len() as f64);
+    m.insert("steps".into(), steps as f64);
     m.insert("batch_size".into(), BATCH as f64);
     m.insert("max_len".into(), MAX_LEN as f64);
-    Ok(m)
+    m.insert("dev_examples".into(), splits.dev.labels.len() as f64);
+    m.insert("test_examples".into(), splits.test.labels.len() as f64);
+    let mut notes = vec![
+        format!(
+            "Learning rates: for each method, a grid of 3 (ascending, half decades) trained \
+             at seed 0 with the full budget ({steps} steps, batch {BATCH}, max length \
+             {MAX_LEN}, AdamW, weight decay 0.01, linear schedule with {} warm-up steps); \
+             the lr with the best accuracy on the dev split ({} examples) wins, the smaller \
+             lr on a tie. The test split ({} examples) is never read during the choice: \
+             test accuracy is computed only for the chosen lr.",
+            steps / 10,
+            splits.dev.labels.len(),
+            splits.test.labels.len()
+        ),
+        format!(
+            "Each method then trains at its lr for seeds {SEEDS:?} (head/adapter init, \
+             dropout, data order; seed 0 is the grid's run): `<method>.test_accuracy` and \
+             `.dev_accuracy` are means over the seeds, `*_sd` sample sds; \
+             `*_over_full_accuracy` divide those means."
+        ),
+    ];
+    notes.extend(grid_notes);
+    notes.push(
+        "`trainable_params` counts everything that trains with the method, head included \
+         (LoRA: A/B matrices and the classifier; Pfeiffer: adapters and the classifier); \
+         `trainable_fraction` divides it by `total_params`, every parameter of that model \
+         (encoder, head and any adapter), as PEFT's print_trainable_parameters does."
+            .into(),
+    );
+    notes.push(format!(
+        "`<method>.step_ms_*`: each sample is one whole run's wall time / {steps} steps, one \
+         per seed (the runs are sequential, not interleaved). `peak_rss_mb`: the larger \
+         process peak RSS of the seed 1 and 2 runs (each reset before its run)."
+    ));
+    Ok(Outcome { metrics: m, notes })
 }
 
 /// A fixed batch of real texts: `[n, len]` ids and mask, padded / truncated to `len`.
@@ -170,13 +278,8 @@ fn fixed_batch(
     Ok((ids, mask))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// Base, unmerged-LoRA and merged-LoRA forwards on the same batch, interleaved.
-pub fn inference_overhead(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
+pub fn inference_overhead(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let dir = minilm_dir()?;
     let splits = sections()?;
     let enc = SentenceEncoder::load(&dir, ctx.device, Kind::Float)?;
@@ -203,10 +306,11 @@ pub fn inference_overhead(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
         start.elapsed().as_secs_f64()
     };
     // Rounds of (base, unmerged, merged) in rotating order, so no variant always runs
-    // first or after a merge; medians over rounds.
+    // first or after a merge.
     let mut times: [Vec<f64>; 3] = Default::default();
-    let rounds = if ctx.device.is_cuda() { 60 } else { 18 };
-    for round in 0..rounds + 3 {
+    let rounds = ctx.size(if ctx.device.is_cuda() { 60 } else { 18 }, 3);
+    let warmup = ctx.size(3, 1);
+    for round in 0..rounds + warmup {
         bar.set_message(format!("peft.inference_overhead round {round}"));
         for k in 0..3 {
             let variant = (round + k) % 3;
@@ -220,20 +324,39 @@ pub fn inference_overhead(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
             }
             let t = time(&lm.model);
             lm.unmerge_adapter()?;
-            if round >= 3 {
-                times[variant].push(t);
+            if round >= warmup {
+                times[variant].push(t * 1000.0);
             }
         }
     }
     let [base, unmerged, merged] = times;
-    let (b, u, mm) = (median(base), median(unmerged), median(merged));
-    Ok(Metrics::from([
-        ("base_ms".into(), b * 1000.0),
-        ("unmerged_ms".into(), u * 1000.0),
-        ("merged_ms".into(), mm * 1000.0),
-        ("merged_over_base".into(), mm / b),
-        ("unmerged_over_base".into(), u / b),
-    ]))
+    let ratios = |v: &[f64]| -> Vec<f64> { v.iter().zip(&base).map(|(a, b)| a / b).collect() };
+    let mut m = Metrics::from([
+        ("batch_size".into(), 32.0),
+        ("seq_len".into(), 64.0),
+        ("rounds".into(), rounds as f64),
+    ]);
+    insert_spread(&mut m, "base_ms", &base);
+    insert_spread(&mut m, "unmerged_ms", &unmerged);
+    insert_spread(&mut m, "merged_ms", &merged);
+    insert_spread(&mut m, "unmerged_over_base", &ratios(&unmerged));
+    insert_spread(&mut m, "control_merged_over_base", &ratios(&merged));
+    Ok(Outcome {
+        metrics: m,
+        notes: vec![
+            format!(
+                "Each sample is one no-grad forward of MiniLM on the same 32 x 64 batch; \
+                 {rounds} rounds after {warmup} warm-up round(s), each timing base, unmerged \
+                 LoRA (r=8 on query/value, non-zero B) and merged LoRA in an order that \
+                 rotates per round. `*_over_base_*` are per-round ratios to the base forward \
+                 of the same round."
+            ),
+            "`control_merged_over_base_*` is a control, not a result: a merged model runs \
+             exactly the base model's operations (the delta is folded into the weights), so \
+             it measures timing noise and should be 1 within its spread."
+                .into(),
+        ],
+    })
 }
 
 const STEP_BATCH: usize = 32;
@@ -243,7 +366,7 @@ const STEPS_PER_ROUND: usize = 2;
 
 /// One LoRA training step (forward, mean-pool head, cross-entropy, backward, AdamW) in
 /// Rust and in PyTorch + PEFT, same model, batch, sequence length and threads.
-pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
+pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let Some(py) = ctx.python() else {
         bail!("no .venv python: run `cargo xtask setup`");
     };
@@ -332,7 +455,8 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
     };
     read()?; // ready
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    for round in 0..STEP_ROUNDS {
+    let rounds = ctx.size(STEP_ROUNDS, 2);
+    for round in 0..rounds {
         bar.set_message(format!("peft.vs_python round {round}"));
         for _ in 0..STEPS_PER_ROUND {
             ours.push(step());
@@ -349,12 +473,35 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Metrics> {
     }
     writeln!(to_py, "quit")?;
     let _ = child.wait();
-    let (ours, theirs) = (median(ours), median(theirs));
-    Ok(Metrics::from([
-        ("rust_step_ms".into(), ours * 1000.0),
-        ("python_step_ms".into(), theirs * 1000.0),
-        ("step_ratio_rust_over_python".into(), ours / theirs),
+    // Pair the i-th step of each side (same round) for per-pair ratios.
+    let ratios: Vec<f64> = ours.iter().zip(&theirs).map(|(a, b)| a / b).collect();
+    let ms = |v: &[f64]| v.iter().map(|s| s * 1000.0).collect::<Vec<_>>();
+    let mut m = Metrics::from([
         ("batch_size".into(), STEP_BATCH as f64),
         ("seq_len".into(), STEP_LEN as f64),
-    ]))
+        ("rounds".into(), rounds as f64),
+        (
+            "step_ratio_rust_over_python".into(),
+            median(&ours) / median(&theirs),
+        ),
+    ]);
+    insert_spread(&mut m, "rust_step_ms", &ms(&ours));
+    insert_spread(&mut m, "python_step_ms", &ms(&theirs));
+    insert_spread(&mut m, "paired_step_ratio_rust_over_python", &ratios);
+    Ok(Outcome {
+        metrics: m,
+        notes: vec![
+            format!(
+                "Each sample is one LoRA training step (forward, mean pool, head, \
+                 cross-entropy, backward, AdamW) on the same {STEP_BATCH} x {STEP_LEN} batch, \
+                 after two warm-up steps per side; {rounds} rounds alternate \
+                 {STEPS_PER_ROUND} Rust steps with {STEPS_PER_ROUND} PyTorch + PEFT steps (a \
+                 Python child process stepping on request, same threads)."
+            ),
+            "`step_ratio_rust_over_python` is the ratio of the two medians; \
+             `paired_step_ratio_rust_over_python_*` are ratios of the i-th Rust step to the \
+             i-th Python step of the same round (below 1: Rust is faster)."
+                .into(),
+        ],
+    })
 }
