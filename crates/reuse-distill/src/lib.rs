@@ -1,4 +1,7 @@
-//! Knowledge distillation (planned): temperature-softened KL with the T^2 factor, feature and attention losses, offline teacher caches and student initialisation from teacher layers, all on reuse-core's models and trainer.
-//!
-//! This crate is a placeholder in the workspace layout; its API arrives with its issue.
+//! Knowledge distillation: temperature-softened KD with the T^2 factor, forward / reverse
+//! KL and generalised JSD, top-k KD from cached teacher log-probs ([`losses`]), and
+//! feature and attention losses with a layer map ([`features`]).
 #![deny(missing_docs)]
+
+pub mod features;
+pub mod losses;
