@@ -16,12 +16,17 @@ use std::path::{Path, PathBuf};
 
 /// The workspace's `fixtures/` folder.
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+    workspace_dir().join("fixtures")
 }
 
-/// The workspace root.
+/// The workspace root: `$REUSE_WORKSPACE_DIR` when set (a test or bench binary run away
+/// from the checkout it was built in, as on a GPU machine), else the checkout this crate
+/// was compiled in.
 pub fn workspace_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    match std::env::var_os("REUSE_WORKSPACE_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
 }
 
 /// The all-MiniLM-L6-v2 folder: `$REUSE_MINILM_DIR` (set by the workspace's
