@@ -63,7 +63,13 @@ fn main() -> Result<()> {
     }
     let chosen: Vec<_> = EXPERIMENTS
         .iter()
-        .filter(|e| args.only.is_empty() || args.only.iter().any(|o| o == e.id))
+        .filter(|e| {
+            if args.only.is_empty() {
+                e.default
+            } else {
+                args.only.iter().any(|o| o == e.id)
+            }
+        })
         .collect();
     let ctx = Ctx::new(device, args.quick)?;
     let mut report = Report::new(device, &ctx.root, args.quick);

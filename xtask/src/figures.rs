@@ -174,16 +174,20 @@ fn block(r: &Report) -> Result<String> {
     let sections = format!(
         "on the Debian sections task with the same budget ({:.0} steps), each method's \
          learning rate chosen on the dev split, test accuracy (mean ± sd over {:.0} seeds): \
-         full fine-tuning {}, LoRA r=8 {} ({} of the weights trained, head included; {:.0} vs \
-         {:.0} ms/step, medians of {:.0} runs), Pfeiffer adapter {} ({}), head only {} ({})",
+         full fine-tuning {}, LoRA r=4 on query, value and the FFN {} ({:.3}x full; {} of \
+         the weights trained, head included; {:.0} vs {:.0} ms/step, medians of {:.0} runs), \
+         LoRA r=8 on query and value {} ({}), Pfeiffer adapter {} ({}), head only {} ({})",
         r.get(s, "steps")?,
         r.get(s, "seeds")?,
         acc("full")?,
         acc("lora")?,
+        r.get(s, "lora_over_full_accuracy")?,
         pct("lora")?,
         r.get(s, "lora.step_ms_median")?,
         r.get(s, "full.step_ms_median")?,
         r.get(s, "lora.step_ms_samples")?,
+        acc("lora_qv_r8")?,
+        pct("lora_qv_r8")?,
         acc("pfeiffer")?,
         pct("pfeiffer")?,
         acc("head")?,

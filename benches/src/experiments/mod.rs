@@ -24,9 +24,7 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(device: Device, quick: bool) -> Result<Self> {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .canonicalize()?;
+        let root = reuse_testkit::workspace_dir().canonicalize()?;
         Ok(Self {
             device,
             root,
@@ -109,6 +107,8 @@ pub struct Experiment {
     pub id: &'static str,
     pub about: &'static str,
     pub run: fn(&Ctx, &ProgressBar) -> Result<Outcome>,
+    /// Part of a plain `cargo xtask bench`; `false`: only when `--only` names it.
+    pub default: bool,
 }
 
 pub const EXPERIMENTS: &[Experiment] = &[
@@ -116,25 +116,36 @@ pub const EXPERIMENTS: &[Experiment] = &[
         id: "core.digits_mlp",
         about: "MLP on scikit-learn digits, 3 seeds: test accuracy, training time, parameters",
         run: core::digits_mlp,
+        default: true,
     },
     Experiment {
         id: "core.minilm_embed",
         about: "all-MiniLM-L6-v2 sentence embeddings/s (f32, bf16) vs sentence-transformers, interleaved rounds",
         run: core::minilm_embed,
+        default: true,
     },
     Experiment {
         id: "peft.minilm_sections",
-        about: "MiniLM on Debian sections, same budget, lr chosen on dev, 3 seeds: full fine-tune, head only, LoRA r=8 q,v, Pfeiffer",
+        about: "MiniLM on Debian sections, same budget, lr chosen on dev, 3 seeds: full fine-tune, head only, LoRA (r=4 q,v,FFN; r=8 q,v), Pfeiffer",
         run: peft::minilm_sections,
+        default: true,
     },
     Experiment {
         id: "peft.inference_overhead",
         about: "forward time of unmerged LoRA over the base model (batch 32 x 64), merged as a control",
         run: peft::inference_overhead,
+        default: true,
     },
     Experiment {
         id: "peft.vs_python",
         about: "one LoRA training step, Rust vs PyTorch + PEFT, same model, batch, threads",
         run: peft::vs_python,
+        default: true,
+    },
+    Experiment {
+        id: "peft.dev_sweep",
+        about: "dev-only sweep behind peft.minilm_sections' grids: wide lr grids, LoRA variants, 3 seeds (for a GPU; only with --only)",
+        run: peft::dev_sweep,
+        default: false,
     },
 ];
