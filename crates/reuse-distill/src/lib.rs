@@ -5,3 +5,6 @@
 
 pub mod features;
 pub mod losses;
+pub mod teacher;
+
+pub use teacher::{dataset_fingerprint, Teacher};
