@@ -1,0 +1,176 @@
+//! `reuse distill embed`: a smaller sentence-embedding model cut from its teacher and
+//! trained to match the teacher's embeddings on unlabeled text.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use reuse_core::models::BertConfig;
+use reuse_distill::embed::{distill_embeddings, EmbedDistillConfig, EmbedLoss};
+use reuse_distill::student::{check_layers, check_out, save_student_folder};
+
+use crate::embed::parse_device;
+
+/// The report `reuse distill embed` writes beside the student's files.
+pub const METRICS_FILE: &str = "distill_metrics.json";
+
+/// Arguments of `reuse distill embed`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Teacher: a sentence-transformers model folder (config.json, model.safetensors,
+    /// tokenizer.json, modules.json, ...).
+    #[arg(long)]
+    teacher: PathBuf,
+    /// The teacher's layers the student keeps, comma-separated and increasing (0-based).
+    #[arg(long, value_delimiter = ',', required = true)]
+    layers: Vec<usize>,
+    /// Unlabeled text: one text per line, or a .tsv / .tsv.gz whose last column is the
+    /// text (e.g. `section<TAB>text`); .gz files are decompressed. Empty texts are skipped.
+    #[arg(long)]
+    texts: PathBuf,
+    /// Output folder for the student (must not exist, or be empty, unless --overwrite).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace a non-empty --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// Epochs over the training texts.
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Peak learning rate (AdamW, linear warmup then linear decay).
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
+    /// Texts per step.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Longest token sequence the student trains on.
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    /// mse (to the teacher's embeddings, as sentence-transformers' distillation example),
+    /// normalized-mse (MSE of the L2-normalised embeddings) or cosine (1 - cos).
+    #[arg(long, default_value = "mse")]
+    loss: String,
+    /// Use a seeded random sample of at most N texts (held-out share included).
+    #[arg(long, value_name = "N")]
+    max_texts: Option<usize>,
+    /// Share of the texts held out of training to measure the cosine to the teacher.
+    #[arg(long, default_value_t = 0.05)]
+    eval_fraction: f64,
+    /// Share of the steps spent warming the learning rate up.
+    #[arg(long, default_value_t = 0.1)]
+    warmup_fraction: f64,
+    /// Seed for the sample, the held-out split, the data order and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu or cuda (default: cuda if available).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+/// Texts of `path`: one per line, or the last tab-separated column of a `.tsv` /
+/// `.tsv.gz`; `.gz` is decompressed. Empty (all-blank) texts are left out.
+pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read texts file {}", path.display()))?;
+    let (text, name) = match name.strip_suffix(".gz") {
+        Some(inner) => {
+            let mut s = String::new();
+            flate2::read::GzDecoder::new(&bytes[..])
+                .read_to_string(&mut s)
+                .with_context(|| format!("{}: not a readable gzip text file", path.display()))?;
+            (s, inner.to_string())
+        }
+        None => (
+            String::from_utf8(bytes)
+                .with_context(|| format!("{}: not UTF-8 text", path.display()))?,
+            name,
+        ),
+    };
+    let tsv = name.ends_with(".tsv");
+    Ok(text
+        .lines()
+        .map(|l| {
+            let l = l.strip_suffix('\r').unwrap_or(l);
+            if tsv {
+                l.rsplit('\t').next().unwrap_or(l)
+            } else {
+                l
+            }
+        })
+        .filter(|t| !t.trim().is_empty())
+        .map(String::from)
+        .collect())
+}
+
+pub fn run(a: Args) -> Result<()> {
+    // Everything that can be checked cheaply is checked before any text is read or
+    // embedded, and nothing is written until the student is trained.
+    let loss: EmbedLoss = a.loss.parse()?;
+    let device = parse_device(a.device.as_deref())?;
+    check_out(&a.out, a.overwrite)?;
+    let teacher_cfg = BertConfig::load(&a.teacher.join("config.json"))
+        .with_context(|| format!("cannot load teacher from {}", a.teacher.display()))?;
+    check_layers(&a.layers, teacher_cfg.num_hidden_layers as usize)?;
+    let texts = read_texts(&a.texts)?;
+    let cfg = EmbedDistillConfig {
+        layers: a.layers.clone(),
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        max_len: a.max_len,
+        loss,
+        seed: a.seed,
+        device,
+        max_texts: a.max_texts,
+        eval_fraction: a.eval_fraction,
+        warmup_fraction: a.warmup_fraction,
+    };
+    let (student, r) = distill_embeddings(&a.teacher, &texts, &cfg, true)
+        .with_context(|| format!("distilling {}", a.teacher.display()))?;
+    save_student_folder(&student.bert, &a.teacher, &a.out, a.overwrite)?;
+    let metrics = serde_json::json!({
+        "teacher": a.teacher.display().to_string(),
+        "texts": a.texts.display().to_string(),
+        "layers": a.layers,
+        "loss": a.loss,
+        "lr": a.lr,
+        "epochs": a.epochs,
+        "batch_size": a.batch_size,
+        "max_len": a.max_len,
+        "seed": a.seed,
+        "steps": r.steps,
+        "train_seconds": r.seconds,
+        "teacher_seconds": r.teacher_seconds,
+        "final_loss": r.final_loss,
+        "train_texts": r.train_texts,
+        "held_out_texts": r.held_out_texts,
+        "held_out_cosine": r.held_out_cosine,
+        "teacher_params": r.teacher_params,
+        "student_params": r.student_params,
+    });
+    reuse_core::checkpoint::write_atomic(
+        &a.out.join(METRICS_FILE),
+        serde_json::to_string_pretty(&metrics)?.as_bytes(),
+    )?;
+    let cos = r
+        .held_out_cosine
+        .map_or("n/a".to_string(), |c| format!("{c:.4}"));
+    println!(
+        "held-out mean cosine to the teacher {cos} on {} texts; student {} layers, {} of {} parameters; \
+         {} steps on {} texts in {:.1} s (final loss {:.6}); wrote {}",
+        r.held_out_texts,
+        a.layers.len(),
+        r.student_params,
+        r.teacher_params,
+        r.steps,
+        r.train_texts,
+        r.seconds,
+        r.final_loss,
+        a.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,358 @@
+//! Students cut from their teacher, as DistilBERT initialises its student (Sanh et al.
+//! 2019, <https://arxiv.org/abs/1910.01108>: "taking one layer out of two" of BERT):
+//! the embeddings, a chosen subset of the teacher's encoder layers and any pooler are
+//! copied into a shallower BERT of the same width.
+//!
+//! [`cut_layers`] makes the student; [`save_student_folder`] writes it as a complete
+//! Hugging Face / sentence-transformers model folder beside the teacher's own files
+//! (tokenizer, pooling and normalisation modules), so `transformers.AutoModel`,
+//! `SentenceTransformer` and reuse's [`reuse_core::models::SentenceEncoder`] all load it.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use reuse_core::models::Bert;
+//! use reuse_distill::student::{cut_layers, save_student_folder};
+//! use tch::{Device, Kind};
+//!
+//! # fn main() -> reuse_core::Result<()> {
+//! let teacher_dir = Path::new("all-MiniLM-L6-v2");
+//! let teacher = Bert::load(teacher_dir, Device::Cpu, Kind::Float)?;
+//! let student = cut_layers(&teacher, &[0, 2, 4])?; // 3 of the 6 layers
+//! save_student_folder(&student, teacher_dir, Path::new("minilm-l3"), false)?;
+//! # Ok(()) }
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use reuse_core::models::{Bert, BertConfig};
+use reuse_core::{Checkpoint, Error, Model, Result};
+
+/// Files of a sentence-transformers model folder that a student shares with its
+/// teacher, copied when the teacher has them. Module folders named in `modules.json`
+/// (`1_Pooling`, `2_Normalize`, ...) are copied too.
+pub const SHARED_FILES: [&str; 7] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+];
+
+/// Checks that `layers` is a non-empty, strictly increasing list of layer indices of a
+/// teacher with `depth` layers.
+pub fn check_layers(layers: &[usize], depth: usize) -> Result<()> {
+    let what = "student layers";
+    if layers.is_empty() {
+        return Err(Error::invalid(
+            what,
+            format!("no layers given; name at least one of the teacher's layers 0..{depth}"),
+        ));
+    }
+    for (k, &i) in layers.iter().enumerate() {
+        if i >= depth {
+            return Err(Error::invalid(
+                what,
+                format!(
+                    "layer index {i} is past the teacher's depth: it has {depth} layers (0..={})",
+                    depth.saturating_sub(1)
+                ),
+            ));
+        }
+        if k > 0 && i <= layers[k - 1] {
+            return Err(Error::invalid(
+                what,
+                format!(
+                    "indices must be strictly increasing: {i} follows {} in {layers:?}",
+                    layers[k - 1]
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A shallower copy of `teacher`: its embeddings, its encoder layers `layers` (which
+/// become the student's layers `0..layers.len()`, in that order) and its pooler if it
+/// has one, on the teacher's device and in its dtype. The student's tensors are copies
+/// (training it leaves the teacher unchanged) and require grad. Layer gates are copied
+/// with their layer.
+///
+/// # Errors
+/// `layers` empty, not strictly increasing, or naming a layer at or past the teacher's
+/// depth (the message names the index and the depth); a teacher with adapters or other
+/// deltas attached (merge them first: the student is cut from base weights only), or
+/// with weights stored in a form the loader cannot rebuild (quantized).
+pub fn cut_layers(teacher: &Bert, layers: &[usize]) -> Result<Bert> {
+    check_layers(layers, teacher.layers.len())?;
+    let mut state = teacher.state_dict();
+    if let Some((extra, _)) = teacher
+        .named_parameters()
+        .into_iter()
+        .find(|(n, _)| state.get(n).is_none())
+    {
+        return Err(Error::invalid(
+            "teacher",
+            format!(
+                "it has `{extra}` beyond its base weights (an adapter or other delta); \
+                 merge it into the weights first (merge_and_unload), since a student copies base weights only"
+            ),
+        ));
+    }
+    let mut ck = Checkpoint::new();
+    let names: Vec<String> = state.names().map(String::from).collect();
+    for name in names {
+        let t = state.remove(&name).expect("listed");
+        match name.strip_prefix("encoder.layer.") {
+            Some(rest) => {
+                let (idx, tail) = rest.split_once('.').expect("encoder.layer.N.<name>");
+                let idx: usize = idx.parse().expect("a layer number");
+                if let Some(new) = layers.iter().position(|&l| l == idx) {
+                    ck.insert(format!("encoder.layer.{new}.{tail}"), t);
+                }
+            }
+            None => {
+                ck.insert(name, t);
+            }
+        }
+    }
+    let mut config = teacher.config.clone();
+    config.num_hidden_layers = layers.len() as i64;
+    let student = Bert::from_checkpoint(config, &mut ck, teacher.device(), teacher.kind())?;
+    if let Some(left) = ck.names().next() {
+        return Err(Error::invalid(
+            "teacher",
+            format!("tensor `{left}` has no place in a plain BERT student (quantized weights?)"),
+        ));
+    }
+    Ok(student)
+}
+
+/// Writes `student` as a complete model folder at `out`: `config.json` (the teacher's
+/// `config.json` with only `num_hidden_layers` changed, so keys reuse does not read are
+/// kept), `model.safetensors` (Hugging Face names, as [`Bert::state_dict`] writes them),
+/// and the teacher's tokenizer and sentence-transformers files ([`SHARED_FILES`] and the
+/// module folders `modules.json` names) copied from `teacher_dir`.
+///
+/// The folder is built beside `out` and renamed into place at the end, so a failure
+/// leaves nothing half-written. An `out` that exists and is not empty is refused unless
+/// `overwrite` is set; then it is replaced as a whole.
+///
+/// # Errors
+/// `out` not empty (without `overwrite`) or not a folder; a teacher folder without a
+/// readable `config.json`; a student whose width, vocabulary or heads differ from the
+/// teacher config's (it was not cut from this teacher); any I/O failure (naming the
+/// file).
+pub fn save_student_folder(
+    student: &Bert,
+    teacher_dir: &Path,
+    out: &Path,
+    overwrite: bool,
+) -> Result<()> {
+    check_out(out, overwrite)?;
+    let cfg_path = teacher_dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let mut json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Corrupt {
+        path: cfg_path.clone(),
+        reason: format!("not JSON: {e}"),
+    })?;
+    let teacher_cfg = BertConfig::load(&cfg_path)?;
+    check_same_shape(&student.config, &teacher_cfg, &cfg_path)?;
+    let Some(obj) = json.as_object_mut() else {
+        return Err(Error::Corrupt {
+            path: cfg_path,
+            reason: "expected a JSON object".into(),
+        });
+    };
+    obj.insert(
+        "num_hidden_layers".into(),
+        serde_json::Value::from(student.layers.len()),
+    );
+    let config_text =
+        serde_json::to_string_pretty(&json).map_err(|e| Error::invalid("config", e.to_string()))?;
+
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::invalid("out", format!("{} has no folder name", out.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| -> Result<()> {
+        std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |e| Error::io(p, e)
+        };
+        let cfg_out = tmp.join("config.json");
+        std::fs::write(&cfg_out, config_text).map_err(io(&cfg_out))?;
+        student.state_dict().save(tmp.join("model.safetensors"))?;
+        for f in SHARED_FILES {
+            let src = teacher_dir.join(f);
+            if src.is_file() {
+                std::fs::copy(&src, tmp.join(f)).map_err(io(&src))?;
+            }
+        }
+        for m in module_folders(teacher_dir)? {
+            let src = teacher_dir.join(&m);
+            if src.is_dir() {
+                copy_dir(&src, &tmp.join(&m))?;
+            }
+        }
+        // Move into place: an empty `out` is removed first; a non-empty one (allowed by
+        // `overwrite`) is moved aside and removed only once the new folder is in place.
+        let replaced = if out.exists() {
+            if is_empty_dir(out)? {
+                std::fs::remove_dir(out).map_err(io(out))?;
+                false
+            } else {
+                std::fs::rename(out, &old).map_err(io(out))?;
+                true
+            }
+        } else {
+            false
+        };
+        if let Err(e) = std::fs::rename(&tmp, out) {
+            if replaced {
+                let _ = std::fs::rename(&old, out);
+            }
+            return Err(Error::io(out, e));
+        }
+        if replaced {
+            std::fs::remove_dir_all(&old).map_err(io(&old))?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Refuses an `out` that is a file, or a non-empty folder unless `overwrite`.
+pub fn check_out(out: &Path, overwrite: bool) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        return Err(Error::invalid(
+            "out",
+            format!("{} exists and is not a folder", out.display()),
+        ));
+    }
+    if !overwrite && !is_empty_dir(out)? {
+        return Err(Error::invalid(
+            "out",
+            format!(
+                "{} already exists and is not empty (ask to overwrite it)",
+                out.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn is_empty_dir(dir: &Path) -> Result<bool> {
+    Ok(std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .next()
+        .is_none())
+}
+
+/// The shape-defining fields of `student` must equal the teacher's: otherwise the
+/// teacher's config.json (with a new depth) would not describe the student.
+fn check_same_shape(student: &BertConfig, teacher: &BertConfig, path: &Path) -> Result<()> {
+    let fields: [(&str, i64, i64); 6] = [
+        ("vocab_size", student.vocab_size, teacher.vocab_size),
+        ("hidden_size", student.hidden_size, teacher.hidden_size),
+        (
+            "num_attention_heads",
+            student.num_attention_heads,
+            teacher.num_attention_heads,
+        ),
+        (
+            "intermediate_size",
+            student.intermediate_size,
+            teacher.intermediate_size,
+        ),
+        (
+            "max_position_embeddings",
+            student.max_position_embeddings,
+            teacher.max_position_embeddings,
+        ),
+        (
+            "type_vocab_size",
+            student.type_vocab_size,
+            teacher.type_vocab_size,
+        ),
+    ];
+    for (key, s, t) in fields {
+        if s != t {
+            return Err(Error::invalid(
+                "student",
+                format!(
+                    "its {key} is {s} but the teacher's {} says {t}: the student was not cut from this teacher",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    if student.hidden_act != teacher.hidden_act {
+        return Err(Error::invalid(
+            "student",
+            format!(
+                "its hidden_act is `{}` but the teacher's {} says `{}`",
+                student.hidden_act,
+                path.display(),
+                teacher.hidden_act
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The module folders a sentence-transformers `modules.json` names (`1_Pooling`, ...);
+/// none when the file is absent.
+fn module_folders(dir: &Path) -> Result<Vec<String>> {
+    let path = dir.join("modules.json");
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Corrupt {
+        path: path.clone(),
+        reason: format!("not JSON: {e}"),
+    })?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| m.get("path").and_then(|p| p.as_str()))
+                // Only plain sub-folder names: never a path out of the teacher's folder.
+                .filter(|p| !p.is_empty() && !p.contains(['/', '\\']) && *p != "." && *p != "..")
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst).map_err(|e| Error::io(dst, e))?;
+    for e in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+        let e = e.map_err(|e| Error::io(src, e))?;
+        let (from, to) = (e.path(), dst.join(e.file_name()));
+        let ft = e.file_type().map_err(|e| Error::io(&from, e))?;
+        if ft.is_dir() {
+            copy_dir(&from, &to)?;
+        } else {
+            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+        }
+    }
+    Ok(())
+}
