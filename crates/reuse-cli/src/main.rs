@@ -7,9 +7,12 @@
 //! * `reuse lora merge` folds a PEFT adapter into a complete model folder;
 //!   `reuse lora train` trains LoRA + a head on labelled text (TSV, CSV, JSON Lines or
 //!   the Debian sections fixture), resumably with `--save-every` / `--resume`.
+//! * `reuse distill cache` runs a teacher classifier (a `reuse lora train` output) once
+//!   over a dataset and stores its logits or top-k log-probs as a teacher cache.
 //!
 //! Errors are one line on stderr and a non-zero exit status, never a panic backtrace.
 
+mod distill;
 mod embed;
 mod inspect;
 mod lora;
@@ -35,6 +38,9 @@ enum Command {
     /// LoRA adapters: merge into a base model, or train on labelled text.
     #[command(subcommand)]
     Lora(lora::Command),
+    /// Knowledge distillation: cache a teacher's outputs over a dataset.
+    #[command(subcommand)]
+    Distill(distill::Command),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +49,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Lora(c) => lora::run(c),
+        Command::Distill(c) => distill::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
