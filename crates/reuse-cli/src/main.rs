@@ -7,11 +7,14 @@
 //! * `reuse lora merge` folds a PEFT adapter into a complete model folder;
 //!   `reuse lora train` trains LoRA + a head on labelled text (TSV, CSV, JSON Lines or
 //!   the Debian sections fixture), resumably with `--save-every` / `--resume`.
-//! * `reuse distill embed` cuts a shallower student from a sentence-embedding teacher
+//! * `reuse distill cache` runs a teacher classifier (a `reuse lora train` output) once
+//!   over a dataset and stores its logits or top-k log-probs as a teacher cache;
+//!   `reuse distill embed` cuts a shallower student from a sentence-embedding teacher
 //!   and trains it to give the teacher's embeddings on unlabeled text.
 //!
 //! Errors are one line on stderr and a non-zero exit status, never a panic backtrace.
 
+mod distill;
 mod distill_embed;
 mod embed;
 mod inspect;
@@ -38,16 +41,9 @@ enum Command {
     /// LoRA adapters: merge into a base model, or train on labelled text.
     #[command(subcommand)]
     Lora(lora::Command),
-    /// Distillation: smaller models trained from a teacher.
+    /// Knowledge distillation: cache a teacher's outputs over a dataset.
     #[command(subcommand)]
-    Distill(DistillCommand),
-}
-
-#[derive(Subcommand)]
-enum DistillCommand {
-    /// A smaller sentence-embedding model: cut layers from the teacher, train them to give
-    /// its embeddings on unlabeled text, write a sentence-transformers folder.
-    Embed(Box<distill_embed::Args>),
+    Distill(distill::Command),
 }
 
 fn main() -> ExitCode {
@@ -56,7 +52,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Lora(c) => lora::run(c),
-        Command::Distill(DistillCommand::Embed(a)) => distill_embed::run(*a),
+        Command::Distill(c) => distill::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

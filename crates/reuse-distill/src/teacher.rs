@@ -50,9 +50,10 @@ pub fn fingerprint_tensors(named: &mut [(String, Tensor)]) -> String {
 
 fn hash_values(h: &mut Sha256, t: &Tensor) {
     let t = t.to_device(Device::Cpu).contiguous();
-    let n = t.numel() * t.kind().elt_size_in_bytes();
-    let mut buf = vec![0u8; n];
-    t.copy_data_u8(&mut buf, n);
+    let numel = t.numel();
+    let mut buf = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+    // `copy_data_u8` counts elements, not bytes.
+    t.copy_data_u8(&mut buf, numel);
     h.update(&buf);
 }
 

@@ -1,0 +1,342 @@
+//! `reuse distill cache`: run a teacher classifier once over a dataset and store its
+//! outputs as a teacher cache (reuse-distill's format).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use reuse_core::data::labelled::{load_labelled, LabelledOptions};
+use reuse_core::data::{BatchSource, TextDataset};
+use reuse_core::models::{BertClassifier, SentenceEncoder, TokenizedDataset};
+use reuse_core::Checkpoint;
+use reuse_distill::cache::{build_cache_with_progress, CacheConfig};
+use reuse_peft::{LoraConfig, LoraModel};
+use tch::{Device, Kind};
+
+use crate::embed::{parse_device, parse_dtype, read_lines};
+
+/// `reuse distill ...`
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Run a teacher classifier once over a dataset and store its outputs (full logits,
+    /// or top-k log-probabilities and indices) in safetensors shards, so that students
+    /// distil from the cache with no teacher in memory. An interrupted build resumes when
+    /// run again with the same arguments; a folder made by another teacher, dataset or
+    /// configuration is refused and left as it is.
+    ///
+    /// The teacher is a LoRA classifier as `reuse lora train` writes it: its output
+    /// folder (adapter_config.json, adapter_model.safetensors with the head under
+    /// modules_to_save) as --teacher, on the base model named by --base or else by the
+    /// adapter's base_model_name_or_path; or the base model folder as --teacher with
+    /// --adapter DIR.
+    Cache(Box<CacheArgs>),
+    /// A smaller sentence-embedding model: cut layers from the teacher, train them to give
+    /// its embeddings on unlabeled text, write a sentence-transformers folder.
+    Embed(Box<crate::distill_embed::Args>),
+}
+
+/// Arguments of `reuse distill cache`.
+#[derive(clap::Args)]
+pub struct CacheArgs {
+    /// The teacher: a `reuse lora train` output folder (or, with --adapter, its base
+    /// model folder).
+    #[arg(long)]
+    teacher: PathBuf,
+    /// Base model folder of the teacher's adapter (default: the adapter's recorded
+    /// base_model_name_or_path).
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// The teacher's adapter folder, when --teacher is its base model folder.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The examples: labelled text read as `reuse lora train --data` reads it (.tsv,
+    /// .csv, .jsonl, optionally .gz, or the sections fixture), or unlabelled text, one
+    /// text per line (a .txt file, or --format lines). Tokenized with the teacher's
+    /// tokenizer; the cache records a hash of the token ids and labels, and a student
+    /// must read the same data with the same options to use it.
+    #[arg(long)]
+    data: PathBuf,
+    /// Format of --data: tsv, csv, jsonl or lines (default: from its extension).
+    #[arg(long)]
+    format: Option<String>,
+    /// The column (JSON key) holding the text.
+    #[arg(long, default_value = "text")]
+    text_column: String,
+    /// The column (JSON key) holding the label.
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    /// The column holding each row's split; default: a column named `split` if there is
+    /// one, else dev and test are held out by --seed as `reuse lora train` does.
+    #[arg(long)]
+    split_column: Option<String>,
+    /// Fraction held out for dev when the data has no split column.
+    #[arg(long, default_value_t = 0.1)]
+    dev_fraction: f64,
+    /// Fraction held out for test when the data has no split column.
+    #[arg(long, default_value_t = 0.1)]
+    test_fraction: f64,
+    /// Hold out the same fraction of every class.
+    #[arg(long)]
+    stratify: bool,
+    /// Seed of the dev/test hold-out.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The split of labelled --data to cache: train, dev, test, or all (train, dev and
+    /// test in that order). Unlabelled text is cached whole.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Output cache folder (created; a partial cache there is resumed).
+    #[arg(long)]
+    out: PathBuf,
+    /// Store the top-K log-probabilities (at T = 1) and their class indices instead of
+    /// the full logits.
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// Storage type of the cached values: f32, f16 or bf16 (default: f16 with --top-k,
+    /// else f32).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Also store the pooled features the teacher's head sees.
+    #[arg(long)]
+    pooled: bool,
+    /// The distillation temperature to record with the cache (values are stored at T = 1).
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Longest token sequence kept.
+    #[arg(long, default_value_t = 64)]
+    max_len: usize,
+    /// Examples per teacher forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Examples per shard.
+    #[arg(long, default_value_t = 4096)]
+    shard_size: usize,
+    /// cpu or cuda (default: cuda if available).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+pub fn run(c: Command) -> Result<()> {
+    match c {
+        Command::Cache(a) => cache(*a),
+        Command::Embed(a) => crate::distill_embed::run(*a),
+    }
+}
+
+/// A LoRA classifier, the data tokenized with its tokenizer, and its class names when
+/// the adapter recorded them.
+struct LoadedTeacher {
+    model: LoraModel<BertClassifier>,
+    data: TokenizedDataset,
+    classes: Option<Vec<String>>,
+}
+
+fn load_teacher(a: &CacheArgs, device: Device, texts: &TextDataset) -> Result<LoadedTeacher> {
+    let (base, adapter) = match (&a.adapter, &a.base) {
+        (Some(_), Some(_)) => bail!(
+            "give either --adapter (with the base model as --teacher) or --base (with the \
+             adapter folder as --teacher), not both"
+        ),
+        (Some(adapter), None) => (a.teacher.clone(), adapter.clone()),
+        (None, base) => {
+            if !a.teacher.join("adapter_config.json").exists() {
+                bail!(
+                    "--teacher {}: no adapter_config.json; the teacher must be a classifier: a \
+                     `reuse lora train` output folder, or a base model folder with --adapter DIR",
+                    a.teacher.display()
+                );
+            }
+            let base = match base {
+                Some(b) => b.clone(),
+                None => {
+                    let cfg = LoraConfig::load(&a.teacher.join("adapter_config.json"))?;
+                    let Some(b) = cfg.base_model_name_or_path else {
+                        bail!(
+                            "--teacher {}: the adapter names no base model; give --base DIR",
+                            a.teacher.display()
+                        );
+                    };
+                    let b = PathBuf::from(b);
+                    if !b.join("config.json").exists() {
+                        bail!(
+                            "--teacher {}: its base model {} is not a model folder here; give --base DIR",
+                            a.teacher.display(),
+                            b.display()
+                        );
+                    }
+                    b
+                }
+            };
+            (base, a.teacher.clone())
+        }
+    };
+    let config = LoraConfig::load(&adapter.join("adapter_config.json"))?;
+    let weights = adapter.join("adapter_model.safetensors");
+    let ck = Checkpoint::load(&weights, Device::Cpu)?;
+    let Some(head) = ck.get("base_model.model.classifier.weight") else {
+        bail!(
+            "{}: the adapter has no classification head (`classifier` in modules_to_save); \
+             a teacher is a classifier such as `reuse lora train` writes",
+            weights.display()
+        );
+    };
+    let num_classes = head.size()[0];
+    let enc = SentenceEncoder::load(&base, device, Kind::Float).with_context(|| {
+        format!(
+            "cannot load the teacher's base model from {}",
+            base.display()
+        )
+    })?;
+    let classes: Option<Vec<String>> = config
+        .extra
+        .get("reuse_classes")
+        .and_then(|v| serde_json::from_value(v.clone()).ok());
+    let mut model = LoraModel::new(BertClassifier::new(enc.bert, num_classes));
+    model
+        .load_adapter_from(config, &ck, &weights, "default")
+        .with_context(|| format!("cannot apply the adapter {}", adapter.display()))?;
+    let data = TokenizedDataset::new(&enc.tokenizer, texts, a.max_len)?;
+    Ok(LoadedTeacher {
+        model,
+        data,
+        classes,
+    })
+}
+
+fn is_lines(a: &CacheArgs) -> bool {
+    match a.format.as_deref() {
+        Some(f) => matches!(f, "lines" | "txt" | "text"),
+        None => {
+            let name = a.data.to_string_lossy().to_ascii_lowercase();
+            name.ends_with(".txt")
+        }
+    }
+}
+
+/// The texts and labels to cache (labels -100 for unlabelled text) and the data's class
+/// names when labelled.
+fn read_data(a: &CacheArgs) -> Result<(TextDataset, Option<Vec<String>>)> {
+    if is_lines(a) {
+        let texts = read_lines(&a.data)?;
+        let labels = vec![-100; texts.len()];
+        return Ok((TextDataset { texts, labels }, None));
+    }
+    let data = if a.data.is_dir() {
+        a.data.join("sections.tsv.gz")
+    } else {
+        a.data.clone()
+    };
+    let opts = LabelledOptions {
+        format: a.format.as_deref().map(str::parse).transpose()?,
+        text_column: a.text_column.clone(),
+        label_column: a.label_column.clone(),
+        split_column: a.split_column.clone(),
+        dev_fraction: a.dev_fraction,
+        test_fraction: a.test_fraction,
+        stratify: a.stratify,
+        seed: a.seed,
+    };
+    let s = load_labelled(&data, &opts)?;
+    let picked = match a.split.as_str() {
+        "train" => s.train,
+        "dev" | "validation" => s.dev,
+        "test" => s.test,
+        "all" => {
+            let mut all = s.train;
+            for d in [s.dev, s.test] {
+                all.texts.extend(d.texts);
+                all.labels.extend(d.labels);
+            }
+            all
+        }
+        other => bail!("--split: expected train, dev, test or all, found `{other}`"),
+    };
+    Ok((picked, Some(s.classes)))
+}
+
+fn cache(a: CacheArgs) -> Result<()> {
+    let device = parse_device(a.device.as_deref())?;
+    let dtype = match (&a.dtype, a.top_k) {
+        (Some(d), _) => parse_dtype(d)?,
+        (None, Some(_)) => Kind::Half,
+        (None, None) => Kind::Float,
+    };
+    let cfg = CacheConfig {
+        top_k: a.top_k,
+        dtype,
+        per_token: false,
+        pooled: a.pooled,
+        shard_size: a.shard_size,
+        temperature: a.temperature,
+    };
+    cfg.validate()?;
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let (texts, data_classes) = read_data(&a)?;
+    if texts.texts.is_empty() {
+        bail!(
+            "{}: no examples to cache (split `{}`)",
+            a.data.display(),
+            a.split
+        );
+    }
+    let teacher = load_teacher(&a, device, &texts)?;
+    let teacher_classes = teacher.model.model.head.classifier.out_features() as usize;
+    if let Some(k) = a.top_k {
+        if k > teacher_classes {
+            bail!("--top-k {k} exceeds the teacher's {teacher_classes} classes");
+        }
+    }
+    if let Some(dc) = &data_classes {
+        if let Some(tc) = &teacher.classes {
+            if tc != dc {
+                bail!(
+                    "class mismatch: the teacher was trained on classes {tc:?}, {} has {dc:?}",
+                    a.data.display()
+                );
+            }
+        } else if dc.len() != teacher_classes {
+            bail!(
+                "class-count mismatch: the teacher has {teacher_classes} classes, {} has {}",
+                a.data.display(),
+                dc.len()
+            );
+        }
+    }
+    let data = &teacher.data;
+    let n = data.len();
+    let manifest = build_cache_with_progress(
+        &teacher.model,
+        data,
+        &a.out,
+        &cfg,
+        a.batch_size,
+        device,
+        &mut |p| {
+            let what = if p.reused { "kept" } else { "written" };
+            eprintln!(
+                "shard {}/{} {what} (examples {}..{})",
+                p.index + 1,
+                p.total,
+                p.shard.start,
+                p.shard.end
+            );
+        },
+    )
+    .with_context(|| format!("cannot build the teacher cache in {}", a.out.display()))?;
+    let total = manifest.total_bytes();
+    println!(
+        "cached {n} examples in {} shards to {}: {:.1} bytes per example ({total} bytes); \
+         teacher {}, dataset {}",
+        manifest.shards.len(),
+        a.out.display(),
+        total as f64 / n as f64,
+        short(&manifest.spec.teacher_fingerprint),
+        short(&manifest.spec.dataset_fingerprint),
+    );
+    Ok(())
+}
+
+fn short(h: &str) -> &str {
+    &h[..h.len().min(12)]
+}
