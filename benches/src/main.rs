@@ -71,8 +71,21 @@ fn main() -> Result<()> {
             }
         })
         .collect();
+    // GPU-sized experiments are left out of a plain CPU run; the report lists them.
+    let (chosen, skipped): (Vec<_>, Vec<_>) = chosen
+        .into_iter()
+        .partition(|e| !(e.gpu_sized && args.only.is_empty() && !device.is_cuda()));
     let ctx = Ctx::new(device, args.quick)?;
     let mut report = Report::new(device, &ctx.root, args.quick);
+    report.skipped = skipped
+        .iter()
+        .map(|e| {
+            (
+                e.id.to_string(),
+                "sized for a GPU: left out of a plain CPU run (`--only` runs it)".to_string(),
+            )
+        })
+        .collect();
     let bar = ProgressBar::new(chosen.len() as u64);
     bar.set_style(ProgressStyle::with_template(
         "[{elapsed_precise}] {bar:30} {pos}/{len} {msg}",

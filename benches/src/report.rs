@@ -38,6 +38,9 @@ pub struct Report {
     /// Smoke-test sizes (`--quick`): the figures mean nothing.
     pub quick: bool,
     pub experiments: Vec<ExperimentResult>,
+    /// Experiments this run left out, with the reason: nothing of theirs is filled from
+    /// an earlier run.
+    pub skipped: Vec<(String, String)>,
 }
 
 fn torch_version() -> String {
@@ -129,6 +132,7 @@ impl Report {
             torch: torch_version(),
             quick,
             experiments: Vec::new(),
+            skipped: Vec::new(),
         }
     }
 
@@ -153,6 +157,13 @@ impl Report {
             md.push_str(
                 "\n**Quick mode (`--quick`): smoke-test sizes, the figures mean nothing.**\n",
             );
+        }
+        if !self.skipped.is_empty() {
+            md.push_str("\nNot run in this run (no figures of theirs appear here):\n");
+            for (id, why) in &self.skipped {
+                md.push_str(&format!("\n- {id}: {why}"));
+            }
+            md.push('\n');
         }
         for e in &self.experiments {
             md.push_str(&format!(

@@ -2,6 +2,7 @@
 //! (metrics and notes) and summary statistics for repeated measurements.
 
 mod core;
+mod distill;
 mod peft;
 
 use std::collections::BTreeMap;
@@ -109,6 +110,9 @@ pub struct Experiment {
     pub run: fn(&Ctx, &ProgressBar) -> Result<Outcome>,
     /// Part of a plain `cargo xtask bench`; `false`: only when `--only` names it.
     pub default: bool,
+    /// Sized for a GPU: a plain run on the CPU skips it (and the report says so);
+    /// `--only` runs it anyway.
+    pub gpu_sized: bool,
 }
 
 pub const EXPERIMENTS: &[Experiment] = &[
@@ -117,35 +121,62 @@ pub const EXPERIMENTS: &[Experiment] = &[
         about: "MLP on scikit-learn digits, 3 seeds: test accuracy, training time, parameters",
         run: core::digits_mlp,
         default: true,
+        gpu_sized: false,
     },
     Experiment {
         id: "core.minilm_embed",
         about: "all-MiniLM-L6-v2 sentence embeddings/s (f32, bf16) vs sentence-transformers, interleaved rounds",
         run: core::minilm_embed,
         default: true,
+        gpu_sized: false,
     },
     Experiment {
         id: "peft.minilm_sections",
         about: "MiniLM on Debian sections, same budget, lr chosen on dev, 3 seeds: full fine-tune, head only, LoRA (r=4 q,v,FFN; r=8 q,v), Pfeiffer",
         run: peft::minilm_sections,
         default: true,
+        gpu_sized: false,
     },
     Experiment {
         id: "peft.inference_overhead",
         about: "forward time of unmerged LoRA over the base model (batch 32 x 64), merged as a control",
         run: peft::inference_overhead,
         default: true,
+        gpu_sized: false,
     },
     Experiment {
         id: "peft.vs_python",
         about: "one LoRA training step, Rust vs PyTorch + PEFT, same model, batch, threads",
         run: peft::vs_python,
         default: true,
+        gpu_sized: false,
+    },
+    Experiment {
+        id: "distill.digits_mlp",
+        about: "digits: wide MLP teacher, a student of 1.6% its size, hard labels vs KD (T, alpha chosen on dev), 3 seeds",
+        run: distill::digits_mlp,
+        default: true,
+        gpu_sized: false,
+    },
+    Experiment {
+        id: "distill.minilm_sections",
+        about: "Debian sections: MiniLM teacher, 2-layer student cut from it; hard labels, live KD with unlabelled synopses, top-4 cache; 3 seeds",
+        run: distill::minilm_sections,
+        default: true,
+        gpu_sized: true,
+    },
+    Experiment {
+        id: "distill.minilm_embeddings",
+        about: "a 3-layer MiniLM student trained to match the teacher's embeddings on the synopses: cosine in and out of domain, probe accuracy, speed; 3 seeds",
+        run: distill::minilm_embeddings,
+        default: true,
+        gpu_sized: true,
     },
     Experiment {
         id: "peft.dev_sweep",
         about: "dev-only sweep behind peft.minilm_sections' grids: wide lr grids, LoRA variants, 3 seeds (for a GPU; only with --only)",
         run: peft::dev_sweep,
         default: false,
+        gpu_sized: false,
     },
 ];

@@ -21,6 +21,12 @@ pub trait Teacher {
     /// values (in name order): two teachers with the same fingerprint compute the same
     /// function.
     fn fingerprint(&self) -> String;
+
+    /// Rows of the teacher's word-embedding table, when it has one: a student fed the
+    /// same token ids must have as many.
+    fn vocab_size(&self) -> Option<i64> {
+        None
+    }
 }
 
 impl<M: Trainable + ?Sized> Teacher for M {
@@ -32,6 +38,10 @@ impl<M: Trainable + ?Sized> Teacher for M {
         let mut named = self.named_parameters();
         named.extend(self.named_buffers());
         fingerprint_tensors(&mut named)
+    }
+
+    fn vocab_size(&self) -> Option<i64> {
+        crate::distiller::vocab_rows(&self.named_parameters())
     }
 }
 

@@ -1,0 +1,679 @@
+//! reuse-distill experiments: digits (a wide MLP teacher, a student a tenth its size) and
+//! the Debian sections task (MiniLM teacher, a 2-layer student cut from it, trained on
+//! hard labels, with KD from the live teacher on the labelled set plus unlabelled
+//! synopses, and with KD from a top-k teacher cache).
+
+use std::io::Read;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use indicatif::ProgressBar;
+use reuse_core::data::{load_digits, load_text_splits, BatchSource, TensorDataset};
+use reuse_core::models::{Bert, BertClassifier, SentenceEncoder, TokenizedDataset};
+use reuse_core::trainer::{accuracy, ForwardOptions};
+use reuse_core::{Activation, Mlp, Model, Schedule, TrainConfig, Trainable, Trainer};
+use reuse_distill::cache::{build_cache, CacheConfig, TeacherCache};
+use reuse_distill::losses::KdConfig;
+use reuse_distill::student::cut_layers;
+use reuse_distill::{dataset_fingerprint, Distiller, Teacher, TeacherSource};
+use reuse_testkit::{fixtures_dir, minilm_dir};
+use tch::{Device, Kind, Tensor};
+
+use super::{insert_spread, mean, median, sample_sd, Ctx, Metrics, Outcome};
+
+const SEEDS: [u64; 3] = [0, 1, 2];
+
+fn summary(m: &mut Metrics, name: &str, v: &[f64]) {
+    m.insert(format!("{name}.test_accuracy"), mean(v));
+    m.insert(format!("{name}.test_accuracy_sd"), sample_sd(v));
+}
+
+/// Digits: teacher 64-512-512-10, student 64-64-10 (1.6% of its parameters). KD's
+/// temperature and alpha are chosen on a dev split cut from the training images.
+pub fn digits_mlp(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    let d = load_digits(&fixtures_dir().join("digits/digits.csv.gz"))?;
+    // The last 20% of the training images are the dev split for the KD grid.
+    let n = d.train.len() as i64;
+    let all = d.train.batch(&(0..n).collect::<Vec<_>>(), Device::Cpu)?;
+    let n_fit = n * 4 / 5;
+    let fit_set = TensorDataset::new(
+        all.inputs.narrow(0, 0, n_fit),
+        all.labels.narrow(0, 0, n_fit),
+    )?;
+    let dev = TensorDataset::new(
+        all.inputs.narrow(0, n_fit, n - n_fit),
+        all.labels.narrow(0, n_fit, n - n_fit),
+    )?;
+    let epochs = ctx.size(30, 2);
+    let cfg = |seed: u64| TrainConfig {
+        epochs,
+        lr: 2e-3,
+        batch_size: 32,
+        device: ctx.device,
+        seed,
+        ..Default::default()
+    };
+    let teacher_of = |seed: u64| -> Result<Mlp> {
+        tch::manual_seed(seed as i64);
+        let t = Mlp::new(&[64, 512, 512, 10], Activation::Relu, ctx.device)?;
+        Trainer::new(cfg(seed)).fit(&t, &fit_set, None, &mut [])?;
+        Ok(t)
+    };
+    let student_of = |seed: u64, teacher: Option<(&Mlp, f64, f64)>| -> Result<Mlp> {
+        tch::manual_seed(1000 + seed as i64);
+        let s = Mlp::new(&[64, 64, 10], Activation::Relu, ctx.device)?;
+        match teacher {
+            Some((t, temp, alpha)) => {
+                let mut dist = Distiller::new(TeacherSource::Live(t), KdConfig::new(temp), alpha)?;
+                let mut tr = Trainer::new(cfg(seed));
+                tr.begin_task(0, &s, &fit_set, &mut [&mut dist])?;
+                tr.fit(&s, &fit_set, None, &mut [&mut dist])?;
+            }
+            None => {
+                Trainer::new(cfg(seed)).fit(&s, &fit_set, None, &mut [])?;
+            }
+        }
+        Ok(s)
+    };
+    // KD grid on dev, seed 0.
+    let t0 = teacher_of(0)?;
+    let mut best = (f64::MIN, 0.0, 0.0);
+    let mut seen = Vec::new();
+    for temp in [1.0, 2.0, 4.0] {
+        for alpha in [0.0, 0.5] {
+            let s = student_of(0, Some((&t0, temp, alpha)))?;
+            let acc = accuracy(&s, &dev, 256, ctx.device)?;
+            seen.push(format!("T {temp} alpha {alpha}: {acc:.4}"));
+            if acc > best.0 {
+                best = (acc, temp, alpha);
+            }
+        }
+    }
+    let (_, temp, alpha) = best;
+    super::say(bar, format!("  digits KD grid on dev: {}", seen.join(", ")));
+    let (mut ta, mut ha, mut ka) = (vec![], vec![], vec![]);
+    let (mut tp, mut sp) = (0, 0);
+    for seed in SEEDS {
+        let owned;
+        let t: &Mlp = if seed == 0 {
+            &t0
+        } else {
+            owned = teacher_of(seed)?;
+            &owned
+        };
+        ta.push(accuracy(t, &d.test, 256, ctx.device)?);
+        let h = student_of(seed, None)?;
+        ha.push(accuracy(&h, &d.test, 256, ctx.device)?);
+        let k = student_of(seed, Some((t, temp, alpha)))?;
+        ka.push(accuracy(&k, &d.test, 256, ctx.device)?);
+        tp = t.params().count();
+        sp = k.params().count();
+    }
+    let mut m = Metrics::new();
+    summary(&mut m, "teacher", &ta);
+    summary(&mut m, "student_hard", &ha);
+    summary(&mut m, "student_kd", &ka);
+    m.insert("student_kd_over_teacher".into(), mean(&ka) / mean(&ta));
+    m.insert("params_ratio".into(), sp as f64 / tp as f64);
+    m.insert("teacher_params".into(), tp as f64);
+    m.insert("student_params".into(), sp as f64);
+    m.insert("temperature".into(), temp);
+    m.insert("alpha".into(), alpha);
+    m.insert("seeds".into(), SEEDS.len() as f64);
+    m.insert("epochs".into(), epochs as f64);
+    Ok(Outcome {
+        metrics: m,
+        notes: vec![
+            format!(
+                "Teacher MLP 64-512-512-10, student 64-64-10; both trained {epochs} epochs \
+                 (AdamW lr 2e-3, batch 32) on the first 80% of the training images; the last \
+                 20% are the dev split. KD (forward KL with T², alpha * CE + (1 - alpha) * \
+                 KD) took T and alpha from a grid on dev at seed 0: {}; chose T {temp}, alpha \
+                 {alpha}.",
+                seen.join(", ")
+            ),
+            format!(
+                "Seeds {SEEDS:?}: each seed trains its own teacher, hard-label student and KD \
+                 student (from that seed's teacher); accuracies on the 360 test images are \
+                 means and sample sds over the seeds."
+            ),
+        ],
+    })
+}
+
+/// The eight-section part of the synopses fixture: texts nobody labelled for this task
+/// (the teacher labels them), never in the sections splits.
+fn pool(classes: &[String]) -> Result<Vec<String>> {
+    let path = fixtures_dir().join("debian_synopses/synopses.tsv.gz");
+    let mut s = String::new();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?,
+    )
+    .read_to_string(&mut s)?;
+    Ok(s.lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(sec, _)| classes.iter().any(|c| c == sec))
+        .map(|(_, t)| t.to_string())
+        .collect())
+}
+
+const MAX_LEN: usize = 32;
+const BATCH: usize = 32;
+
+/// Debian sections: MiniLM teacher fine-tuned on the train split; students of 2 layers
+/// cut from it (layers 0 and 5, the head copied), trained (a) on hard labels, (b) with KD
+/// from the live teacher on the labelled set plus the unlabelled eight-section
+/// synopses, (c) as (b) from a top-4 cache.
+pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    let dir = minilm_dir()?;
+    let mut splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
+    let mut pool_texts = pool(&splits.classes)?;
+    if ctx.quick {
+        splits.train.texts.truncate(96);
+        splits.train.labels.truncate(96);
+        splits.test.texts.truncate(64);
+        splits.test.labels.truncate(64);
+        splits.dev.texts.truncate(64);
+        splits.dev.labels.truncate(64);
+        pool_texts.truncate(96);
+    }
+    let n_classes = splits.classes.len() as i64;
+    let enc = SentenceEncoder::load(&dir, ctx.device, Kind::Float)?;
+    let tok = enc.tokenizer.clone();
+    drop(enc);
+    let train = TokenizedDataset::new(&tok, &splits.train, MAX_LEN)?;
+    let dev = TokenizedDataset::new(&tok, &splits.dev, MAX_LEN)?;
+    let test = TokenizedDataset::new(&tok, &splits.test, MAX_LEN)?;
+    let mut with_pool = splits.train.clone();
+    with_pool.texts.extend(pool_texts.iter().cloned());
+    with_pool
+        .labels
+        .extend(std::iter::repeat_n(-100, pool_texts.len()));
+    let train_pool = TokenizedDataset::new(&tok, &with_pool, MAX_LEN)?;
+    let epochs = ctx.size(3, 1);
+    let cfg = |lr: f64, seed: u64| TrainConfig {
+        epochs,
+        batch_size: BATCH,
+        lr,
+        weight_decay: 0.01,
+        schedule: Schedule::Linear { warmup: 0 },
+        device: ctx.device,
+        seed,
+        ..Default::default()
+    };
+    let warm = |c: TrainConfig, data: &dyn BatchSource| -> TrainConfig {
+        let steps = data.len().div_ceil(BATCH) * c.epochs;
+        TrainConfig {
+            schedule: Schedule::Linear { warmup: steps / 10 },
+            ..c
+        }
+    };
+
+    // The teacher: full fine-tuning at the lr the PEFT sweep found best on dev.
+    bar.set_message("distill.minilm_sections teacher");
+    tch::manual_seed(0);
+    let teacher = BertClassifier::new(Bert::load(&dir, ctx.device, Kind::Float)?, n_classes);
+    let t_lr = 2e-4;
+    let rt = Trainer::new(warm(cfg(t_lr, 0), &train)).fit(&teacher, &train, None, &mut [])?;
+    let teacher_test = accuracy(&teacher, &test, 64, ctx.device)?;
+    let teacher_dev = accuracy(&teacher, &dev, 64, ctx.device)?;
+    super::say(
+        bar,
+        format!(
+            "  teacher: dev {teacher_dev:.4}, test {teacher_test:.4} ({:.0} s)",
+            rt.seconds
+        ),
+    );
+    let layers = [0usize, 5];
+    let student_of = |seed: u64| -> Result<BertClassifier> {
+        tch::manual_seed(seed as i64);
+        let s = BertClassifier::new(cut_layers(&teacher.bert, &layers)?, n_classes);
+        // The head starts as the teacher's (DistilBERT copies what it can).
+        tch::no_grad(|| {
+            for ((_, mut dst), (_, src)) in s
+                .head
+                .named_parameters()
+                .into_iter()
+                .zip(teacher.head.named_parameters())
+            {
+                dst.copy_(&src);
+            }
+        });
+        Ok(s)
+    };
+
+    // The students' lr: chosen on dev at seed 0 with hard labels; KD reuses it.
+    let mut best = (f64::MIN, 0.0);
+    let mut seen = Vec::new();
+    for lr in [1e-4, 3e-4, 1e-3] {
+        let s = student_of(0)?;
+        Trainer::new(warm(cfg(lr, 0), &train)).fit(&s, &train, None, &mut [])?;
+        let acc = accuracy(&s, &dev, 64, ctx.device)?;
+        seen.push(format!("{lr:e}: {acc:.4}"));
+        if acc > best.0 {
+            best = (acc, lr);
+        }
+    }
+    let s_lr = best.1;
+    super::say(
+        bar,
+        format!(
+            "  student lr grid on dev (hard labels): {}",
+            seen.join(", ")
+        ),
+    );
+    let kd = KdConfig::new(2.0);
+    let alpha = 0.5;
+
+    // The top-k cache over the labelled set plus the pool, built once.
+    let cache_dir = ctx.root.join("target/reuse-report/distill-cache");
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    let t0 = Instant::now();
+    let ccfg = CacheConfig::top_k(4).with_dtype(Kind::Half);
+    build_cache(&teacher, &train_pool, &cache_dir, &ccfg, 128, ctx.device)?;
+    let cache_build_s = t0.elapsed().as_secs_f64();
+    let cache = TeacherCache::open(
+        &cache_dir,
+        Some(&teacher.fingerprint()),
+        Some(&dataset_fingerprint(&train_pool)?),
+    )?;
+
+    let (mut hard, mut live, mut cached) = (vec![], vec![], vec![]);
+    let (mut live_epoch_s, mut cached_epoch_s) = (vec![], vec![]);
+    let (mut live_step_ms, mut cached_step_ms) = (vec![], vec![]);
+    for seed in SEEDS {
+        bar.set_message(format!("distill.minilm_sections seed {seed}"));
+        let s = student_of(seed)?;
+        Trainer::new(warm(cfg(s_lr, seed), &train)).fit(&s, &train, None, &mut [])?;
+        hard.push(accuracy(&s, &test, 64, ctx.device)?);
+
+        let s = student_of(seed)?;
+        let mut d = Distiller::new(TeacherSource::Live(&teacher), kd, alpha)?;
+        let mut tr = Trainer::new(warm(cfg(s_lr, seed), &train_pool));
+        tr.begin_task(0, &s, &train_pool, &mut [&mut d])?;
+        let r = tr.fit(&s, &train_pool, None, &mut [&mut d])?;
+        live_epoch_s.push(r.seconds / epochs as f64);
+        live_step_ms.push(1000.0 * r.seconds / r.steps as f64);
+        live.push(accuracy(&s, &test, 64, ctx.device)?);
+
+        let s = student_of(seed)?;
+        let mut d = Distiller::new(TeacherSource::Cached(&cache), kd, alpha)?;
+        let mut tr = Trainer::new(warm(cfg(s_lr, seed), &train_pool));
+        tr.begin_task(0, &s, &train_pool, &mut [&mut d])?;
+        let r = tr.fit(&s, &train_pool, None, &mut [&mut d])?;
+        cached_epoch_s.push(r.seconds / epochs as f64);
+        cached_step_ms.push(1000.0 * r.seconds / r.steps as f64);
+        cached.push(accuracy(&s, &test, 64, ctx.device)?);
+        super::say(
+            bar,
+            format!(
+                "  seed {seed}: hard {:.4}, kd live {:.4}, kd cached {:.4}",
+                hard[hard.len() - 1],
+                live[live.len() - 1],
+                cached[cached.len() - 1]
+            ),
+        );
+    }
+
+    // Inference: teacher and student forwards on the same batch, interleaved rounds.
+    let student = student_of(0)?;
+    let b = test.batch(
+        &(0..(test.len() as i64).min(64)).collect::<Vec<_>>(),
+        ctx.device,
+    )?;
+    let time = |m: &dyn Trainable| -> Result<f64> {
+        let t0 = Instant::now();
+        tch::no_grad(|| m.forward(&b, false, ForwardOptions::default()))?;
+        if ctx.device.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    let rounds = ctx.size(if ctx.device.is_cuda() { 50 } else { 20 }, 3);
+    let (mut ratio, mut t_ms, mut s_ms) = (vec![], vec![], vec![]);
+    time(&teacher)?;
+    time(&student)?;
+    for _ in 0..rounds {
+        let t = time(&teacher)?;
+        let s = time(&student)?;
+        ratio.push(t / s);
+        t_ms.push(1000.0 * t);
+        s_ms.push(1000.0 * s);
+    }
+    let count = |m: &BertClassifier, embeddings: bool| -> f64 {
+        m.named_parameters()
+            .iter()
+            .filter(|(n, _)| embeddings || !n.contains("embeddings."))
+            .map(|(_, t)| t.numel())
+            .sum::<usize>() as f64
+    };
+
+    let mut m = Metrics::new();
+    m.insert("teacher.test_accuracy".into(), teacher_test);
+    m.insert("teacher.dev_accuracy".into(), teacher_dev);
+    summary(&mut m, "student_hard", &hard);
+    summary(&mut m, "student_kd", &live);
+    summary(&mut m, "student_cached", &cached);
+    m.insert("student_kd_over_teacher".into(), mean(&live) / teacher_test);
+    m.insert(
+        "student_cached_over_teacher".into(),
+        mean(&cached) / teacher_test,
+    );
+    m.insert(
+        "params_ratio".into(),
+        count(&student, true) / count(&teacher, true),
+    );
+    m.insert(
+        "params_ratio_without_embeddings".into(),
+        count(&student, false) / count(&teacher, false),
+    );
+    insert_spread(&mut m, "inference_speedup", &ratio);
+    insert_spread(&mut m, "teacher_forward_ms", &t_ms);
+    insert_spread(&mut m, "student_forward_ms", &s_ms);
+    insert_spread(&mut m, "live_epoch_seconds", &live_epoch_s);
+    insert_spread(&mut m, "cached_epoch_seconds", &cached_epoch_s);
+    insert_spread(&mut m, "live_kd_step_ms", &live_step_ms);
+    insert_spread(&mut m, "cached_kd_step_ms", &cached_step_ms);
+    m.insert(
+        "cached_epoch_speedup".into(),
+        median(&live_epoch_s) / median(&cached_epoch_s),
+    );
+    m.insert("cache_bytes_per_example".into(), cache.bytes_per_example());
+    m.insert("cache_build_seconds".into(), cache_build_s);
+    m.insert("student_lr".into(), s_lr);
+    m.insert("teacher_lr".into(), t_lr);
+    m.insert("epochs".into(), epochs as f64);
+    m.insert("seeds".into(), SEEDS.len() as f64);
+    m.insert("train_examples".into(), train.len() as f64);
+    m.insert("pool_examples".into(), pool_texts.len() as f64);
+    Ok(Outcome {
+        metrics: m,
+        notes: vec![
+            format!(
+                "Teacher: all-MiniLM-L6-v2 + a linear head, fully fine-tuned on the {} train \
+                 texts for {epochs} epochs (batch {BATCH}, max length {MAX_LEN}, AdamW lr \
+                 {t_lr:e} — the best dev lr of peft.dev_sweep for full fine-tuning —, weight \
+                 decay 0.01, linear schedule, 10% warm-up), seed 0; one teacher serves every \
+                 student.",
+                train.len()
+            ),
+            format!(
+                "Students: embeddings and layers {layers:?} of the fine-tuned teacher, its \
+                 head copied. Their lr was chosen on dev at seed 0 with hard labels from {{{}}}: \
+                 {s_lr:e}; KD reuses it, with T = 2 and alpha = 0.5 as the issue's PyTorch \
+                 reference (not tuned here). student_hard trains on the labelled train split; \
+                 student_kd and student_cached on it plus the {} eight-section synopses of \
+                 fixtures/debian_synopses (labelled -100: the teacher alone labels them), \
+                 forward KL with T², alpha * CE + (1 - alpha) * KD; student_cached reads the \
+                 teacher's top-4 log-probabilities (f16) from a cache built once ({:.1} s), \
+                 the missing tail renormalised away. Same epochs, batch and schedule for \
+                 all. Accuracies: means and sample sds over seeds {SEEDS:?} on the {} test \
+                 texts.",
+                seen.join(", "),
+                pool_texts.len(),
+                cache_build_s,
+                test.len()
+            ),
+            format!(
+                "inference_speedup: teacher / student forward time on the same {}-text test \
+                 batch, {rounds} interleaved rounds (median, spread in *_sd/min/max). \
+                 cached_epoch_speedup: median live-KD epoch time over median cached-KD \
+                 epoch time (one sample per seed). params_ratio counts every parameter; \
+                 `_without_embeddings` leaves out the embedding tables (11.7M of MiniLM's \
+                 22.7M).",
+                b.len()
+            ),
+        ],
+    })
+}
+
+/// Every synopsis of the fixture (the embedding-distillation text).
+fn all_synopses() -> Result<Vec<String>> {
+    let path = fixtures_dir().join("debian_synopses/synopses.tsv.gz");
+    let mut s = String::new();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?,
+    )
+    .read_to_string(&mut s)?;
+    Ok(s.lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(_, t)| t.to_string())
+        .collect())
+}
+
+/// Accuracy of a linear probe (a linear layer on frozen embeddings, AdamW, 100 epochs)
+/// whose lr is chosen on dev from {1e-2, 3e-2, 1e-1}: (test accuracy, chosen lr).
+fn probe(
+    train: (&Tensor, &[i64]),
+    dev: (&Tensor, &[i64]),
+    test: (&Tensor, &[i64]),
+    classes: i64,
+    device: Device,
+) -> Result<(f64, f64)> {
+    let ds =
+        |x: &Tensor, y: &[i64]| TensorDataset::new(x.to_device(Device::Cpu), Tensor::from_slice(y));
+    let (tr, dv, te) = (
+        ds(train.0, train.1)?,
+        ds(dev.0, dev.1)?,
+        ds(test.0, test.1)?,
+    );
+    let mut best: Option<(f64, f64, Mlp)> = None;
+    for lr in [1e-2, 3e-2, 1e-1] {
+        tch::manual_seed(0);
+        let head = Mlp::new(&[train.0.size()[1], classes], Activation::Relu, device)?;
+        Trainer::new(TrainConfig {
+            epochs: 100,
+            batch_size: 256,
+            lr,
+            device,
+            seed: 0,
+            ..Default::default()
+        })
+        .fit(&head, &tr, None, &mut [])?;
+        let acc = accuracy(&head, &dv, 1024, device)?;
+        if best.as_ref().is_none_or(|b| acc > b.0) {
+            best = Some((acc, lr, head));
+        }
+    }
+    let (_, lr, head) = best.context("empty probe grid")?;
+    Ok((accuracy(&head, &te, 1024, device)?, lr))
+}
+
+/// Cosine of each row of `a` to the same row of `b`.
+fn row_cosines(a: &Tensor, b: &Tensor) -> Tensor {
+    Tensor::cosine_similarity(&a.to_kind(Kind::Float), &b.to_kind(Kind::Float), -1, 1e-8)
+}
+
+/// A 3-layer sentence-embedding student (layers 0, 2, 4 of MiniLM) trained to match the
+/// teacher's embeddings on the synopses: cosine to the teacher in and out of domain, a
+/// linear probe on the sections task, speed.
+pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    use reuse_distill::embed::{distill_embeddings, EmbedDistillConfig, EmbedLoss};
+    let dir = minilm_dir()?;
+    let texts = all_synopses()?;
+    let splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
+    let ood: Vec<String> = std::fs::read_to_string(fixtures_dir().join("appstream/sentences.txt"))?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    // Sizes: every synopsis for one epoch on a GPU; a sample on a CPU (the report says).
+    let max_texts = if ctx.quick {
+        300
+    } else if ctx.device.is_cuda() {
+        texts.len()
+    } else {
+        12_000
+    };
+    // The recipe (loss, lr) is chosen on the held-out 5% of the distillation text at
+    // seed 0 (that held-out text is the dev split here), from a small grid.
+    let grid: &[(EmbedLoss, f64)] = &[
+        (EmbedLoss::NormalizedMse, 5e-4),
+        (EmbedLoss::Cosine, 5e-4),
+        (EmbedLoss::Cosine, 1e-3),
+    ];
+    let base = EmbedDistillConfig {
+        layers: vec![0, 2, 4],
+        epochs: 1,
+        batch_size: 32,
+        max_len: 128,
+        device: ctx.device,
+        max_texts: Some(max_texts),
+        ..Default::default()
+    };
+    let mut best: Option<(f64, EmbedLoss, f64)> = None;
+    let mut seen = Vec::new();
+    for &(loss, lr) in grid {
+        bar.set_message(format!("distill.minilm_embeddings grid {loss:?} {lr:e}"));
+        let cfg = EmbedDistillConfig {
+            loss,
+            lr,
+            seed: 0,
+            ..base.clone()
+        };
+        let (_, r) = distill_embeddings(&dir, &texts, &cfg, false)?;
+        let c = r.held_out_cosine.unwrap_or(f64::NAN);
+        seen.push(format!("{loss:?} lr {lr:e}: {c:.4}"));
+        if best.as_ref().is_none_or(|b| c > b.0) {
+            best = Some((c, loss, lr));
+        }
+    }
+    let (_, loss, lr) = best.context("empty grid")?;
+    super::say(
+        bar,
+        format!("  embedding recipe on held-out text: {}", seen.join(", ")),
+    );
+
+    let teacher = reuse_core::models::SentenceEncoder::load(&dir, ctx.device, Kind::Float)?;
+    fn refs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let (tr_t, dv_t, te_t, ood_t) = (
+        refs(&splits.train.texts),
+        refs(&splits.dev.texts),
+        refs(&splits.test.texts),
+        refs(&ood),
+    );
+    let t_emb = (
+        teacher.encode(&tr_t, 128)?,
+        teacher.encode(&dv_t, 128)?,
+        teacher.encode(&te_t, 128)?,
+        teacher.encode(&ood_t, 128)?,
+    );
+    let n_classes = splits.classes.len() as i64;
+    let (t_probe, t_probe_lr) = probe(
+        (&t_emb.0, &splits.train.labels),
+        (&t_emb.1, &splits.dev.labels),
+        (&t_emb.2, &splits.test.labels),
+        n_classes,
+        ctx.device,
+    )?;
+    let (mut cin, mut cin_min, mut cout, mut cout_min, mut probes, mut secs) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut speed = vec![];
+    let mut student_params = 0;
+    let mut teacher_params = 0;
+    for seed in SEEDS {
+        bar.set_message(format!("distill.minilm_embeddings seed {seed}"));
+        let cfg = EmbedDistillConfig {
+            loss,
+            lr,
+            seed,
+            ..base.clone()
+        };
+        let (student, r) = distill_embeddings(&dir, &texts, &cfg, false)?;
+        secs.push(r.seconds);
+        student_params = r.student_params;
+        teacher_params = r.teacher_params;
+        let s_test = student.encode(&te_t, 128)?;
+        let s_ood = student.encode(&ood_t, 128)?;
+        let ci = row_cosines(&s_test, &t_emb.2);
+        let co = row_cosines(&s_ood, &t_emb.3);
+        cin.push(ci.mean(Kind::Float).double_value(&[]));
+        cin_min.push(ci.min().double_value(&[]));
+        cout.push(co.mean(Kind::Float).double_value(&[]));
+        cout_min.push(co.min().double_value(&[]));
+        let (p, _) = probe(
+            (&student.encode(&tr_t, 128)?, &splits.train.labels),
+            (&student.encode(&dv_t, 128)?, &splits.dev.labels),
+            (&s_test, &splits.test.labels),
+            n_classes,
+            ctx.device,
+        )?;
+        probes.push(p);
+        // Encode time of the test texts, teacher and student interleaved.
+        let rounds = ctx.size(5, 1);
+        for _ in 0..rounds {
+            let t0 = Instant::now();
+            let _ = teacher.encode(&te_t, 128)?.to_device(Device::Cpu);
+            let tt = t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            let _ = student.encode(&te_t, 128)?.to_device(Device::Cpu);
+            speed.push(tt / t0.elapsed().as_secs_f64());
+        }
+        super::say(
+            bar,
+            format!(
+                "  seed {seed}: in-domain cosine {:.4}, out-of-domain {:.4}, probe {:.4}, {:.0} s",
+                cin[cin.len() - 1],
+                cout[cout.len() - 1],
+                p,
+                r.seconds
+            ),
+        );
+    }
+    let mut m = Metrics::new();
+    let mut put = |k: &str, v: &[f64]| {
+        m.insert(k.to_string(), mean(v));
+        m.insert(format!("{k}_sd"), sample_sd(v));
+    };
+    put("cosine_in_domain_mean", &cin);
+    put("cosine_in_domain_min", &cin_min);
+    put("cosine_out_of_domain_mean", &cout);
+    put("cosine_out_of_domain_min", &cout_min);
+    put("student.probe_accuracy", &probes);
+    m.insert("teacher.probe_accuracy".into(), t_probe);
+    m.insert("teacher.probe_lr".into(), t_probe_lr);
+    m.insert("probe_gap_points".into(), 100.0 * (t_probe - mean(&probes)));
+    insert_spread(&mut m, "inference_speedup", &speed);
+    insert_spread(&mut m, "train_seconds", &secs);
+    m.insert("train_texts".into(), max_texts as f64 * 0.95);
+    m.insert(
+        "params_ratio".into(),
+        student_params as f64 / teacher_params as f64,
+    );
+    m.insert("lr".into(), lr);
+    m.insert("seeds".into(), SEEDS.len() as f64);
+    Ok(Outcome {
+        metrics: m,
+        notes: vec![
+            format!(
+                "Student: embeddings and layers 0, 2, 4 of all-MiniLM-L6-v2, mean pooling and \
+                 normalisation as the teacher; trained 1 epoch (batch 32, AdamW, weight decay \
+                 0.01, linear schedule, 10% warm-up) on {max_texts} synopses of \
+                 fixtures/debian_synopses ({} on this device; 95% train, 5% held out), the \
+                 teacher's embeddings computed once up front. Loss and lr chosen on the \
+                 held-out 5% at seed 0: {}; chose {loss:?} at {lr:e}.",
+                if max_texts == texts.len() {
+                    "all of them"
+                } else {
+                    "a seeded sample"
+                },
+                seen.join(", ")
+            ),
+            format!(
+                "Cosine to the teacher's embedding of the same text: in domain on the {} \
+                 sections test texts, out of domain on the {} AppStream sentences of \
+                 fixtures/appstream; means over seeds {SEEDS:?} of each run's mean and min.",
+                te_t.len(),
+                ood_t.len()
+            ),
+            "Probe: a linear layer on frozen embeddings trained on the sections train split \
+             (AdamW, 100 epochs, batch 256), lr chosen on the dev split from {1e-2, 3e-2, \
+             1e-1}, separately for the teacher and each student; test accuracy."
+                .into(),
+            "inference_speedup: teacher / student time to encode the test texts (batch 128), \
+             interleaved rounds, 5 per seed."
+                .into(),
+        ],
+    })
+}
