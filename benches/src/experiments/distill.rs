@@ -287,23 +287,29 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         Trainer::new(warm(cfg(s_lr, seed), &train)).fit(&s, &train, None, &mut [])?;
         hard.push(accuracy(&s, &test, 64, ctx.device)?);
 
-        let s = student_of(seed)?;
-        let mut d = Distiller::new(TeacherSource::Live(&teacher), kd, alpha)?;
-        let mut tr = Trainer::new(warm(cfg(s_lr, seed), &train_pool));
-        tr.begin_task(0, &s, &train_pool, &mut [&mut d])?;
-        let r = tr.fit(&s, &train_pool, None, &mut [&mut d])?;
-        live_epoch_s.push(r.seconds / epochs as f64);
-        live_step_ms.push(1000.0 * r.seconds / r.steps as f64);
-        live.push(accuracy(&s, &test, 64, ctx.device)?);
-
-        let s = student_of(seed)?;
-        let mut d = Distiller::new(TeacherSource::Cached(&cache), kd, alpha)?;
-        let mut tr = Trainer::new(warm(cfg(s_lr, seed), &train_pool));
-        tr.begin_task(0, &s, &train_pool, &mut [&mut d])?;
-        let r = tr.fit(&s, &train_pool, None, &mut [&mut d])?;
-        cached_epoch_s.push(r.seconds / epochs as f64);
-        cached_step_ms.push(1000.0 * r.seconds / r.steps as f64);
-        cached.push(accuracy(&s, &test, 64, ctx.device)?);
+        for (source, acc, epoch_s, step_ms) in [
+            (
+                TeacherSource::Live(&teacher),
+                &mut live,
+                &mut live_epoch_s,
+                &mut live_step_ms,
+            ),
+            (
+                TeacherSource::Cached(&cache),
+                &mut cached,
+                &mut cached_epoch_s,
+                &mut cached_step_ms,
+            ),
+        ] {
+            let s = student_of(seed)?;
+            let mut d = Distiller::new(source, kd, alpha)?;
+            let mut tr = Trainer::new(warm(cfg(s_lr, seed), &train_pool));
+            tr.begin_task(0, &s, &train_pool, &mut [&mut d])?;
+            let r = tr.fit(&s, &train_pool, None, &mut [&mut d])?;
+            epoch_s.push(r.seconds / epochs as f64);
+            step_ms.push(1000.0 * r.seconds / r.steps as f64);
+            acc.push(accuracy(&s, &test, 64, ctx.device)?);
+        }
         super::say(
             bar,
             format!(

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use reuse_core::data::labelled::{load_labelled, LabelledOptions};
+use reuse_core::data::labelled::load_labelled;
 use reuse_core::data::{BatchSource, TextDataset};
 use reuse_core::models::{BertClassifier, SentenceEncoder, TokenizedDataset};
 use reuse_core::Checkpoint;
@@ -58,25 +58,9 @@ pub struct CacheArgs {
     /// Format of --data: tsv, csv, jsonl or lines (default: from its extension).
     #[arg(long)]
     format: Option<String>,
-    /// The column (JSON key) holding the text.
-    #[arg(long, default_value = "text")]
-    text_column: String,
-    /// The column (JSON key) holding the label.
-    #[arg(long, default_value = "label")]
-    label_column: String,
-    /// The column holding each row's split; default: a column named `split` if there is
-    /// one, else dev and test are held out by --seed as `reuse lora train` does.
-    #[arg(long)]
-    split_column: Option<String>,
-    /// Fraction held out for dev when the data has no split column.
-    #[arg(long, default_value_t = 0.1)]
-    dev_fraction: f64,
-    /// Fraction held out for test when the data has no split column.
-    #[arg(long, default_value_t = 0.1)]
-    test_fraction: f64,
-    /// Hold out the same fraction of every class.
-    #[arg(long)]
-    stratify: bool,
+    /// How the data file's columns are read and its splits held out.
+    #[command(flatten)]
+    columns: crate::columns::Columns,
     /// Seed of the dev/test hold-out.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -225,16 +209,7 @@ fn read_data(a: &CacheArgs) -> Result<(TextDataset, Option<Vec<String>>)> {
     } else {
         a.data.clone()
     };
-    let opts = LabelledOptions {
-        format: a.format.as_deref().map(str::parse).transpose()?,
-        text_column: a.text_column.clone(),
-        label_column: a.label_column.clone(),
-        split_column: a.split_column.clone(),
-        dev_fraction: a.dev_fraction,
-        test_fraction: a.test_fraction,
-        stratify: a.stratify,
-        seed: a.seed,
-    };
+    let opts = a.columns.options(a.format.as_deref(), a.seed)?;
     let s = load_labelled(&data, &opts)?;
     let picked = match a.split.as_str() {
         "train" => s.train,

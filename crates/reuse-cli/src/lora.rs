@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use reuse_core::data::labelled::{load_labelled, LabelledOptions};
+use reuse_core::data::labelled::load_labelled;
 use reuse_core::data::majority_baseline;
 use reuse_core::models::{Bert, BertClassifier, SentenceEncoder, TokenizedDataset};
 use reuse_core::trainer::accuracy;
@@ -55,25 +55,9 @@ pub struct TrainArgs {
     /// Format of --data: tsv, csv or jsonl (default: from its extension).
     #[arg(long)]
     format: Option<String>,
-    /// The column (JSON key) holding the text.
-    #[arg(long, default_value = "text")]
-    text_column: String,
-    /// The column (JSON key) holding the label.
-    #[arg(long, default_value = "label")]
-    label_column: String,
-    /// The column holding each row's split (train, dev or validation, test); default: a
-    /// column named `split` if there is one, else dev and test are held out by --seed.
-    #[arg(long)]
-    split_column: Option<String>,
-    /// Fraction held out for dev when the data has no split column.
-    #[arg(long, default_value_t = 0.1)]
-    dev_fraction: f64,
-    /// Fraction held out for test when the data has no split column.
-    #[arg(long, default_value_t = 0.1)]
-    test_fraction: f64,
-    /// Hold out the same fraction of every class.
-    #[arg(long)]
-    stratify: bool,
+    /// How the data file's columns are read and its splits held out.
+    #[command(flatten)]
+    columns: crate::columns::Columns,
     /// Output adapter folder.
     #[arg(long)]
     out: PathBuf,
@@ -213,16 +197,7 @@ fn train(a: TrainArgs) -> Result<()> {
     if a.save_every == Some(0) {
         bail!("--save-every must be at least 1");
     }
-    let opts = LabelledOptions {
-        format: a.format.as_deref().map(str::parse).transpose()?,
-        text_column: a.text_column.clone(),
-        label_column: a.label_column.clone(),
-        split_column: a.split_column.clone(),
-        dev_fraction: a.dev_fraction,
-        test_fraction: a.test_fraction,
-        stratify: a.stratify,
-        seed: a.seed,
-    };
+    let opts = a.columns.options(a.format.as_deref(), a.seed)?;
     let splits = load_labelled(&data, &opts)?;
     let enc = SentenceEncoder::load(&a.model, device, Kind::Float)
         .with_context(|| format!("cannot load model from {}", a.model.display()))?;

@@ -14,6 +14,7 @@
 //!
 //! Errors are one line on stderr and a non-zero exit status, never a panic backtrace.
 
+mod columns;
 mod distill;
 mod distill_embed;
 mod embed;
