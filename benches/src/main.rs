@@ -4,7 +4,8 @@
 //! progress and writes `target/reuse-report/report.json`
 //! (`{"commit", "dirty", "date", "device", "threads", "torch", "quick", "experiments":
 //! [{"id", "about", "seconds", "metrics", "notes"}]}`) and a readable
-//! `target/reuse-report/REPORT.md`. Ratios against other tools are measured in the
+//! `target/reuse-report/REPORT.md` (`--quick`: `target/reuse-report-quick/`, so a smoke
+//! run never replaces a full report). Ratios against other tools are measured in the
 //! same run, with the two sides' rounds interleaved. `cargo xtask readme-figures`
 //! writes the README's figures from report.json.
 
@@ -109,7 +110,12 @@ fn main() -> Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let dir = ctx.root.join("target/reuse-report");
+    // Quick (smoke-test) reports go beside the full one, never over it.
+    let dir = ctx.root.join(if args.quick {
+        "target/reuse-report-quick"
+    } else {
+        "target/reuse-report"
+    });
     report.write(&dir)?;
     println!("report: {}", dir.join("REPORT.md").display());
     Ok(())

@@ -77,7 +77,11 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
     }
     c.args(&args.rest);
     cmd::step(&mut c)?;
-    let report = target_dir(root).join("reuse-report");
+    let report = target_dir(root).join(if args.quick {
+        "reuse-report-quick"
+    } else {
+        "reuse-report"
+    });
     for file in ["REPORT.md", "report.json"] {
         let path = report.join(file);
         if path.exists() {
