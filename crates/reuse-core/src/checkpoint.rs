@@ -136,7 +136,9 @@ impl Checkpoint {
         }
         let meta: HashMap<String, String> = self.metadata.clone().into_iter().collect();
         let meta = if meta.is_empty() { None } else { Some(meta) };
-        safetensors::serialize(views, meta).map_err(|e| Error::invalid("checkpoint", e.to_string()))
+        let bytes = safetensors::serialize(views, meta)
+            .map_err(|e| Error::invalid("checkpoint", e.to_string()))?;
+        canonical_header(bytes)
     }
 
     /// Parses safetensors bytes; `path` is used in error messages only.
@@ -256,4 +258,29 @@ pub fn write_atomic_with(
         let _ = fs::remove_file(&tmp);
         Error::io(path, e)
     })
+}
+
+/// safetensors writes the metadata from a `HashMap`, whose order changes from run to run,
+/// so two saves of the same checkpoint could differ in bytes (and hashes). This rewrites
+/// the header as JSON with every object's keys sorted (serde_json's map is ordered),
+/// padded with spaces to 8 bytes as safetensors pads it; the tensor data is untouched
+/// (its offsets are relative to the end of the header).
+fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let bad = |reason: String| Error::invalid("checkpoint header", reason);
+    let n = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
+        .ok_or_else(|| bad("shorter than 8 bytes".into()))?;
+    let header = bytes
+        .get(8..8 + n)
+        .ok_or_else(|| bad(format!("header of {n} bytes past the end")))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(header).map_err(|e| bad(e.to_string()))?;
+    let mut h = serde_json::to_vec(&value).map_err(|e| bad(e.to_string()))?;
+    h.resize(h.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }

@@ -170,3 +170,33 @@ fn failed_atomic_write_keeps_the_old_file_and_leaves_no_temp() {
     assert!(ck.save(&path).is_err());
     assert_eq!(std::fs::read(&path).unwrap(), bytes);
 }
+
+#[test]
+fn equal_checkpoints_serialise_to_equal_bytes_whatever_the_metadata() {
+    let mut c = Checkpoint::new();
+    c.insert(
+        "b.weight",
+        Tensor::from_slice(&[1.0f32, 2.0, 3.0]).view([3, 1]),
+    );
+    c.insert("a.bias", Tensor::from_slice(&[7i64, 8]));
+    for (k, v) in [
+        ("zeta", "1"),
+        ("alpha", "2"),
+        ("format", "pt"),
+        ("mid", "x"),
+        ("b", "y"),
+    ] {
+        c.set_metadata(k, v);
+    }
+    let first = c.to_bytes().unwrap();
+    for _ in 0..8 {
+        assert_eq!(c.to_bytes().unwrap(), first, "bytes changed between saves");
+    }
+    let n = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+    assert_eq!(n % 8, 0, "header length {n} is not 8-aligned");
+    let back = Checkpoint::from_bytes(&first, std::path::Path::new("mem"), Device::Cpu).unwrap();
+    assert_eq!(back.metadata(), c.metadata());
+    for (name, t) in c.iter() {
+        assert!(back.tensor(name).unwrap().equal(t), "{name}");
+    }
+}
