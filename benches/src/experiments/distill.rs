@@ -144,6 +144,11 @@ pub fn digits_mlp(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
 /// The eight-section part of the synopses fixture: texts nobody labelled for this task
 /// (the teacher labels them), never in the sections splits.
 fn pool(classes: &[String]) -> Result<Vec<String>> {
+    synopses(Some(classes))
+}
+
+/// The synopses fixture's texts, of every section or of `sections` only.
+fn synopses(sections: Option<&[String]>) -> Result<Vec<String>> {
     let path = fixtures_dir().join("debian_synopses/synopses.tsv.gz");
     let mut s = String::new();
     flate2::read::GzDecoder::new(
@@ -152,7 +157,7 @@ fn pool(classes: &[String]) -> Result<Vec<String>> {
     .read_to_string(&mut s)?;
     Ok(s.lines()
         .filter_map(|l| l.split_once('\t'))
-        .filter(|(sec, _)| classes.iter().any(|c| c == sec))
+        .filter(|(sec, _)| sections.is_none_or(|c| c.iter().any(|c| c == sec)))
         .map(|(_, t)| t.to_string())
         .collect())
 }
@@ -435,16 +440,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
 
 /// Every synopsis of the fixture (the embedding-distillation text).
 fn all_synopses() -> Result<Vec<String>> {
-    let path = fixtures_dir().join("debian_synopses/synopses.tsv.gz");
-    let mut s = String::new();
-    flate2::read::GzDecoder::new(
-        std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?,
-    )
-    .read_to_string(&mut s)?;
-    Ok(s.lines()
-        .filter_map(|l| l.split_once('\t'))
-        .map(|(_, t)| t.to_string())
-        .collect())
+    synopses(None)
 }
 
 /// Accuracy of a linear probe (a linear layer on frozen embeddings, AdamW, 100 epochs)
