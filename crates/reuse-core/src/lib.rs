@@ -66,7 +66,9 @@ pub mod trainer;
 
 pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};
-pub use linear::{Linear, LinearDelta, WeightStorage, WeightTransform};
+pub use linear::{
+    capture_linears, CapturedLinear, Linear, LinearDelta, WeightStorage, WeightTransform,
+};
 pub use mlp::{ClassificationHead, Mlp};
 pub use model::{Activation, Model, OutputDelta, OutputSlots};
 pub use optim::{Optimizer, OptimizerKind, Schedule};

@@ -7,6 +7,7 @@
 //! `nn::linear` uses a different bound.
 
 use std::any::Any;
+use std::cell::RefCell;
 
 use tch::{Device, Kind, Tensor};
 
@@ -73,6 +74,40 @@ pub trait LinearDelta: Send {
     fn as_any(&self) -> &dyn Any;
     /// For downcasting to the concrete type.
     fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// What one [`Linear`] forward saw while [`capture_linears`] was running: enough to form
+/// per-sample gradients of its weight and bias (`dW_b = d_b^T x_b`, `db_b = sum_t d_b`)
+/// from the gradient `d` of a loss with respect to `probe`.
+pub struct CapturedLinear {
+    /// The layer's dense weight (a shallow handle: the model's own parameter).
+    pub weight: Tensor,
+    /// The layer's bias (a shallow handle), if it has one.
+    pub bias: Option<Tensor>,
+    /// The input `x` `[b, ..., in]`, detached.
+    pub input: Tensor,
+    /// A zero tensor shaped like the output that was added to it; the gradient of a loss
+    /// with respect to it is the gradient with respect to the layer's output.
+    pub probe: Tensor,
+    /// True when the output is exactly `x W^T + b` of the dense `weight` (no storage,
+    /// weight transform, live delta or routing): only then are `d^T x` and `sum d` the
+    /// gradients of `weight` and `bias`.
+    pub plain: bool,
+}
+
+thread_local! {
+    static CAPTURE: RefCell<Option<Vec<CapturedLinear>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (typically one forward pass) and returns what every [`Linear`] forward on
+/// this thread saw meanwhile, in call order. Used for per-sample gradients without a
+/// per-sample loop (the exact Fisher of EWC): the caller backpropagates to the probes.
+/// Outside a capture a forward costs one thread-local read.
+pub fn capture_linears<T>(f: impl FnOnce() -> T) -> (T, Vec<CapturedLinear>) {
+    let previous = CAPTURE.with(|c| c.borrow_mut().replace(Vec::new()));
+    let out = f();
+    let got = CAPTURE.with(|c| std::mem::replace(&mut *c.borrow_mut(), previous));
+    (out, got.unwrap_or_default())
 }
 
 struct Slot {
@@ -270,6 +305,31 @@ impl Linear {
     /// routing is set ([`Linear::set_routing`]), each sample gets only its own delta.
     /// An input whose last dimension is not `in_features` is an error.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let out = self.forward_inner(x, train)?;
+        let capturing = CAPTURE.with(|c| c.borrow().is_some());
+        if !capturing {
+            return Ok(out);
+        }
+        let probe = out.zeros_like().set_requires_grad(true);
+        let plain = self.storage.is_none()
+            && self.transform.is_none()
+            && self.routing.is_none()
+            && !self.slots.iter().any(|s| s.active && s.merged.is_none());
+        CAPTURE.with(|c| {
+            if let Some(v) = c.borrow_mut().as_mut() {
+                v.push(CapturedLinear {
+                    weight: self.weight.shallow_clone(),
+                    bias: self.bias.as_ref().map(Tensor::shallow_clone),
+                    input: x.detach(),
+                    probe: probe.shallow_clone(),
+                    plain,
+                });
+            }
+        });
+        Ok(out + probe)
+    }
+
+    fn forward_inner(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(x)?;
         // The weight as forward sees it; None = use the storage's own matmul.
         let w: Option<Tensor> = match (&self.storage, &self.transform) {
