@@ -111,11 +111,7 @@ fn main() -> Result<()> {
     }
     bar.finish_and_clear();
     // Quick (smoke-test) reports go beside the full one, never over it.
-    let dir = ctx.root.join(if args.quick {
-        "target/reuse-report-quick"
-    } else {
-        "target/reuse-report"
-    });
+    let dir = ctx.report_dir();
     report.write(&dir)?;
     println!("report: {}", dir.join("REPORT.md").display());
     Ok(())

@@ -1,6 +1,7 @@
 //! The experiment registry, and what experiments share: the context, their outcome
 //! (metrics and notes) and summary statistics for repeated measurements.
 
+mod continual;
 mod core;
 mod distill;
 mod peft;
@@ -37,6 +38,16 @@ impl Ctx {
     pub fn python(&self) -> Option<PathBuf> {
         let p = self.root.join(".venv/bin/python");
         p.exists().then_some(p)
+    }
+
+    /// Where this run's report goes (`target/reuse-report`, or `-quick`): experiments
+    /// write their plots there.
+    pub fn report_dir(&self) -> PathBuf {
+        self.root.join(if self.quick {
+            "target/reuse-report-quick"
+        } else {
+            "target/reuse-report"
+        })
     }
 
     /// `full` normally, `quick` in quick mode.
@@ -171,6 +182,20 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: distill::minilm_embeddings,
         default: true,
         gpu_sized: true,
+    },
+    Experiment {
+        id: "continual.split_digits",
+        about: "split digits, class- and task-incremental: naive, EWC (exact, empirical), online EWC, replay, PackNet, joint; Avalanche 0.6 side by side; 3 seeds",
+        run: continual::split_digits,
+        default: true,
+        gpu_sized: false,
+    },
+    Experiment {
+        id: "continual.permuted_digits",
+        about: "permuted digits, domain-incremental: naive, EWC (exact, empirical), online EWC, replay, joint; Avalanche 0.6 side by side; 3 seeds",
+        run: continual::permuted_digits,
+        default: true,
+        gpu_sized: false,
     },
     Experiment {
         id: "peft.dev_sweep",

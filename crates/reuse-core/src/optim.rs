@@ -146,12 +146,19 @@ impl Optimizer {
                         if wd != 0.0 {
                             let _ = w.f_mul_scalar_(1.0 - lr * wd)?;
                         }
-                        let _ = m.f_mul_scalar_(b1)?.f_add_(&(&g * (1.0 - b1)))?;
-                        let _ = v.f_mul_scalar_(b2)?.f_add_(&(&g * &g * (1.0 - b2)))?;
+                        // In place, as torch's single-tensor AdamW: two temporaries per
+                        // parameter instead of eight (the update is memory-bound).
+                        let _ = m.f_lerp_(&g, 1.0 - b1)?;
+                        let _ = v.f_lerp_(&g.f_square()?, 1.0 - b2)?;
                         let bc1 = 1.0 - b1.powf(t);
                         let bc2 = 1.0 - b2.powf(t);
-                        let denom = v.f_sqrt()? / bc2.sqrt() + eps;
-                        let _ = w.f_sub_(&(&*m / denom * (lr / bc1)))?;
+                        let step_size = lr / bc1;
+                        // w -= step * m / (sqrt(v) / sqrt(bc2) + eps), with the
+                        // temporaries updated in place.
+                        let mut denom = v.f_sqrt()?;
+                        let _ = denom.f_div_scalar_(bc2.sqrt())?.f_add_scalar_(eps)?;
+                        let mut upd = m.f_div(&denom)?;
+                        let _ = w.f_sub_(&upd.f_mul_scalar_(step_size)?)?;
                     }
                     OptimizerKind::Sgd { momentum } => {
                         let g = if wd != 0.0 { &g + &w * wd } else { g };

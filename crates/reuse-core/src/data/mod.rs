@@ -355,9 +355,10 @@ pub struct Digits {
     pub test: TensorDataset,
 }
 
-/// Loads `digits.csv.gz` (1797 rows of 64 pixel values 0-16 and a label) and splits it
-/// with a fixed permutation (seed 0): 80% train, 20% test. Pixels are divided by 16.
-pub fn load_digits(path: &Path) -> Result<Digits> {
+/// Loads `digits.csv.gz` (1797 rows of 64 pixel values 0-16 and a label) in file order,
+/// pixels divided by 16 (for protocols that make their own split, e.g. continual
+/// learning's stratified 75/25).
+pub fn load_digits_rows(path: &Path) -> Result<TensorDataset> {
     let text = open_gz(path)?;
     let mut xs = Vec::with_capacity(1797 * 64);
     let mut ys = Vec::with_capacity(1797);
@@ -388,13 +389,22 @@ pub fn load_digits(path: &Path) -> Result<Digits> {
         ys.push(vals[64] as i64);
     }
     let n = ys.len();
-    let x = Tensor::from_slice(&xs).view([n as i64, 64]);
-    let y = Tensor::from_slice(&ys);
+    TensorDataset::new(
+        Tensor::from_slice(&xs).view([n as i64, 64]),
+        Tensor::from_slice(&ys),
+    )
+}
+
+/// Loads `digits.csv.gz` (1797 rows of 64 pixel values 0-16 and a label) and splits it
+/// with a fixed permutation (seed 0): 80% train, 20% test. Pixels are divided by 16.
+pub fn load_digits(path: &Path) -> Result<Digits> {
+    let all = load_digits_rows(path)?;
+    let n = all.len();
     let order = epoch_batches(n, n, Some(0), 0).remove(0);
     let n_train = n * 4 / 5;
     let take = |ix: &[i64]| -> Result<TensorDataset> {
         let idx = Tensor::from_slice(ix);
-        TensorDataset::new(x.index_select(0, &idx), y.index_select(0, &idx))
+        TensorDataset::new(all.x.index_select(0, &idx), all.y.index_select(0, &idx))
     };
     Ok(Digits {
         train: take(&order[..n_train])?,

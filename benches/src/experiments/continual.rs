@@ -1,0 +1,626 @@
+//! reuse-continual experiments on scikit-learn's digits, on one fixed protocol shared with
+//! Avalanche 0.6 (run side by side through `benches/python/avalanche_digits.py`):
+//! values / 16, a stratified 75/25 train/test split with seed 0, MLP 64-400-400-10 with
+//! ReLU, Adam lr 1e-3, batch 32, 5 epochs per task, replay memory 200.
+//!
+//! Hyperparameters (EWC lambda, online gamma, replay mixing, PackNet pruning ratio) are
+//! chosen at seed 0 on a dev split cut from the training rows (stratified 20%), for both
+//! sides; the test rows are only used for the reported figures.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::rc::Rc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::ProgressBar;
+use reuse_continual::ewc::{Ewc, EwcConfig, EwcMode, FisherKind};
+use reuse_continual::scenario::{
+    permutations, run_stream, stratified_split, Concat, Scenario, ScenarioKind,
+};
+use reuse_continual::{
+    AccuracyMatrix, BufferPolicy, MultiHead, PackNet, PerBatch, Replay, ReplayConfig,
+};
+use reuse_core::data::{load_digits_rows, BatchSource, TensorDataset};
+use reuse_core::{Activation, Mlp, Model, Technique, TrainConfig, Trainable, Trainer};
+use reuse_testkit::fixtures_dir;
+use tch::{Device, Tensor};
+
+use super::{mean, sample_sd, say, Ctx, Metrics, Outcome};
+
+const SEEDS: [u64; 3] = [0, 1, 2];
+const MEMORY: usize = 200;
+
+/// A method and its hyperparameters.
+#[derive(Debug, Clone, PartialEq)]
+enum Method {
+    Naive,
+    Ewc { lambda: f64, kind: FisherKind },
+    OnlineEwc { lambda: f64, gamma: f64 },
+    Replay { per_batch: PerBatch },
+    PackNet { ratio: f64, retrain_epochs: usize },
+    Joint,
+}
+
+impl Method {
+    fn id(&self) -> &'static str {
+        match self {
+            Method::Naive => "naive",
+            Method::Ewc {
+                kind: FisherKind::Exact,
+                ..
+            } => "ewc",
+            Method::Ewc {
+                kind: FisherKind::Empirical,
+                ..
+            } => "ewc_empirical",
+            Method::OnlineEwc { .. } => "online_ewc",
+            Method::Replay { .. } => "replay",
+            Method::PackNet { .. } => "packnet",
+            Method::Joint => "joint",
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Method::Naive | Method::Joint => self.id().to_string(),
+            Method::Ewc { lambda, .. } => format!("{} (lambda {lambda})", self.id()),
+            Method::OnlineEwc { lambda, gamma } => {
+                format!("online_ewc (lambda {lambda}, gamma {gamma})")
+            }
+            Method::Replay { per_batch } => format!("replay ({per_batch:?} per batch)"),
+            Method::PackNet {
+                ratio,
+                retrain_epochs,
+            } => format!("packnet (ratio {ratio}, {retrain_epochs} retraining epochs)"),
+        }
+    }
+}
+
+struct Protocol {
+    epochs: usize,
+    device: Device,
+}
+
+impl Protocol {
+    fn config(&self, seed: u64) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            lr: 1e-3,
+            batch_size: 32,
+            seed,
+            device: self.device,
+            ..Default::default()
+        }
+    }
+}
+
+/// One run: the accuracy matrix and the wall time (model construction, training and the
+/// evaluations after each task).
+struct RunResult {
+    r: AccuracyMatrix,
+    seconds: f64,
+}
+
+/// The techniques of a method (EWC or replay; none for the others).
+struct Techs {
+    ewc: Option<Ewc>,
+    replay: Option<Replay>,
+}
+
+impl Techs {
+    fn new(method: &Method, seed: u64) -> Result<Self> {
+        let mut t = Techs {
+            ewc: None,
+            replay: None,
+        };
+        match method {
+            Method::Ewc { lambda, kind } => {
+                t.ewc = Some(Ewc::new(EwcConfig::new(*lambda, *kind))?);
+            }
+            Method::OnlineEwc { lambda, gamma } => {
+                let mut c = EwcConfig::new(*lambda, FisherKind::Exact);
+                c.mode = EwcMode::Online { gamma: *gamma };
+                t.ewc = Some(Ewc::new(c)?);
+            }
+            Method::Replay { per_batch } => {
+                let mut c = ReplayConfig::new(BufferPolicy::TaskBalanced, MEMORY);
+                c.per_batch = *per_batch;
+                c.seed = seed;
+                t.replay = Some(Replay::new(c)?);
+            }
+            _ => {}
+        }
+        Ok(t)
+    }
+
+    fn refs(&mut self) -> Vec<&mut dyn Technique> {
+        let mut v: Vec<&mut dyn Technique> = Vec::new();
+        if let Some(e) = self.ewc.as_mut() {
+            v.push(e);
+        }
+        if let Some(r) = self.replay.as_mut() {
+            v.push(r);
+        }
+        v
+    }
+}
+
+fn joint(scn: &Scenario, model: &dyn Trainable, p: &Protocol, seed: u64) -> Result<AccuracyMatrix> {
+    let all = Concat::joint_train(scn, 0);
+    Trainer::new(p.config(seed)).fit(model, &all, None, &mut [])?;
+    let mut r = AccuracyMatrix::new();
+    r.push_row(scn.evaluate(model, 512, p.device)?)?;
+    Ok(r)
+}
+
+/// Class- and domain-incremental: one 10-way head.
+fn run_single_head(scn: &Scenario, method: &Method, p: &Protocol, seed: u64) -> Result<RunResult> {
+    let start = Instant::now();
+    tch::manual_seed(seed as i64);
+    let net = Mlp::new(&[64, 400, 400, 10], Activation::Relu, p.device)?;
+    let r = if *method == Method::Joint {
+        joint(scn, &net, p, seed)?
+    } else {
+        let mut techs = Techs::new(method, seed)?;
+        let mut refs = techs.refs();
+        let mut trainer = Trainer::new(p.config(seed));
+        run_stream(scn, &net, &mut trainer, &mut refs, 512, false)?
+    };
+    Ok(RunResult {
+        r,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Task-incremental: a 64-400-400 body and one head per task, limited to its classes
+/// (as Avalanche's MultiHeadClassifier); only the current task's head trains.
+fn run_multi_head(scn: &Scenario, method: &Method, p: &Protocol, seed: u64) -> Result<RunResult> {
+    let start = Instant::now();
+    tch::manual_seed(seed as i64);
+    let body = Mlp::new(&[64, 400, 400], Activation::Relu, p.device)?;
+    let mut model = MultiHead::new(body, 400, 10, scn.tasks.len(), p.device)?;
+    for e in &scn.tasks {
+        model.limit_classes(e.task, &e.classes)?;
+    }
+    let mut r = AccuracyMatrix::new();
+    match method {
+        Method::Joint => {
+            r = joint(scn, &model, p, seed)?;
+        }
+        Method::PackNet {
+            ratio,
+            retrain_epochs,
+        } => {
+            let mut pack = PackNet::new(*ratio, "body.*")?;
+            let mut trainer = Trainer::new(p.config(seed));
+            for e in &scn.tasks {
+                model.train_only_head(e.task)?;
+                trainer.begin_task(e.task, &model, &e.train, &mut [&mut pack])?;
+                trainer.config.epochs = p.epochs;
+                trainer.fit(&model, &e.train, None, &mut [&mut pack])?;
+                pack.prune(&model.params())?;
+                trainer.config.epochs = *retrain_epochs;
+                trainer.fit(&model, &e.train, None, &mut [&mut pack])?;
+                trainer.end_task(e.task, &model, &e.train, &mut [&mut pack])?;
+                // Each test task under its own inference mask.
+                let mut row = Vec::new();
+                for t in &scn.tasks {
+                    pack.apply_inference_mask(&mut model, t.task.min(e.task))?;
+                    row.push(reuse_core::trainer::accuracy(
+                        &model, &t.test, 512, p.device,
+                    )?);
+                }
+                pack.clear_inference_mask(&mut model);
+                r.push_row(row)?;
+            }
+        }
+        _ => {
+            let mut techs = Techs::new(method, seed)?;
+            let mut refs = techs.refs();
+            let mut trainer = Trainer::new(p.config(seed));
+            for e in &scn.tasks {
+                model.train_only_head(e.task)?;
+                trainer.begin_task(e.task, &model, &e.train, &mut refs)?;
+                trainer.fit(&model, &e.train, None, &mut refs)?;
+                trainer.end_task(e.task, &model, &e.train, &mut refs)?;
+                r.push_row(scn.evaluate(&model, 512, p.device)?)?;
+            }
+        }
+    }
+    Ok(RunResult {
+        r,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn run(scn: &Scenario, method: &Method, p: &Protocol, seed: u64) -> Result<RunResult> {
+    match scn.kind {
+        ScenarioKind::TaskIncremental => run_multi_head(scn, method, p, seed),
+        _ => run_single_head(scn, method, p, seed),
+    }
+}
+
+/// The data in file order, the stratified 75/25 split (seed 0) and, inside the training
+/// rows, a stratified 80/20 fit/dev split (seed 1).
+struct Split {
+    all: TensorDataset,
+    train: Vec<i64>,
+    test: Vec<i64>,
+    fit: Vec<i64>,
+    dev: Vec<i64>,
+}
+
+fn split() -> Result<Split> {
+    let all = load_digits_rows(&fixtures_dir().join("digits/digits.csv.gz"))?;
+    let labels = Vec::<i64>::try_from(&all.y)?;
+    let (train, test) = stratified_split(&labels, 0.25, 0)?;
+    let train_labels: Vec<i64> = train.iter().map(|&i| labels[i as usize]).collect();
+    let (fit_pos, dev_pos) = stratified_split(&train_labels, 0.2, 1)?;
+    let fit = fit_pos.iter().map(|&i| train[i as usize]).collect();
+    let dev = dev_pos.iter().map(|&i| train[i as usize]).collect();
+    Ok(Split {
+        all,
+        train,
+        test,
+        fit,
+        dev,
+    })
+}
+
+fn rows(all: &TensorDataset, idx: &[i64]) -> Result<Rc<dyn BatchSource>> {
+    let i = Tensor::from_slice(idx);
+    Ok(Rc::new(TensorDataset::new(
+        all.x.index_select(0, &i),
+        all.y.index_select(0, &i),
+    )?))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    ClassIl,
+    TaskIl,
+    Permuted,
+}
+
+impl Kind {
+    fn id(self) -> &'static str {
+        match self {
+            Kind::ClassIl => "class_il",
+            Kind::TaskIl => "task_il",
+            Kind::Permuted => "permuted",
+        }
+    }
+}
+
+fn splits() -> Vec<Vec<i64>> {
+    (0..5).map(|t| vec![2 * t, 2 * t + 1]).collect()
+}
+
+fn scenario(kind: Kind, train: Rc<dyn BatchSource>, test: Rc<dyn BatchSource>) -> Result<Scenario> {
+    Ok(match kind {
+        Kind::ClassIl => Scenario::class_incremental(train, test, &splits())?,
+        Kind::TaskIl => Scenario::task_incremental(train, test, &splits())?,
+        Kind::Permuted => Scenario::permuted(train, test, &permutations(5, 64, 0))?,
+    })
+}
+
+/// Runs Avalanche on `runs` (each `{"scenario", "method", "seed", ...}`) over the given
+/// train/test rows; returns the script's per-run results.
+fn avalanche(
+    ctx: &Ctx,
+    train: &[i64],
+    test: &[i64],
+    runs: Vec<serde_json::Value>,
+    epochs: usize,
+) -> Result<Vec<serde_json::Value>> {
+    let py = ctx
+        .python()
+        .context("no .venv python: run `cargo xtask setup` (the Avalanche side needs it)")?;
+    let dir = ctx.root.join("target/reuse-bench-tmp");
+    std::fs::create_dir_all(&dir)?;
+    let spec_path = dir.join("avalanche_spec.json");
+    let out_path = dir.join("avalanche_out.json");
+    let spec = serde_json::json!({
+        "train": train, "test": test, "tasks": splits(),
+        "permutations": permutations(5, 64, 0),
+        "runs": runs, "epochs": epochs, "batch_size": 32, "lr": 1e-3,
+        "threads": tch::get_num_threads(),
+    });
+    std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
+    let status = Command::new(&py)
+        .arg(ctx.root.join("benches/python/avalanche_digits.py"))
+        .arg("--spec")
+        .arg(&spec_path)
+        .arg("--out")
+        .arg(&out_path)
+        .arg("--data")
+        .arg(fixtures_dir().join("digits/digits.csv.gz"))
+        .status()
+        .context("running benches/python/avalanche_digits.py")?;
+    if !status.success() {
+        bail!("benches/python/avalanche_digits.py failed ({status})");
+    }
+    let out: serde_json::Value = serde_json::from_slice(&std::fs::read(&out_path)?)?;
+    Ok(out["runs"]
+        .as_array()
+        .context("avalanche output has no runs")?
+        .clone())
+}
+
+fn av_run(kind: Kind, method: &str, seed: u64, lambda: f64, gamma: f64) -> serde_json::Value {
+    serde_json::json!({"scenario": kind.id(), "method": method, "seed": seed,
+                       "ewc_lambda": lambda, "decay_factor": gamma, "mem_size": MEMORY})
+}
+
+fn f(v: &serde_json::Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+/// Dev-split choices: ours (per method id) and Avalanche's (lambda, gamma) per method.
+struct Chosen {
+    ours: BTreeMap<&'static str, Method>,
+    avalanche: BTreeMap<&'static str, (f64, f64)>,
+    notes: Vec<String>,
+}
+
+fn choose(ctx: &Ctx, kind: Kind, s: &Split, p: &Protocol, bar: &ProgressBar) -> Result<Chosen> {
+    let scn = scenario(kind, rows(&s.all, &s.fit)?, rows(&s.all, &s.dev)?)?;
+    let quick = ctx.quick;
+    let exact_grid: &[f64] = if quick {
+        &[10.0]
+    } else {
+        &[1.0, 10.0, 100.0, 1000.0]
+    };
+    let emp_grid: &[f64] = if quick { &[1e3] } else { &[1e2, 1e3, 1e4, 1e5] };
+    let gammas: &[f64] = if quick { &[0.9] } else { &[0.9, 1.0] };
+    let mut notes = Vec::new();
+    let mut ours = BTreeMap::new();
+    let best = |cands: Vec<Method>, notes: &mut Vec<String>| -> Result<Method> {
+        let mut seen = Vec::new();
+        let mut top = (f64::MIN, cands[0].clone());
+        for m in cands {
+            let a = run(&scn, &m, p, 0)?.r.avg_accuracy()?;
+            seen.push(format!("{} {a:.3}", m.describe()));
+            if a > top.0 {
+                top = (a, m);
+            }
+        }
+        notes.push(format!("{}: {}", top.1.id(), seen.join(", ")));
+        Ok(top.1)
+    };
+    ours.insert("naive", Method::Naive);
+    ours.insert("joint", Method::Joint);
+    let ewc = best(
+        exact_grid
+            .iter()
+            .map(|&lambda| Method::Ewc {
+                lambda,
+                kind: FisherKind::Exact,
+            })
+            .collect(),
+        &mut notes,
+    )?;
+    ours.insert("ewc", ewc);
+    if kind != Kind::TaskIl {
+        let emp = best(
+            emp_grid
+                .iter()
+                .map(|&lambda| Method::Ewc {
+                    lambda,
+                    kind: FisherKind::Empirical,
+                })
+                .collect(),
+            &mut notes,
+        )?;
+        ours.insert("ewc_empirical", emp);
+        let mut c = Vec::new();
+        for &lambda in exact_grid {
+            for &gamma in gammas {
+                c.push(Method::OnlineEwc { lambda, gamma });
+            }
+        }
+        ours.insert("online_ewc", best(c, &mut notes)?);
+    }
+    let replay_grid: Vec<Method> = if quick {
+        vec![Method::Replay {
+            per_batch: PerBatch::Same,
+        }]
+    } else {
+        vec![
+            Method::Replay {
+                per_batch: PerBatch::Same,
+            },
+            Method::Replay {
+                per_batch: PerBatch::Ratio(0.5),
+            },
+        ]
+    };
+    ours.insert("replay", best(replay_grid, &mut notes)?);
+    if kind == Kind::TaskIl {
+        let ratios: &[f64] = if quick { &[0.5] } else { &[0.5, 0.75] };
+        let pack = best(
+            ratios
+                .iter()
+                .map(|&ratio| Method::PackNet {
+                    ratio,
+                    retrain_epochs: 2.min(p.epochs),
+                })
+                .collect(),
+            &mut notes,
+        )?;
+        ours.insert("packnet", pack);
+    }
+    // Avalanche's EWC lambda (and online gamma) on the same dev split, its own scale.
+    let mut av_choice = BTreeMap::new();
+    av_choice.insert("naive", (0.0, 0.0));
+    av_choice.insert("replay", (0.0, 0.0));
+    av_choice.insert("joint", (0.0, 0.0));
+    let mut runs = Vec::new();
+    for &l in emp_grid {
+        runs.push(av_run(kind, "ewc", 0, l, 0.9));
+        if kind != Kind::TaskIl {
+            for &g in gammas {
+                runs.push(av_run(kind, "online_ewc", 0, l, g));
+            }
+        }
+    }
+    say(
+        bar,
+        format!("  {}: Avalanche dev grid, {} runs", kind.id(), runs.len()),
+    );
+    let res = avalanche(ctx, &s.fit, &s.dev, runs, p.epochs)?;
+    for m in ["ewc", "online_ewc"] {
+        let mut top: Option<(f64, f64, f64)> = None;
+        let mut seen = Vec::new();
+        for v in res.iter().filter(|v| v["method"] == m) {
+            let a = f(v, "avg_accuracy");
+            let (l, g) = (f(v, "ewc_lambda"), f(v, "decay_factor"));
+            seen.push(format!("lambda {l} gamma {g}: {a:.3}"));
+            if top.is_none_or(|t| a > t.0) {
+                top = Some((a, l, g));
+            }
+        }
+        if let Some((_, l, g)) = top {
+            av_choice.insert(m, (l, g));
+            notes.push(format!("Avalanche {m}: {}", seen.join(", ")));
+        }
+    }
+    Ok(Chosen {
+        ours,
+        avalanche: av_choice,
+        notes,
+    })
+}
+
+fn scenarios_experiment(
+    ctx: &Ctx,
+    bar: &ProgressBar,
+    kinds: &[Kind],
+    name: &str,
+) -> Result<Outcome> {
+    let s = split()?;
+    let p = Protocol {
+        epochs: ctx.size(5, 1),
+        device: ctx.device,
+    };
+    let seeds: &[u64] = if ctx.quick { &SEEDS[..1] } else { &SEEDS };
+    let mut m = Metrics::new();
+    let mut notes = vec![format!(
+        "Protocol (shared with Avalanche): digits values / 16; stratified 75/25 train/test \
+         split, seed 0 ({} / {} rows); MLP 64-400-400-10 ReLU (task-incremental: the same \
+         body and one head per task limited to its classes, only the current task's head \
+         training); Adam lr 1e-3 (moments kept across tasks, as Avalanche keeps them), \
+         batch 32, {} epochs per task; replay memory {MEMORY}, task-balanced as \
+         Avalanche's default storage policy. Seeds {seeds:?}; figures are means and sample \
+         sds over seeds, times are wall seconds per run (model construction, training, \
+         the evaluation after each task) on {} threads, each Avalanche run right after \
+         ours for the same seed.",
+        s.train.len(),
+        s.test.len(),
+        p.epochs,
+        tch::get_num_threads()
+    )];
+    let report_dir = ctx.report_dir().join("continual");
+    std::fs::create_dir_all(&report_dir)?;
+    for &kind in kinds {
+        say(bar, format!("  {name} {}: choosing on dev", kind.id()));
+        let chosen = choose(ctx, kind, &s, &p, bar)?;
+        notes.push(format!(
+            "{} hyperparameters, chosen at seed 0 by average accuracy on the dev split \
+             (20% of the training rows, stratified, seed 1; trained on the other 80%): {}",
+            kind.id(),
+            chosen.notes.join("; ")
+        ));
+        let scn = scenario(kind, rows(&s.all, &s.train)?, rows(&s.all, &s.test)?)?;
+        let mut ours: BTreeMap<&str, Vec<RunResult>> = BTreeMap::new();
+        let mut theirs: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+        for &seed in seeds {
+            for (id, method) in &chosen.ours {
+                bar.set_message(format!("{name} {} {id} seed {seed}", kind.id()));
+                let r = run(&scn, method, &p, seed)?;
+                if seed == 0 {
+                    r.r.save_heatmap_png(
+                        &report_dir.join(format!("{}_{id}.png", kind.id())),
+                        &format!("{} {id} (seed 0)", kind.id()),
+                    )?;
+                    r.r.save_json(&report_dir.join(format!("{}_{id}.json", kind.id())))?;
+                }
+                ours.entry(id).or_default().push(r);
+            }
+            let av_methods: &[&str] = match kind {
+                Kind::TaskIl => &["naive", "ewc", "replay"],
+                _ => &["naive", "ewc", "online_ewc", "replay", "joint"],
+            };
+            let runs = av_methods
+                .iter()
+                .map(|&mm| {
+                    let (l, g) = chosen.avalanche.get(mm).copied().unwrap_or((0.0, 0.0));
+                    av_run(kind, mm, seed, l, g)
+                })
+                .collect();
+            bar.set_message(format!("{name} {} Avalanche seed {seed}", kind.id()));
+            for v in avalanche(ctx, &s.train, &s.test, runs, p.epochs)? {
+                let mm = v["method"].as_str().unwrap_or("?").to_string();
+                theirs.entry(mm).or_default().push(v);
+            }
+        }
+        let sc = kind.id();
+        for (id, runs) in &ours {
+            let acc: Vec<f64> = runs
+                .iter()
+                .map(|r| r.r.avg_accuracy().unwrap_or(f64::NAN))
+                .collect();
+            let secs: Vec<f64> = runs.iter().map(|r| r.seconds).collect();
+            m.insert(format!("{sc}.{id}.avg_accuracy"), mean(&acc));
+            m.insert(format!("{sc}.{id}.avg_accuracy_sd"), sample_sd(&acc));
+            m.insert(format!("{sc}.{id}.seconds"), mean(&secs));
+            if *id != "joint" {
+                let fg: Vec<f64> = runs
+                    .iter()
+                    .map(|r| r.r.forgetting().unwrap_or(f64::NAN))
+                    .collect();
+                m.insert(format!("{sc}.{id}.forgetting"), mean(&fg));
+                m.insert(format!("{sc}.{id}.forgetting_sd"), sample_sd(&fg));
+            }
+        }
+        for (mm, runs) in &theirs {
+            let acc: Vec<f64> = runs.iter().map(|v| f(v, "avg_accuracy")).collect();
+            let secs: Vec<f64> = runs.iter().map(|v| f(v, "seconds")).collect();
+            m.insert(format!("avalanche.{sc}.{mm}.avg_accuracy"), mean(&acc));
+            m.insert(
+                format!("avalanche.{sc}.{mm}.avg_accuracy_sd"),
+                sample_sd(&acc),
+            );
+            m.insert(format!("avalanche.{sc}.{mm}.seconds"), mean(&secs));
+            if mm != "joint" {
+                let fg: Vec<f64> = runs.iter().map(|v| f(v, "forgetting")).collect();
+                m.insert(format!("avalanche.{sc}.{mm}.forgetting"), mean(&fg));
+            }
+            if let Some(o) = ours.get(mm.as_str()) {
+                let ours_s = mean(&o.iter().map(|r| r.seconds).collect::<Vec<_>>());
+                m.insert(format!("{sc}.{mm}.time_ratio"), ours_s / mean(&secs));
+            }
+        }
+        notes.push(format!(
+            "{sc}: accuracy matrices of seed 0 as heat maps and JSON in {} ({sc}_<method>.png); \
+             ours: {}.",
+            report_dir.display(),
+            chosen
+                .ours
+                .values()
+                .map(Method::describe)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok(Outcome { metrics: m, notes })
+}
+
+pub fn split_digits(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    scenarios_experiment(ctx, bar, &[Kind::ClassIl, Kind::TaskIl], "split_digits")
+}
+
+pub fn permuted_digits(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    scenarios_experiment(ctx, bar, &[Kind::Permuted], "permuted_digits")
+}
