@@ -618,7 +618,73 @@ fn scenarios_experiment(
 }
 
 pub fn split_digits(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
-    scenarios_experiment(ctx, bar, &[Kind::ClassIl, Kind::TaskIl], "split_digits")
+    let mut out = scenarios_experiment(ctx, bar, &[Kind::ClassIl, Kind::TaskIl], "split_digits")?;
+    bar.set_message("split_digits EWC step overhead");
+    let (ratios, steps) = ewc_overhead(ctx)?;
+    super::insert_spread(&mut out.metrics, "ewc_step_overhead", &ratios);
+    out.notes.push(format!(
+        "ewc_step_overhead: time of a training step with EWC's penalty (4 consolidated \
+         tasks, exact Fisher, as the technique applies it: its gradient added after \
+         backward) over a plain step, for the protocol's MLP at batch 32; {} rounds of \
+         {steps} plain then {steps} penalised steps, interleaved; the median of the \
+         per-round ratios and their spread. Criterion has the same comparison, and the \
+         penalty through autograd, in `cargo bench --bench ewc`.",
+        ratios.len()
+    ));
+    Ok(out)
+}
+
+/// Per-round ratios (penalised / plain step time) and the steps per round.
+fn ewc_overhead(ctx: &Ctx) -> Result<(Vec<f64>, usize)> {
+    let s = split()?;
+    let data = rows(&s.all, &s.train)?;
+    tch::manual_seed(0);
+    let net = Mlp::new(&[64, 400, 400, 10], Activation::Relu, ctx.device)?;
+    let mut ewc = Ewc::new(EwcConfig::new(10.0, FisherKind::Exact))?;
+    for _ in 0..4 {
+        ewc.consolidate(&net, data.as_ref(), ctx.device)?;
+    }
+    let batch = data.batch(&(0..32).collect::<Vec<_>>(), ctx.device)?;
+    let params = net.params();
+    let mut opt = reuse_core::Optimizer::new(reuse_core::OptimizerKind::default(), 0.0);
+    let sctx = reuse_core::StepContext {
+        step: 0,
+        total_steps: 1,
+        micro: 0,
+        epoch: 0,
+        task: 4,
+        lr: 1e-3,
+        device: ctx.device,
+    };
+    let mut step = |penalty: bool| -> Result<()> {
+        let out = Trainable::forward(&net, &batch, true, Default::default())?;
+        net.loss(&out, &batch)?.f_backward()?;
+        if penalty {
+            ewc.after_backward(&params, &sctx)?;
+        }
+        opt.step(&params, 1e-3)?;
+        params.zero_grad();
+        Ok(())
+    };
+    let steps = ctx.size(50, 5);
+    for _ in 0..steps {
+        step(false)?;
+        step(true)?;
+    }
+    let mut ratios = Vec::new();
+    for _ in 0..ctx.size(15, 2) {
+        let t = Instant::now();
+        for _ in 0..steps {
+            step(false)?;
+        }
+        let plain = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for _ in 0..steps {
+            step(true)?;
+        }
+        ratios.push(t.elapsed().as_secs_f64() / plain);
+    }
+    Ok((ratios, steps))
 }
 
 pub fn permuted_digits(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {

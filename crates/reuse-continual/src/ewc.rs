@@ -396,12 +396,23 @@ pub fn ewc_penalty(params: &Params, anchors: &[Anchor], lambda: f64) -> Result<O
     Ok(total.map(|t| t * lambda))
 }
 
-/// EWC as a technique for core's trainer: the penalty is an extra loss term; at the end
-/// of each task the Fisher (of the kind configured) is computed on that task's training
-/// data and the anchor is stored. Anchors are part of the saved run state.
+/// EWC as a technique for core's trainer. At the end of each task the Fisher (of the
+/// kind configured) is computed on that task's training data and the anchor is stored;
+/// anchors are part of the saved run state.
+///
+/// While later tasks train, the penalty enters through its exact gradient,
+/// `2 λ Σ_k F_k (θ - θ*_k) = A θ - b` with `A = 2 λ Σ_k F_k` and `b = 2 λ Σ_k F_k θ*_k`
+/// kept per parameter, added to the gradients after backward (before clipping and the
+/// optimizer): two element-wise operations per parameter whatever the number of past
+/// tasks, where autograd through [`ewc_penalty`] costs a dozen per parameter and task.
+/// The update is the same; the loss the trainer reports does not include the penalty's
+/// value ([`Ewc::penalty`] computes it). A parameter that got no gradient in a step
+/// (unused by that batch) is not pulled back in that step.
 pub struct Ewc {
     config: EwcConfig,
     anchors: Vec<Anchor>,
+    /// Per parameter: (A, b) of the fused gradient.
+    fused: BTreeMap<String, (Tensor, Tensor)>,
 }
 
 impl Ewc {
@@ -411,7 +422,40 @@ impl Ewc {
         Ok(Self {
             config,
             anchors: Vec::new(),
+            fused: BTreeMap::new(),
         })
+    }
+
+    /// The penalty `λ Σ F (θ-θ*)²` of `params` now (for logging; training uses its
+    /// gradient directly).
+    pub fn penalty(&self, params: &Params) -> Result<Option<Tensor>> {
+        tch::no_grad(|| ewc_penalty(params, &self.anchors, self.config.lambda))
+    }
+
+    fn rebuild_fused(&mut self) {
+        let two_lambda = 2.0 * self.config.lambda;
+        let mut fused: BTreeMap<String, (Tensor, Tensor)> = BTreeMap::new();
+        tch::no_grad(|| {
+            for a in &self.anchors {
+                for (n, f) in &a.fisher {
+                    let Some(star) = a.theta.get(n) else {
+                        continue;
+                    };
+                    let fa = f * two_lambda;
+                    let fb = &fa * star;
+                    match fused.get_mut(n) {
+                        Some((ea, eb)) if ea.size() == fa.size() => {
+                            *ea += fa;
+                            *eb += fb;
+                        }
+                        _ => {
+                            fused.insert(n.clone(), (fa, fb));
+                        }
+                    }
+                }
+            }
+        });
+        self.fused = fused;
     }
 
     /// The settings.
@@ -453,6 +497,11 @@ impl Ewc {
 
     /// Adds an anchor computed elsewhere (separate mode) or folds it into the online one.
     pub fn fold(&mut self, new: Anchor) {
+        self.fold_inner(new);
+        self.rebuild_fused();
+    }
+
+    fn fold_inner(&mut self, new: Anchor) {
         match (self.config.mode, self.anchors.last_mut()) {
             (EwcMode::Online { gamma }, Some(old)) => {
                 let mut fisher = Fisher::new();
@@ -478,17 +527,36 @@ impl Technique for Ewc {
         "ewc"
     }
 
-    fn extra_loss(
-        &mut self,
-        _batch: &reuse_core::data::Batch,
-        _out: &reuse_core::StepOutputs,
-        params: &Params,
-        _ctx: &StepContext,
-    ) -> Result<Option<Tensor>> {
-        if self.anchors.is_empty() || self.config.lambda == 0.0 {
-            return Ok(None);
+    fn after_backward(&mut self, params: &Params, _ctx: &StepContext) -> Result<()> {
+        if self.fused.is_empty() || self.config.lambda == 0.0 {
+            return Ok(());
         }
-        ewc_penalty(params, &self.anchors, self.config.lambda)
+        tch::no_grad(|| -> Result<()> {
+            for (name, p) in params.iter() {
+                let Some((a, b)) = self.fused.get(name) else {
+                    continue;
+                };
+                let mut g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                if a.size() != p.size() {
+                    return Err(Error::ShapeMismatch {
+                        path: None,
+                        tensor: format!("ewc anchor for {name}"),
+                        expected: p.size(),
+                        found: a.size(),
+                    });
+                }
+                if g.kind() == Kind::Float && p.kind() == Kind::Float {
+                    let _ = g.f_addcmul_(a, p)?.f_sub_(b)?;
+                } else {
+                    let d = (a * p.to_kind(Kind::Float) - b).to_kind(g.kind());
+                    let _ = g.f_add_(&d)?;
+                }
+            }
+            Ok(())
+        })
     }
 
     fn end_task(&mut self, ctx: &TaskContext<'_>) -> Result<()> {
@@ -556,6 +624,7 @@ impl Technique for Ewc {
             }
         }
         self.anchors = anchors;
+        self.rebuild_fused();
         Ok(())
     }
 }

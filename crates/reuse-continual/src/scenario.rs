@@ -474,3 +474,147 @@ impl BatchSource for Concat {
         Ok(b)
     }
 }
+
+/// [`run_stream`] that survives being killed: with `trainer.config.run_state` set (the
+/// run file of the task in progress, written every `every` steps), the stream's own
+/// progress goes to `stream_file` (one atomic safetensors after each task: every model
+/// parameter, the optimizer state, every technique's state, the tasks done and the
+/// accuracy rows so far). Called again after a kill, it loads the stream file, resumes
+/// the task in progress from the run file when that file belongs to it, and ends with the
+/// weights and matrix an uninterrupted run ends with. A run file of an earlier task
+/// (killed after the stream file was written) is ignored.
+pub fn run_stream_resumable(
+    scenario: &Scenario,
+    model: &dyn Trainable,
+    trainer: &mut reuse_core::Trainer,
+    techniques: &mut [&mut dyn reuse_core::Technique],
+    eval_batch: usize,
+    stream_file: &std::path::Path,
+) -> Result<AccuracyMatrix> {
+    use reuse_core::Checkpoint;
+    let run_file = trainer
+        .config
+        .run_state
+        .as_ref()
+        .map(|r| r.path.clone())
+        .ok_or_else(|| {
+            Error::invalid(
+                "resumable stream",
+                "TrainConfig::run_state is not set: the task in progress needs a run file",
+            )
+        })?;
+    let device = trainer.config.device;
+    let mut m = AccuracyMatrix::new();
+    let mut done = 0usize;
+    if stream_file.exists() {
+        let ck = Checkpoint::load(stream_file, Device::Cpu)?;
+        let corrupt = |reason: String| Error::Corrupt {
+            path: stream_file.to_path_buf(),
+            reason,
+        };
+        let meta = ck.metadata();
+        done = meta
+            .get("tasks_done")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| corrupt("metadata `tasks_done` missing or not a number".into()))?;
+        let rows: Vec<Vec<f64>> = serde_json::from_str(
+            meta.get("rows")
+                .ok_or_else(|| corrupt("metadata `rows` missing".into()))?,
+        )
+        .map_err(|e| corrupt(format!("metadata `rows`: {e}")))?;
+        m = AccuracyMatrix::from_rows(rows).map_err(|e| corrupt(e.to_string()))?;
+        if m.rows.len() != done || done > scenario.tasks.len() {
+            return Err(corrupt(format!(
+                "{} accuracy rows for {done} tasks done of {}",
+                m.rows.len(),
+                scenario.tasks.len()
+            )));
+        }
+        let params = model.params();
+        let mut values = Checkpoint::new();
+        let mut optim = Checkpoint::new();
+        let mut tech: std::collections::BTreeMap<String, Checkpoint> = Default::default();
+        for (n, t) in ck.iter() {
+            if let Some(p) = n.strip_prefix("param.") {
+                values.insert(p, t.shallow_clone());
+            } else if let Some(k) = n.strip_prefix("optim.") {
+                optim.insert(k, t.shallow_clone());
+            } else if let Some(rest) = n.strip_prefix("technique.") {
+                let (name, k) = rest
+                    .split_once('.')
+                    .ok_or_else(|| corrupt(format!("tensor `{n}` names no technique")))?;
+                tech.entry(name.to_string())
+                    .or_default()
+                    .insert(k, t.shallow_clone());
+            }
+        }
+        for (k, v) in meta {
+            if let Some(k) = k.strip_prefix("optim.") {
+                optim.set_metadata(k, v.clone());
+            } else if let Some(rest) = k.strip_prefix("technique.") {
+                if let Some((name, k)) = rest.split_once('.') {
+                    tech.entry(name.to_string())
+                        .or_default()
+                        .set_metadata(k, v.clone());
+                }
+            }
+        }
+        params.load_checkpoint(&values)?;
+        trainer.optimizer_mut().load_state(&optim, &params)?;
+        for t in techniques.iter_mut() {
+            let st = tech.remove(t.name()).unwrap_or_default();
+            t.load_state(&st)?;
+        }
+    }
+    for e in scenario.tasks.iter().skip(done) {
+        trainer.begin_task(e.task, model, &e.train, techniques)?;
+        let mine = run_file.exists()
+            && Checkpoint::load(&run_file, Device::Cpu)?
+                .metadata()
+                .get("task")
+                .is_some_and(|t| *t == e.task.to_string());
+        if mine {
+            trainer.resume(model, techniques)?;
+        }
+        trainer.fit(model, &e.train, None, techniques)?;
+        trainer.end_task(e.task, model, &e.train, techniques)?;
+        m.push_row(scenario.evaluate(model, eval_batch, device)?)?;
+        // The stream file: everything the next task starts from.
+        let mut ck = Checkpoint::new();
+        tch::no_grad(|| {
+            for (n, t) in model.params().iter() {
+                ck.insert(
+                    format!("param.{n}"),
+                    t.detach().to_device(Device::Cpu).copy(),
+                );
+            }
+        });
+        let opt = trainer.optimizer().state();
+        for (n, t) in opt.iter() {
+            ck.insert(format!("optim.{n}"), t.to_device(Device::Cpu));
+        }
+        for (k, v) in opt.metadata() {
+            ck.set_metadata(format!("optim.{k}"), v.clone());
+        }
+        for t in techniques.iter() {
+            let st = t.state()?;
+            for (n, v) in st.iter() {
+                ck.insert(
+                    format!("technique.{}.{n}", t.name()),
+                    v.to_device(Device::Cpu).copy(),
+                );
+            }
+            for (k, v) in st.metadata() {
+                ck.set_metadata(format!("technique.{}.{k}", t.name()), v.clone());
+            }
+        }
+        ck.set_metadata("tasks_done", (e.task + 1).to_string());
+        ck.set_metadata(
+            "rows",
+            serde_json::to_string(&m.rows).map_err(|e| Error::invalid("rows", e.to_string()))?,
+        );
+        ck.set_metadata("format", "reuse-stream-1");
+        ck.save(stream_file)?;
+    }
+    Ok(m)
+}

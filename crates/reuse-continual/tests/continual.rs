@@ -143,6 +143,64 @@ fn ewc_penalty_and_its_gradient_follow_the_formula() {
 }
 
 #[test]
+fn the_technique_adds_exactly_the_penalty_gradient_after_backward() {
+    let d = digits();
+    tch::manual_seed(8);
+    let net = Mlp::new(&[64, 16, 10], Activation::Relu, CPU).unwrap();
+    let mut ewc = Ewc::new(EwcConfig::new(3.0, FisherKind::Exact)).unwrap();
+    ewc.consolidate(&net, &d.train, CPU).unwrap();
+    // Move the weights off the anchor, then consolidate a second task.
+    let params = net.params();
+    tch::no_grad(|| {
+        for (_, t) in params.iter() {
+            let mut t = t.shallow_clone();
+            let _ = t.f_add_(&(t.randn_like() * 0.1)).unwrap();
+        }
+    });
+    ewc.consolidate(&net, &d.test, CPU).unwrap();
+    tch::no_grad(|| {
+        for (_, t) in params.iter() {
+            let mut t = t.shallow_clone();
+            let _ = t.f_add_(&(t.randn_like() * 0.1)).unwrap();
+        }
+    });
+    let ctx = reuse_core::StepContext {
+        step: 0,
+        total_steps: 1,
+        micro: 0,
+        epoch: 0,
+        task: 2,
+        lr: 1e-3,
+        device: CPU,
+    };
+    let b = d.train.batch(&(0..32).collect::<Vec<_>>(), CPU).unwrap();
+    let loss = |with_penalty: bool| {
+        let out = reuse_core::Trainable::forward(&net, &b, true, Default::default()).unwrap();
+        let l = reuse_core::Trainable::loss(&net, &out, &b).unwrap();
+        if with_penalty {
+            l + ewc_penalty(&params, ewc.anchors(), 3.0).unwrap().unwrap()
+        } else {
+            l
+        }
+    };
+    loss(true).backward();
+    let want: Vec<Tensor> = params.iter().map(|(_, t)| t.grad().copy()).collect();
+    params.zero_grad();
+    loss(false).backward();
+    ewc.after_backward(&params, &ctx).unwrap();
+    for ((n, t), w) in params.iter().zip(&want) {
+        let g = t.grad();
+        let d = (&g - w).abs().max().double_value(&[]);
+        assert!(
+            d < 1e-4 * w.abs().max().double_value(&[]).max(1.0),
+            "{n}: {d}"
+        );
+    }
+    let p = ewc.penalty(&params).unwrap().unwrap().double_value(&[]);
+    assert!(p > 0.0);
+}
+
+#[test]
 fn online_ewc_decays_and_adds_the_fisher_and_keeps_one_anchor() {
     let mk = |v: f64, th: f64| Anchor {
         fisher: [("w".to_string(), Tensor::full([2], v, (Kind::Float, CPU)))].into(),

@@ -148,8 +148,8 @@ impl Optimizer {
                         }
                         // In place, as torch's single-tensor AdamW: two temporaries per
                         // parameter instead of eight (the update is memory-bound).
-                        let _ = m.f_lerp_(&g, 1.0 - b1)?;
-                        let _ = v.f_lerp_(&g.f_square()?, 1.0 - b2)?;
+                        let _ = m.f_mul_scalar_(b1)?.f_add_(&(&g * (1.0 - b1)))?;
+                        let _ = v.f_mul_scalar_(b2)?.f_addcmul_(&g, &(&g * (1.0 - b2)))?;
                         let bc1 = 1.0 - b1.powf(t);
                         let bc2 = 1.0 - b2.powf(t);
                         let step_size = lr / bc1;

@@ -58,6 +58,9 @@ fn training_child() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    // One intra-op thread: with two, libtorch's reductions split their work by how many
+    // threads OpenMP hands out, which varies with machine load and changes the last bit.
+    tch::set_num_threads(1);
     let d = load_digits(&reuse_testkit::fixtures_dir().join("digits/digits.csv.gz")).unwrap();
     tch::manual_seed(3);
     let net = Mlp::new(&[64, 96, 10], Activation::Relu, Device::Cpu)
