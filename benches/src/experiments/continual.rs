@@ -370,9 +370,14 @@ fn choose(ctx: &Ctx, kind: Kind, s: &Split, p: &Protocol, bar: &ProgressBar) -> 
     let exact_grid: &[f64] = if quick {
         &[10.0]
     } else {
-        &[1.0, 10.0, 100.0, 1000.0]
+        &[1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
     };
-    let emp_grid: &[f64] = if quick { &[1e3] } else { &[1e2, 1e3, 1e4, 1e5] };
+    // Half-decade grids: lambda matters within a factor of three.
+    let emp_grid: &[f64] = if quick {
+        &[1e3]
+    } else {
+        &[1e2, 3e2, 1e3, 3e3, 1e4, 3e4, 1e5]
+    };
     let gammas: &[f64] = if quick { &[0.9] } else { &[0.9, 1.0] };
     let mut notes = Vec::new();
     let mut ours = BTreeMap::new();
