@@ -12,7 +12,8 @@
 //!   seeded, mixed into each batch with their task ids, saved with the run;
 //! * [`packnet`]: parameter isolation by iterative pruning, with earlier tasks' weights
 //!   kept bit for bit and per-task inference masks; [`heads`]: one head per task, routed
-//!   by task id;
+//!   by task id; [`deltas`]: one delta (a LoRA adapter) per task on a frozen base, chosen
+//!   per example by task id, also in mixed-task batches;
 //! * [`metrics`]: average accuracy, forgetting, backward and forward transfer from the
 //!   accuracy matrix, as Avalanche defines them, as a table, JSON and a PNG heat map;
 //! * [`scenario`]: class-, task- and domain-incremental streams from any labelled
@@ -42,6 +43,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod deltas;
 pub mod ewc;
 pub mod heads;
 pub mod metrics;
@@ -49,6 +51,7 @@ pub mod packnet;
 pub mod replay;
 pub mod scenario;
 
+pub use deltas::TaskDeltas;
 pub use ewc::{Ewc, EwcConfig, EwcMode, FisherKind};
 pub use heads::{Features, MultiHead};
 pub use metrics::AccuracyMatrix;

@@ -536,3 +536,105 @@ fn permuted_tasks_permute_features_and_stratified_splits_keep_proportions() {
     assert_eq!((a.len(), b.len()), (80, 20));
     assert_eq!(b.iter().filter(|&&i| labels[i as usize] == 1).count(), 5);
 }
+
+/// A test delta: `out + x A^T` (a full-rank adapter), with one trainable matrix.
+struct Add {
+    a: Tensor,
+}
+
+impl reuse_core::LinearDelta for Add {
+    fn forward(&self, x: &Tensor, _w: &Tensor, _base: &Tensor, _train: bool) -> Tensor {
+        x.matmul(&self.a.tr())
+    }
+    fn delta_weight(&self, _w: &Tensor) -> Option<Tensor> {
+        Some(self.a.shallow_clone())
+    }
+    fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        vec![("a".into(), self.a.shallow_clone())]
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+#[test]
+fn task_deltas_route_each_example_and_earlier_tasks_stay_exact() {
+    use reuse_continual::TaskDeltas;
+    use reuse_core::Trainable;
+    tch::manual_seed(2);
+    let mut net = Mlp::new(&[6, 8, 4], Activation::Relu, CPU).unwrap();
+    for t in 0..3 {
+        net.visit_linears(&mut |_, l| {
+            let [o, i] = l.shape();
+            let a = (Tensor::randn([o, i], (Kind::Float, CPU)) * 0.1).set_requires_grad(true);
+            l.add_delta(&format!("task{t}"), Box::new(Add { a }))
+                .unwrap();
+        });
+    }
+    let model = TaskDeltas::new(net, (0..3).map(|t| format!("task{t}")).collect()).unwrap();
+    let x = Tensor::randn([5, 6], (Kind::Float, CPU));
+    let y = Tensor::from_slice(&[0i64, 1, 2, 3, 0]);
+    let batch = |tasks: &[i64]| {
+        let mut b = Batch::new(x.shallow_clone(), y.shallow_clone()).unwrap();
+        b.task_ids = Some(Tensor::from_slice(tasks));
+        b
+    };
+    let logits = |tasks: &[i64]| {
+        tch::no_grad(|| {
+            model
+                .forward(&batch(tasks), false, Default::default())
+                .unwrap()
+                .logits
+        })
+    };
+    // A mixed batch gives each row what a batch of its own task gives it.
+    let mixed = logits(&[0, 2, 1, 2, 0]);
+    for (row, t) in [0i64, 2, 1, 2, 0].iter().enumerate() {
+        let alone = logits(&[*t; 5]);
+        close(&mixed.get(row as i64), &alone.get(row as i64), 1e-6);
+    }
+    // The task delta changes the output (routing is not a no-op).
+    let d = (logits(&[0; 5]) - logits(&[1; 5]))
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(d > 1e-3, "{d}");
+    // Training task 2 alone leaves the base, tasks 0 and 1 and their outputs exact.
+    let before0 = logits(&[0; 5]);
+    let before1 = logits(&[1; 5]);
+    let snap = model.params().snapshot();
+    model.train_only(2).unwrap();
+    let data = toy(64, 6, 4, 9).with_task(2);
+    let mut tr = Trainer::new(TrainConfig {
+        epochs: 2,
+        weight_decay: 0.1,
+        ..Default::default()
+    });
+    tr.fit(&model, &data, None, &mut []).unwrap();
+    let now = model.params();
+    let mut moved = 0;
+    for (n, t) in now.iter() {
+        let same = t.equal(snap.get(n).unwrap());
+        if n.contains("task2") {
+            moved += usize::from(!same);
+        } else {
+            assert!(same, "{n} changed while training task 2");
+        }
+    }
+    assert!(moved > 0, "task 2's delta trained");
+    assert!(logits(&[0; 5]).equal(&before0) && logits(&[1; 5]).equal(&before1));
+    // Bad task ids are refused with the count.
+    let e = model
+        .forward(&batch(&[0, 3, 0, 0, 0]), false, Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("task 3") && e.contains("3 task deltas"), "{e}");
+    let e = model.train_only(5).unwrap_err().to_string();
+    assert!(e.contains("task 5"), "{e}");
+    let mut plain = Batch::new(x.shallow_clone(), y.shallow_clone()).unwrap();
+    plain.task_ids = None;
+    assert!(model.forward(&plain, false, Default::default()).is_err());
+}
