@@ -695,3 +695,319 @@ fn ewc_overhead(ctx: &Ctx) -> Result<(Vec<f64>, usize)> {
 pub fn permuted_digits(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     scenarios_experiment(ctx, bar, &[Kind::Permuted], "permuted_digits")
 }
+
+// ---------------------------------------------------------------------------------------
+// continual.minilm_sections: the real model.
+
+const LM_BATCH: usize = 16;
+const LM_MAX_LEN: usize = 32;
+const LM_MEMORY: usize = 200;
+const LM_REPLAY_PER_BATCH: usize = 8;
+
+/// Methods on MiniLM; all train LoRA r 8, alpha 16 on query and value plus the head.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum LmMethod {
+    /// One adapter (and head) per task, chosen by task id; task ids at test time.
+    PerTaskAdapters,
+    /// One shared adapter and 8-way head, fine-tuned task after task.
+    Naive,
+    /// Shared, with a reservoir memory of 200 and 8 stored examples per batch.
+    Replay,
+    /// Shared, with EWC (Avalanche's batched empirical Fisher) on the adapter and head.
+    Ewc(f64),
+    /// Shared, on every task's data at once.
+    Joint,
+}
+
+impl LmMethod {
+    fn id(self) -> &'static str {
+        match self {
+            LmMethod::PerTaskAdapters => "per_task_adapters",
+            LmMethod::Naive => "naive",
+            LmMethod::Replay => "replay",
+            LmMethod::Ewc(_) => "ewc",
+            LmMethod::Joint => "joint",
+        }
+    }
+}
+
+struct LmData {
+    train: Rc<dyn BatchSource>,
+    dev: Rc<dyn BatchSource>,
+    test: Rc<dyn BatchSource>,
+    classes: i64,
+}
+
+fn lm_data(ctx: &Ctx) -> Result<LmData> {
+    use reuse_core::data::load_text_splits;
+    use reuse_core::models::{SentenceEncoder, TokenizedDataset};
+    let mut s = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
+    if ctx.quick {
+        // Keep some of every class: every 8th example.
+        for d in [&mut s.train, &mut s.dev, &mut s.test] {
+            let keep: Vec<usize> = (0..d.texts.len()).step_by(8).collect();
+            d.texts = keep.iter().map(|&i| d.texts[i].clone()).collect();
+            d.labels = keep.iter().map(|&i| d.labels[i]).collect();
+        }
+    }
+    let enc = SentenceEncoder::load(&reuse_testkit::minilm_dir()?, ctx.device, tch::Kind::Float)?;
+    let tok = |d| -> Result<Rc<dyn BatchSource>> {
+        Ok(Rc::new(TokenizedDataset::new(
+            &enc.tokenizer,
+            d,
+            LM_MAX_LEN,
+        )?))
+    };
+    Ok(LmData {
+        train: tok(&s.train)?,
+        dev: tok(&s.dev)?,
+        test: tok(&s.test)?,
+        classes: s.classes.len() as i64,
+    })
+}
+
+fn lm_cfg(ctx: &Ctx, seed: u64) -> TrainConfig {
+    TrainConfig {
+        epochs: 2,
+        batch_size: LM_BATCH,
+        lr: 1e-3,
+        weight_decay: 0.01,
+        seed,
+        device: ctx.device,
+        ..Default::default()
+    }
+}
+
+/// One run: the accuracy matrix, wall seconds (model load, training, evaluations) and
+/// the trainable parameters (of one task's adapter and head for per-task adapters).
+fn lm_run(
+    ctx: &Ctx,
+    d: &LmData,
+    test: &Rc<dyn BatchSource>,
+    method: LmMethod,
+    seed: u64,
+) -> Result<(AccuracyMatrix, f64, usize)> {
+    use reuse_continual::TaskDeltas;
+    use reuse_core::models::{Bert, BertClassifier};
+    use reuse_peft::{LoraConfig, LoraModel};
+    let start = Instant::now();
+    tch::manual_seed(seed as i64);
+    let dir = reuse_testkit::minilm_dir()?;
+    let base = BertClassifier::new(Bert::load(&dir, ctx.device, tch::Kind::Float)?, d.classes);
+    let mut lm = LoraModel::new(base);
+    let splits: Vec<Vec<i64>> = (0..4).map(|t| vec![2 * t, 2 * t + 1]).collect();
+    let eval_batch = 64;
+    if method == LmMethod::PerTaskAdapters {
+        // One LoRA per task on query, value and the head (r 8 on the 384 -> 8 head is
+        // full rank: a head of its own), the base head frozen.
+        for t in 0..4 {
+            lm.add_adapter(
+                &format!("task{t}"),
+                LoraConfig::new(8, 16.0, &["query", "value", "classifier"]),
+            )?;
+        }
+        let model = TaskDeltas::new(lm, (0..4).map(|t| format!("task{t}")).collect())?;
+        let scn = Scenario::task_incremental(d.train.clone(), test.clone(), &splits)?;
+        let mut trainer = Trainer::new(lm_cfg(ctx, seed));
+        let mut r = AccuracyMatrix::new();
+        let mut trainable = 0;
+        for e in &scn.tasks {
+            model.train_only(e.task)?;
+            trainable = model.params().count_trainable();
+            trainer.begin_task(e.task, &model, &e.train, &mut [])?;
+            trainer.fit(&model, &e.train, None, &mut [])?;
+            trainer.end_task(e.task, &model, &e.train, &mut [])?;
+            r.push_row(scn.evaluate(&model, eval_batch, ctx.device)?)?;
+        }
+        return Ok((r, start.elapsed().as_secs_f64(), trainable));
+    }
+    let mut c = LoraConfig::new(8, 16.0, &["query", "value"]);
+    c.modules_to_save = Some(vec!["classifier".into()]);
+    lm.add_adapter("shared", c)?;
+    let trainable = lm.params().count_trainable();
+    let scn = Scenario::class_incremental(d.train.clone(), test.clone(), &splits)?;
+    let r = match method {
+        LmMethod::Joint => {
+            let all = Concat::joint_train(&scn, 0);
+            Trainer::new(lm_cfg(ctx, seed)).fit(&lm, &all, None, &mut [])?;
+            let mut r = AccuracyMatrix::new();
+            r.push_row(scn.evaluate(&lm, eval_batch, ctx.device)?)?;
+            r
+        }
+        LmMethod::Replay => {
+            let mut rc = ReplayConfig::new(BufferPolicy::Reservoir, LM_MEMORY);
+            rc.per_batch = PerBatch::Count(LM_REPLAY_PER_BATCH);
+            rc.seed = seed;
+            let mut replay = Replay::new(rc)?;
+            let mut trainer = Trainer::new(lm_cfg(ctx, seed));
+            run_stream(
+                &scn,
+                &lm,
+                &mut trainer,
+                &mut [&mut replay],
+                eval_batch,
+                false,
+            )?
+        }
+        LmMethod::Ewc(lambda) => {
+            let mut ec = EwcConfig::new(lambda, FisherKind::Empirical);
+            ec.batch_size = LM_BATCH;
+            let mut ewc = Ewc::new(ec)?;
+            let mut trainer = Trainer::new(lm_cfg(ctx, seed));
+            run_stream(&scn, &lm, &mut trainer, &mut [&mut ewc], eval_batch, false)?
+        }
+        _ => {
+            let mut trainer = Trainer::new(lm_cfg(ctx, seed));
+            run_stream(&scn, &lm, &mut trainer, &mut [], eval_batch, false)?
+        }
+    };
+    Ok((r, start.elapsed().as_secs_f64(), trainable))
+}
+
+/// PyTorch + PEFT on the same protocol (benches/python/peft_continual.py): one call per
+/// method, right after ours.
+fn peft_reference(ctx: &Ctx, method: &str, seed: u64, lambda: f64) -> Result<serde_json::Value> {
+    let py = ctx
+        .python()
+        .context("no .venv python: run `cargo xtask setup` (the PyTorch side needs it)")?;
+    let dir = ctx.root.join("target/reuse-bench-tmp");
+    std::fs::create_dir_all(&dir)?;
+    let spec_path = dir.join("peft_continual_spec.json");
+    let out_path = dir.join("peft_continual_out.json");
+    let spec = serde_json::json!({
+        "runs": [{"method": method, "seed": seed, "ewc_lambda": lambda}],
+        "threads": tch::get_num_threads(), "epochs": 2,
+        // PEFT's default, and ours (LoraConfig::new): no dropout on the LoRA input.
+        "lora_dropout": 0.0,
+        "max_train_per_task": if ctx.quick { serde_json::json!(48) } else { serde_json::Value::Null },
+    });
+    std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
+    let status = Command::new(&py)
+        .arg(ctx.root.join("benches/python/peft_continual.py"))
+        .arg("--model")
+        .arg(reuse_testkit::minilm_dir()?)
+        .arg("--data")
+        .arg(fixtures_dir().join("debian_sections/sections.tsv.gz"))
+        .arg("--spec")
+        .arg(&spec_path)
+        .arg("--out")
+        .arg(&out_path)
+        .env("HF_HUB_OFFLINE", "1")
+        .status()
+        .context("running benches/python/peft_continual.py")?;
+    if !status.success() {
+        bail!("benches/python/peft_continual.py failed ({status})");
+    }
+    let out: serde_json::Value = serde_json::from_slice(&std::fs::read(&out_path)?)?;
+    Ok(out["runs"][0].clone())
+}
+
+pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    let d = lm_data(ctx)?;
+    let seeds: &[u64] = if ctx.quick { &SEEDS[..1] } else { &SEEDS };
+    let mut m = Metrics::new();
+    let mut notes = vec![format!(
+        "all-MiniLM-L6-v2 with mean pooling and an 8-way head on the Debian sections task as \
+         4 class-incremental tasks ({{admin, games}}, {{graphics, mail}}, {{net, science}}, \
+         {{sound, text}}), {} train / {} test texts; LoRA r 8, alpha 16 on query and value \
+         (plus the head) for every method; AdamW lr 1e-3, weight decay 0.01, batch \
+         {LM_BATCH}, length {LM_MAX_LEN}, 2 epochs per task, the optimizer kept across \
+         tasks; one head and no task id at test time, except per_task_adapters (one LoRA \
+         per task on query, value and the head, chosen by task id: task-incremental). \
+         replay: a reservoir of {LM_MEMORY} texts, {LM_REPLAY_PER_BATCH} added to each \
+         batch. Seeds {seeds:?}; times are wall seconds per run (model load, training, \
+         the evaluation after each task) on {} threads.",
+        d.train.len(),
+        d.test.len(),
+        tch::get_num_threads()
+    )];
+    // EWC's lambda on dev (seed 0), as the other choices are fixed by the protocol.
+    let grid: &[f64] = if ctx.quick { &[1e3] } else { &[1e2, 1e3, 1e4] };
+    let mut best = (f64::MIN, grid[0]);
+    let mut seen = Vec::new();
+    for &l in grid {
+        bar.set_message(format!("continual.minilm_sections dev ewc lambda {l}"));
+        let (r, _, _) = lm_run(ctx, &d, &d.dev, LmMethod::Ewc(l), 0)?;
+        let a = r.avg_accuracy()?;
+        seen.push(format!("lambda {l}: {a:.3}"));
+        if a > best.0 {
+            best = (a, l);
+        }
+    }
+    let lambda = best.1;
+    notes.push(format!(
+        "EWC lambda chosen at seed 0 by average accuracy on the dev split: {}; chose {lambda}.",
+        seen.join(", ")
+    ));
+    let methods = [
+        LmMethod::PerTaskAdapters,
+        LmMethod::Naive,
+        LmMethod::Replay,
+        LmMethod::Ewc(lambda),
+        LmMethod::Joint,
+    ];
+    let mut peer_notes = Vec::new();
+    for method in methods {
+        let id = method.id();
+        let (mut acc, mut fg, mut secs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut trainable = 0;
+        for &seed in seeds {
+            bar.set_message(format!("continual.minilm_sections {id} seed {seed}"));
+            let (r, s, t) = lm_run(ctx, &d, &d.test, method, seed)?;
+            say(
+                bar,
+                format!(
+                    "  minilm {id:18} seed {seed}: avg {:.3} forgetting {:.3} {s:.1}s",
+                    r.avg_accuracy()?,
+                    r.forgetting()?
+                ),
+            );
+            if seed == 0 {
+                let dir = ctx.report_dir().join("continual");
+                std::fs::create_dir_all(&dir)?;
+                r.save_heatmap_png(
+                    &dir.join(format!("minilm_{id}.png")),
+                    &format!("MiniLM {id} (seed 0)"),
+                )?;
+                r.save_json(&dir.join(format!("minilm_{id}.json")))?;
+                // The PyTorch + PEFT run of the same method, right after ours.
+                if matches!(
+                    method,
+                    LmMethod::Naive | LmMethod::Replay | LmMethod::Joint | LmMethod::Ewc(_)
+                ) {
+                    bar.set_message(format!("continual.minilm_sections PyTorch {id}"));
+                    let v = peft_reference(ctx, id, 0, lambda)?;
+                    let ps = f(&v, "seconds");
+                    m.insert(
+                        format!("pytorch.{id}.avg_accuracy_seed0"),
+                        f(&v, "avg_accuracy"),
+                    );
+                    m.insert(format!("pytorch.{id}.seconds"), ps);
+                    m.insert(format!("{id}.time_ratio"), s / ps);
+                    peer_notes.push(format!("{id} {:.3} in {ps:.1} s", f(&v, "avg_accuracy")));
+                }
+            }
+            acc.push(r.avg_accuracy()?);
+            if method != LmMethod::Joint {
+                fg.push(r.forgetting()?);
+            }
+            secs.push(s);
+            trainable = t;
+        }
+        m.insert(format!("{id}.avg_accuracy"), mean(&acc));
+        m.insert(format!("{id}.avg_accuracy_sd"), sample_sd(&acc));
+        if !fg.is_empty() {
+            m.insert(format!("{id}.forgetting"), mean(&fg));
+            m.insert(format!("{id}.forgetting_sd"), sample_sd(&fg));
+        }
+        m.insert(format!("{id}.seconds"), mean(&secs));
+        m.insert(format!("{id}.trainable_params"), trainable as f64);
+    }
+    notes.push(format!(
+        "PyTorch + PEFT (benches/python/peft_continual.py, the same protocol, seed 0, run \
+         right after our seed-0 run of each method; `<method>.time_ratio` = ours / theirs \
+         for that seed): {}.",
+        peer_notes.join(", ")
+    ));
+    Ok(Outcome { metrics: m, notes })
+}

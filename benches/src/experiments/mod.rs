@@ -198,6 +198,13 @@ pub const EXPERIMENTS: &[Experiment] = &[
         gpu_sized: false,
     },
     Experiment {
+        id: "continual.minilm_sections",
+        about: "MiniLM on the Debian sections as 4 class-incremental tasks: per-task LoRA adapters, shared LoRA naive / replay / EWC, joint; PyTorch + PEFT beside; 3 seeds",
+        run: continual::minilm_sections,
+        default: true,
+        gpu_sized: true,
+    },
+    Experiment {
         id: "peft.dev_sweep",
         about: "dev-only sweep behind peft.minilm_sections' grids: wide lr grids, LoRA variants, 3 seeds (for a GPU; only with --only)",
         run: peft::dev_sweep,
