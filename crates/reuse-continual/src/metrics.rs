@@ -16,6 +16,7 @@
 use std::path::Path;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::{Deserialize, Serialize};
 
 use reuse_core::{Error, Result};
@@ -224,23 +225,30 @@ impl AccuracyMatrix {
         let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
             let root = BitMapBackend::new(&tmp, (w, h)).into_drawing_area();
             root.fill(&WHITE)?;
+            // Segmented axes: tick labels sit in the middle of each cell.
             let mut chart = ChartBuilder::on(&root)
                 .caption(title, ("sans-serif", 18))
                 .margin(10)
                 .x_label_area_size(35)
                 .y_label_area_size(70)
-                .build_cartesian_2d(0..n as i32, 0..rows as i32)?;
+                .build_cartesian_2d(
+                    (0..n as i32).into_segmented(),
+                    (0..rows as i32).into_segmented(),
+                )?;
+            let label = |v: &SegmentValue<i32>, flip: bool| match v {
+                SegmentValue::CenterOf(i) => {
+                    let i = if flip { rows as i32 - 1 - i } else { *i };
+                    format!("{i}")
+                }
+                _ => String::new(),
+            };
             chart
                 .configure_mesh()
                 .disable_mesh()
-                .x_labels(n)
-                .y_labels(rows)
                 .x_desc("test task")
                 .y_desc("after training task")
-                .x_label_formatter(&|j| format!("{j}"))
-                .y_label_formatter(&|i| format!("{}", rows as i32 - 1 - i))
-                .x_label_offset(45)
-                .y_label_offset(-30)
+                .x_label_formatter(&|v| label(v, false))
+                .y_label_formatter(&|v| label(v, true))
                 .draw()?;
             for (i, r) in self.rows.iter().enumerate() {
                 let y = (rows - 1 - i) as i32;
@@ -253,14 +261,21 @@ impl AccuracyMatrix {
                         255,
                     );
                     chart.draw_series(std::iter::once(Rectangle::new(
-                        [(x, y), (x + 1, y + 1)],
+                        [
+                            (SegmentValue::Exact(x), SegmentValue::Exact(y)),
+                            (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1)),
+                        ],
                         c.filled(),
                     )))?;
                     let fg = if a > 0.6 { WHITE } else { BLACK };
+                    let style = ("sans-serif", 16)
+                        .into_font()
+                        .color(&fg)
+                        .pos(Pos::new(HPos::Center, VPos::Center));
                     chart.draw_series(std::iter::once(Text::new(
                         format!("{a:.2}"),
-                        (x, y + 1),
-                        ("sans-serif", 16).into_font().color(&fg),
+                        (SegmentValue::CenterOf(x), SegmentValue::CenterOf(y)),
+                        style,
                     )))?;
                 }
             }

@@ -396,6 +396,9 @@ impl ReplayConfig {
 pub struct Replay {
     config: ReplayConfig,
     buffer: ReplayBuffer,
+    /// The first task trained with this technique; stored examples are mixed in only
+    /// on later tasks.
+    first_task: Option<usize>,
 }
 
 impl Replay {
@@ -410,7 +413,11 @@ impl Replay {
             }
         }
         let buffer = ReplayBuffer::new(config.policy, config.capacity, config.seed, config.pad_id)?;
-        Ok(Self { config, buffer })
+        Ok(Self {
+            config,
+            buffer,
+            first_task: None,
+        })
     }
 
     /// The memory.
@@ -432,8 +439,13 @@ impl Technique for Replay {
         "replay"
     }
 
-    fn rewrite_batch(&mut self, batch: Batch, _ctx: &StepContext) -> Result<Batch> {
-        let k = self.count(batch.len());
+    fn rewrite_batch(&mut self, batch: Batch, ctx: &StepContext) -> Result<Batch> {
+        let first = *self.first_task.get_or_insert(ctx.task);
+        let k = if ctx.task > first {
+            self.count(batch.len())
+        } else {
+            0
+        };
         let memory = if k > 0 { self.buffer.sample(k)? } else { None };
         self.buffer.observe(&batch)?;
         match memory {
@@ -458,11 +470,24 @@ impl Technique for Replay {
     }
 
     fn state(&self) -> Result<Checkpoint> {
-        Ok(self.buffer.state())
+        let mut ck = self.buffer.state();
+        if let Some(t) = self.first_task {
+            ck.set_metadata("first_task", t.to_string());
+        }
+        Ok(ck)
     }
 
     fn load_state(&mut self, state: &Checkpoint) -> Result<()> {
         let device = state.get("labels").map_or(Device::Cpu, |t| t.device());
+        self.first_task = match state.metadata().get("first_task") {
+            Some(v) => Some(v.parse().map_err(|_| {
+                Error::invalid(
+                    "replay state",
+                    format!("`first_task` = `{v}` is not a task"),
+                )
+            })?),
+            None => None,
+        };
         self.buffer.load_state(state, device)
     }
 }
