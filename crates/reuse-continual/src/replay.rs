@@ -271,7 +271,23 @@ impl ReplayBuffer {
         self.draws += 1;
         let mut rows = permutation(n, self.seed ^ 0x5EED, self.draws.wrapping_mul(1 << 20));
         rows.truncate(k.min(n));
-        Ok(Some(s.select(&rows)?))
+        let mut b = s.select(&rows)?;
+        // Stored token rows are padded to the longest row ever stored; cut the sample
+        // back to its own longest row so replay costs what its tokens cost.
+        if let Some(m) = &b.mask {
+            let longest = m
+                .sum_dim_intlist(1, false, Kind::Int64)
+                .max()
+                .int64_value(&[]);
+            let width = b.inputs.size()[1];
+            if longest < width {
+                b.inputs = b.inputs.narrow(1, 0, longest);
+                let m = m.narrow(1, 0, longest);
+                b.padded = m.numel() > 0 && m.min().int64_value(&[]) == 0;
+                b.mask = Some(m);
+            }
+        }
+        Ok(Some(b))
     }
 
     /// The memory as a checkpoint (tensors and counters).

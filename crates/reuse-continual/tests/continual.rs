@@ -638,3 +638,25 @@ fn task_deltas_route_each_example_and_earlier_tasks_stay_exact() {
     plain.task_ids = None;
     assert!(model.forward(&plain, false, Default::default()).is_err());
 }
+
+#[test]
+fn replayed_token_rows_are_cut_to_their_longest_row() {
+    // Two texts of 2 and 3 tokens, stored padded to 10.
+    let ids = Tensor::from_slice(&[
+        5i64, 6, 0, 0, 0, 0, 0, 0, 0, 0, 7, 8, 9, 0, 0, 0, 0, 0, 0, 0,
+    ])
+    .view([2, 10]);
+    let mask = ids.ne(0).to_kind(Kind::Int64);
+    let mut b = Batch::new(ids, Tensor::from_slice(&[0i64, 1])).unwrap();
+    b.mask = Some(mask);
+    b.padded = true;
+    let mut buf = ReplayBuffer::new(BufferPolicy::Reservoir, 4, 0, 0).unwrap();
+    buf.observe(&b).unwrap();
+    let s = buf.sample(2).unwrap().unwrap();
+    assert_eq!(s.inputs.size(), vec![2, 3]);
+    assert_eq!(
+        s.mask.as_ref().unwrap().sum(Kind::Int64).int64_value(&[]),
+        5
+    );
+    assert!(s.padded);
+}
