@@ -231,9 +231,10 @@ impl AccuracyMatrix {
                 .margin(10)
                 .x_label_area_size(35)
                 .y_label_area_size(70)
+                // plotters' discrete i32 ranges include their end: 0..n-1 is n cells.
                 .build_cartesian_2d(
-                    (0..n as i32).into_segmented(),
-                    (0..rows as i32).into_segmented(),
+                    (0..n as i32 - 1).into_segmented(),
+                    (0..rows as i32 - 1).into_segmented(),
                 )?;
             let label = |v: &SegmentValue<i32>, flip: bool| match v {
                 SegmentValue::CenterOf(i) => {
@@ -363,8 +364,16 @@ mod tests {
         std::fs::write(&p, "{\"rows\": [[2.0]]}").unwrap();
         let e = AccuracyMatrix::load_json(&p).unwrap_err().to_string();
         assert!(e.contains("r.json") && e.contains("2"), "{e}");
+        let one = AccuracyMatrix::from_rows(vec![vec![0.5]]).unwrap();
+        one.save_heatmap_png(&dir.path().join("one.png"), "one cell")
+            .unwrap();
+        std::fs::remove_file(dir.path().join("one.png")).unwrap();
         let png = dir.path().join("r.png");
         m.save_heatmap_png(&png, "test").unwrap();
+        // REUSE_KEEP_HEATMAP=FILE keeps a copy to look at.
+        if let Some(keep) = std::env::var_os("REUSE_KEEP_HEATMAP") {
+            std::fs::copy(&png, keep).unwrap();
+        }
         let bytes = std::fs::read(&png).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
         assert_eq!(
