@@ -369,6 +369,20 @@ fn accumulate_per_sample(
     Ok(())
 }
 
+/// An anchor tensor of `name` must have the parameter's shape (a model grown or changed
+/// since consolidation is an error naming the parameter).
+fn check_anchor(name: &str, param: &Tensor, anchor: &Tensor) -> Result<()> {
+    if anchor.size() != param.size() {
+        return Err(Error::ShapeMismatch {
+            path: None,
+            tensor: format!("ewc anchor for {name}"),
+            expected: param.size(),
+            found: anchor.size(),
+        });
+    }
+    Ok(())
+}
+
 /// `lambda Σ_anchors Σ_i F_i (θ_i - θ*_i)²` over the parameters in `params` that the
 /// anchors hold (others are skipped, as Avalanche skips parameters added later). A
 /// parameter whose shape changed since its anchor is an error naming it.
@@ -379,14 +393,7 @@ pub fn ewc_penalty(params: &Params, anchors: &[Anchor], lambda: f64) -> Result<O
             let (Some(f), Some(star)) = (a.fisher.get(name), a.theta.get(name)) else {
                 continue;
             };
-            if f.size() != theta.size() {
-                return Err(Error::ShapeMismatch {
-                    path: None,
-                    tensor: format!("ewc anchor for {name}"),
-                    expected: theta.size(),
-                    found: f.size(),
-                });
-            }
+            check_anchor(name, theta, f)?;
             let term = (f * (theta.to_kind(Kind::Float) - star).square()).sum(Kind::Float);
             total = Some(match total {
                 Some(t) => t + term,
@@ -541,14 +548,7 @@ impl Technique for Ewc {
                 if !g.defined() {
                     continue;
                 }
-                if a.size() != p.size() {
-                    return Err(Error::ShapeMismatch {
-                        path: None,
-                        tensor: format!("ewc anchor for {name}"),
-                        expected: p.size(),
-                        found: a.size(),
-                    });
-                }
+                check_anchor(name, p, a)?;
                 if g.kind() == Kind::Float && p.kind() == Kind::Float {
                     let _ = g.f_addcmul_(a, p)?.f_sub_(b)?;
                 } else {

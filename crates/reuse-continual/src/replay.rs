@@ -467,15 +467,13 @@ impl Technique for Replay {
         match memory {
             None => Ok(batch),
             Some(m) => {
-                let m = if m.task_ids.is_some() != batch.task_ids.is_some() {
+                if m.task_ids.is_some() != batch.task_ids.is_some() {
                     return Err(Error::invalid(
                         "replay batch",
                         "the stored examples and the current batch disagree on having task ids; \
                          tag every task's data with its task id, or none",
                     ));
-                } else {
-                    m
-                };
+                }
                 Batch::concat(&[batch, m], self.config.pad_id)
             }
         }
