@@ -11,6 +11,8 @@
 //!   over a dataset and stores its logits or top-k log-probs as a teacher cache;
 //!   `reuse distill embed` cuts a shallower student from a sentence-embedding teacher
 //!   and trains it to give the teacher's embeddings on unlabeled text.
+//! * `reuse grow width|depth` writes a wider or deeper model folder that starts from a
+//!   trained one (exact where the operator is, with the drift printed where not).
 //!
 //! Errors are one line on stderr and a non-zero exit status, never a panic backtrace.
 
@@ -18,6 +20,7 @@ mod columns;
 mod distill;
 mod distill_embed;
 mod embed;
+mod grow;
 mod inspect;
 mod lora;
 
@@ -45,6 +48,9 @@ enum Command {
     /// Knowledge distillation: cache a teacher's outputs over a dataset.
     #[command(subcommand)]
     Distill(distill::Command),
+    /// Model growth: a wider or deeper model folder that starts from a trained one.
+    #[command(subcommand)]
+    Grow(grow::Command),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +60,7 @@ fn main() -> ExitCode {
         Command::Embed(a) => embed::run(a),
         Command::Lora(c) => lora::run(c),
         Command::Distill(c) => distill::run(c),
+        Command::Grow(c) => grow::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! Pretrained architectures loaded from Hugging Face files by their own parameter names.
 
 pub mod bert;
+pub mod folder;
 pub mod sentence;
 
 pub use bert::{Bert, BertConfig, BertOutput, Want};
