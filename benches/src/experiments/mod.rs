@@ -4,6 +4,7 @@
 mod continual;
 mod core;
 mod distill;
+mod grow;
 mod peft;
 
 use std::collections::BTreeMap;
@@ -203,6 +204,13 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: continual::minilm_sections,
         default: true,
         gpu_sized: true,
+    },
+    Experiment {
+        id: "grow.minilm_preserve",
+        about: "MiniLM grown to FFN 3072, hidden 768, 8/12 gated layers (exact) and 8/12 copied or stacked layers (approximate): max |diff| and embedding cosine on random and real inputs",
+        run: grow::minilm_preserve,
+        default: true,
+        gpu_sized: false,
     },
     Experiment {
         id: "peft.dev_sweep",
