@@ -20,6 +20,9 @@
 //!   heads copy seeded existing heads and their columns of `attention.output.dense` are
 //!   zero, so they add nothing until trained. Adding heads at a fixed hidden size would
 //!   shrink the head size and is refused.
+//! - A masked-LM head (`cls.predictions.*`, as `BertForMaskedLM` saves it) grows with
+//!   the encoder: with the decoder tied to the word embeddings, the logits sum over the
+//!   `k` copies of each unit, so the head's LayerNorm scale and shift are divided by `k`.
 //!
 //! **Depth** ([`deepen_bert`]): BERT is post-LN, so no weights make a standard layer the
 //! identity (see `REFERENCE.md`). [`DepthMethod::Gated`] inserts copies of existing
@@ -256,8 +259,37 @@ pub fn widen_bert(cfg: &BertConfig, ck: &Checkpoint, spec: &WidenBert) -> Result
         context_in: with_scales(idx, ctx_s, ctx_g),
     };
 
+    // The MLM head's LayerNorm feeds the tied decoder, which sums over the k copies of
+    // each unit: its scale and shift are divided by k so the logits stay exact.
+    let head_norm = with_scales(hid.clone(), vec![1.0 / kf; hid.len()], vec![1.0; hid.len()]);
     let mut tensors = Vec::new();
     for name in ck.names() {
+        let head: Option<(Option<&Axis>, Option<&Axis>)> = match name {
+            "cls.predictions.transform.dense.weight" => {
+                Some((Some(&axes.hid_out), Some(&axes.hid_in)))
+            }
+            "cls.predictions.transform.dense.bias" => Some((Some(&axes.hid_out), None)),
+            "cls.predictions.transform.LayerNorm.weight"
+            | "cls.predictions.transform.LayerNorm.bias" => Some((Some(&head_norm), None)),
+            "cls.predictions.decoder.weight" => Some((None, Some(&axes.hid_out))),
+            "cls.predictions.bias" | "cls.predictions.decoder.bias" => Some((None, None)),
+            _ => None,
+        };
+        if let Some((rows, cols)) = head {
+            let dim = ck.tensor(name)?.dim();
+            tensors.push((
+                name.to_string(),
+                Source::Tensor {
+                    name: name.to_string(),
+                    axes: [rows, cols]
+                        .into_iter()
+                        .take(dim)
+                        .map(|a| a.cloned())
+                        .collect(),
+                },
+            ));
+            continue;
+        }
         let Some(local) = name.strip_prefix(prefix) else {
             return Err(unplaced(ck, name));
         };

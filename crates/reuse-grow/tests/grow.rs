@@ -404,3 +404,66 @@ fn noise_breaks_symmetry_and_is_seeded() {
     let d = compare_bert(&small, &big, &ids, Some(&mask)).unwrap();
     assert!(d.max_abs_diff > 1e-5 && d.max_abs_diff < 0.5, "{d:?}");
 }
+
+/// A masked-LM model (encoder + tied head) grown wider and then deeper gives the same
+/// logits: the head's LayerNorm is divided by the replica count.
+#[test]
+fn masked_lm_growth_keeps_the_logits() {
+    use reuse_core::models::BertForMaskedLm;
+    let c = config(8, 2, 16, 2);
+    tch::manual_seed(21);
+    let m = BertForMaskedLm::random(c.clone(), Device::Cpu).unwrap();
+    let mut ck = m.state_dict();
+    let names: Vec<String> = ck.names().map(String::from).collect();
+    for n in names {
+        let t = ck.tensor(&n).unwrap();
+        let noisy = t + Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.2;
+        ck.insert(n, noisy);
+    }
+    let small =
+        BertForMaskedLm::from_checkpoint(c.clone(), &mut clone(&ck), Device::Cpu, Kind::Float)
+            .unwrap();
+    let wide = widen_bert(
+        &c,
+        &ck,
+        &WidenBert {
+            hidden_size: Some(16),
+            heads: Some(4),
+            intermediate_size: Some(40),
+            seed: 2,
+        },
+    )
+    .unwrap();
+    let wck = wide.growth.apply(&ck).unwrap();
+    let deep = deepen_bert(
+        &wide.config,
+        &wck,
+        &DeepenBert {
+            layers: 4,
+            method: DepthMethod::Gated,
+            every: None,
+        },
+    )
+    .unwrap();
+    let dck = deep.growth.apply(&wck).unwrap();
+    assert!(dck
+        .get("cls.predictions.transform.LayerNorm.weight")
+        .is_some());
+    let big = BertForMaskedLm::from_checkpoint(
+        deep.config.clone(),
+        &mut clone(&dck),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+    let (ids, _) = ids_and_mask(c.vocab_size);
+    let pos = Tensor::arange(27, (Kind::Int64, Device::Cpu));
+    let (a, b) = tch::no_grad(|| {
+        (
+            small.logits(&ids, &pos, false).unwrap(),
+            big.logits(&ids, &pos, false).unwrap(),
+        )
+    });
+    let d = (a - b).abs().max().double_value(&[]);
+    assert!(d <= 1e-5, "MLM logits moved by {d}");
+}

@@ -146,7 +146,8 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    /// Normalises the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
         x.layer_norm(
             [self.weight.size()[0]],
             Some(&self.weight),
@@ -155,7 +156,8 @@ impl LayerNorm {
             true,
         )
     }
-    fn named(&self) -> Vec<(String, Tensor)> {
+    /// `weight` and `bias` (shallow handles).
+    pub fn named(&self) -> Vec<(String, Tensor)> {
         vec![
             ("weight".into(), self.weight.shallow_clone()),
             ("bias".into(), self.bias.shallow_clone()),

@@ -2,7 +2,9 @@
 
 pub mod bert;
 pub mod folder;
+pub mod mlm;
 pub mod sentence;
 
 pub use bert::{Bert, BertConfig, BertOutput, Want};
+pub use mlm::{BertForMaskedLm, MaskingSpec, MlmBatch};
 pub use sentence::{minilm_dir, BertClassifier, SentenceEncoder, TokenizedDataset};
