@@ -213,6 +213,20 @@ pub const EXPERIMENTS: &[Experiment] = &[
         gpu_sized: false,
     },
     Experiment {
+        id: "grow.train_faster",
+        about: "masked-LM pretraining on the synopses: 2-layer hidden-128 BERT grown exactly to 4 layers / hidden 256 mid-run vs the big model from scratch, same recipe; FLOPs to the scratch loss, 3 seeds",
+        run: grow::train_faster,
+        default: true,
+        gpu_sized: true,
+    },
+    Experiment {
+        id: "grow.train_faster_dev",
+        about: "dev sweep behind grow.train_faster: growth after 25/50/75% of the steps, seed 0, dev text (only with --only)",
+        run: grow::train_faster_dev,
+        default: false,
+        gpu_sized: false,
+    },
+    Experiment {
         id: "peft.dev_sweep",
         about: "dev-only sweep behind peft.minilm_sections' grids: wide lr grids, LoRA variants, 3 seeds (for a GPU; only with --only)",
         run: peft::dev_sweep,

@@ -1,7 +1,7 @@
 //! `BertForMaskedLm` against Hugging Face `BertForMaskedLM` (a committed fixture made by
 //! `fixtures/mlm/make_reference.py`), its checkpoint names, and BERT's masking rule.
 
-use reuse_core::models::{BertConfig, BertForMaskedLm, MaskingSpec};
+use reuse_core::models::{train_flops, BertConfig, BertForMaskedLm, MaskingSpec};
 use reuse_core::{Checkpoint, Model};
 use reuse_testkit::fixtures_dir;
 use tch::{Device, Kind, Tensor};
@@ -112,4 +112,32 @@ fn masking_chooses_fifteen_percent_of_ordinary_tokens_80_10_10() {
         .sum(Kind::Int64)
         .int64_value(&[]);
     assert!(unchosen as f64 <= n);
+}
+
+#[test]
+fn train_flops_count_six_n_per_token_attention_and_the_head() {
+    let (m, _) = tiny();
+    let c = &m.bert.config;
+    // N from the model itself: every layer parameter.
+    let n: i64 = m
+        .named_parameters()
+        .iter()
+        .filter(|(k, _)| k.starts_with("bert.encoder."))
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    let head: i64 = m
+        .named_parameters()
+        .iter()
+        .filter(|(k, _)| k.starts_with("cls.predictions.transform."))
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    let (b, t, p) = (4i64, 8i64, 5i64);
+    let want = 6.0 * n as f64 * (b * t) as f64
+        + 12.0 * 2.0 * 8.0 * 16.0 * (b * t) as f64
+        + 6.0 * (head + 16 * 50) as f64 * p as f64;
+    assert!(
+        (train_flops(c, b, t, p) - want).abs() < 1e-6 * want,
+        "{} vs {want}",
+        train_flops(c, b, t, p)
+    );
 }

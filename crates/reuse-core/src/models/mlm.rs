@@ -246,3 +246,25 @@ impl Model for BertForMaskedLm {
         prefixed("bert", self.bert.named_buffers())
     }
 }
+
+/// Training FLOPs of one masked-LM step, counted from the shapes (REFERENCE.md's
+/// convention): `6 · N · tokens` for the encoder's non-embedding parameters `N` (every
+/// weight, bias and LayerNorm of the layers), `12 · layers · seq_len · hidden` per token
+/// for attention (QKᵀ and the weighted sum of V, forward and backward), and, per
+/// predicted position, `6 ·` the head's transform parameters plus `6 · hidden · vocab`
+/// for the tied decoder. Embedding lookups, softmax, activations and layer gates are not
+/// counted (element-wise, a small share).
+pub fn train_flops(config: &BertConfig, sequences: i64, seq_len: i64, predicted: i64) -> f64 {
+    let (h, i, l, v) = (
+        config.hidden_size as f64,
+        config.intermediate_size as f64,
+        config.num_hidden_layers as f64,
+        config.vocab_size as f64,
+    );
+    let per_layer = 4.0 * (h * h + h) + (h * i + i) + (i * h + h) + 4.0 * h;
+    let tokens = (sequences * seq_len) as f64;
+    let encoder = 6.0 * l * per_layer * tokens;
+    let attention = 12.0 * l * seq_len as f64 * h * tokens;
+    let head = 6.0 * ((h * h + h) + 2.0 * h + h * v) * predicted as f64;
+    encoder + attention + head
+}

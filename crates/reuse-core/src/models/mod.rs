@@ -6,5 +6,5 @@ pub mod mlm;
 pub mod sentence;
 
 pub use bert::{Bert, BertConfig, BertOutput, Want};
-pub use mlm::{BertForMaskedLm, MaskingSpec, MlmBatch};
+pub use mlm::{train_flops, BertForMaskedLm, MaskingSpec, MlmBatch};
 pub use sentence::{minilm_dir, BertClassifier, SentenceEncoder, TokenizedDataset};
