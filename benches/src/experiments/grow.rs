@@ -445,6 +445,18 @@ struct Runs<'a> {
 fn train_mlm(runs: &Runs, recipe: &Recipe, seed: u64, grow: bool, on_dev: bool) -> Result<Curve> {
     let (corpus, device, bar) = (runs.corpus, runs.device, runs.bar);
     let (small, big) = (&runs.small, &runs.big);
+    // A grown run gets the scratch run's FLOPs budget: the small model's steps, then as
+    // many steps of the grown model as the rest of the budget pays for (expected masked
+    // counts: 15% of the non-special positions). Its schedule decays to 0 at its own end.
+    let mut recipe = *recipe;
+    if grow {
+        let predicted = (0.15 * (recipe.batch * (corpus.seq - 2)) as f64).round() as i64;
+        let step = |c: &BertConfig| train_flops(c, recipe.batch, corpus.seq, predicted);
+        let budget = recipe.steps as f64 * step(big);
+        let rest = budget - recipe.grow_at as f64 * step(small);
+        recipe.steps = recipe.grow_at + (rest / step(big)).round() as usize;
+    }
+    let recipe = &recipe;
     let eval = if on_dev { &corpus.dev } else { &corpus.heldout };
     let t0 = Instant::now();
     tch::manual_seed(seed as i64);
@@ -746,8 +758,8 @@ pub fn train_faster(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             corpus.train_texts, corpus.heldout_texts, corpus.dev_texts, corpus.heldout.iter().map(|b| b.input_ids.size()[0]).sum::<i64>(), corpus.vocab, corpus.seq
         ),
         format!(
-            "Big model: 4 layers, hidden 256, 4 heads, FFN 1024. Scratch trains it for {} steps; grown trains a 2-layer, hidden-128, 4-head, FFN-512 model for {} steps, grows it exactly (hidden 128 -> 256 by uniform replication with heads of 32 -> 64, FFN 512 -> 1024 by Net2WiderNet, 2 -> 4 layers by gated layers at g = 0; the AdamW moments carried over by the growth's gradient scales) and trains it for the remaining {} steps with a {}-step re-warmup. Same recipe for both (fixed before any run except the growth step, which grow.train_faster_dev chose on the dev text): AdamW lr {:.0e}, weight decay 0.01, batch {} x {} tokens, {} warmup steps, linear decay to 0 at step {}, gradient clipping at 1, dropout 0.1, seeds {:?}.",
-            recipe.steps, recipe.grow_at, recipe.steps - recipe.grow_at, recipe.rewarm, recipe.lr, recipe.batch, corpus.seq, recipe.warmup, recipe.steps, seeds
+            "Big model: 4 layers, hidden 256, 4 heads, FFN 1024. Scratch trains it for {} steps; grown trains a 2-layer, hidden-128, 4-head, FFN-512 model for {} steps, grows it exactly (hidden 128 -> 256 by uniform replication with heads of 32 -> 64, FFN 512 -> 1024 by Net2WiderNet, 2 -> 4 layers by gated layers at g = 0; the AdamW moments carried over by the growth's gradient scales) and trains it on with a {}-step re-warmup for as many steps as the rest of scratch's FLOPs budget pays for (the same total compute). Same recipe for both (fixed before any run except the growth step, which grow.train_faster_dev chose on the dev text): AdamW lr {:.0e}, weight decay 0.01, batch {} x {} tokens, {} warmup steps, linear decay to 0 at each run's last step, gradient clipping at 1, dropout 0.1, seeds {:?}.",
+            recipe.steps, recipe.grow_at, recipe.rewarm, recipe.lr, recipe.batch, corpus.seq, recipe.warmup, seeds
         ),
         "FLOPs counted from the shapes (reuse_core::models::mlm::train_flops): 6 x non-embedding encoder parameters per token, 12 x layers x seq x hidden per token for attention, and 6 x (head transform + hidden x vocab) per predicted token; the small model's steps are counted at its own size. Evaluation is not counted. Target: each seed's scratch held-out loss at its end; flops_to_target interpolates linearly between evaluations; flops_saving = 1 - grown / scratch, averaged over seeds (only when every grown run reached its target).".into(),
         format!("Plot: {} (held-out loss against training FLOPs, every run).", plot.display()),
