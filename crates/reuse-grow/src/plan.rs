@@ -68,11 +68,13 @@ impl Axis {
         c
     }
 
-    /// Whether this axis changes nothing for a source axis of length `n`.
-    fn is_identity(&self, n: i64) -> bool {
+    /// Whether this axis changes nothing for a source axis of length `n`, with the
+    /// weight scales (`grad` false) or the gradient scales (`grad` true).
+    fn is_identity(&self, n: i64, grad: bool) -> bool {
+        let scales = if grad { &self.grad_scale } else { &self.scale };
         self.index.len() as i64 == n
             && self.index.iter().enumerate().all(|(k, &i)| k as i64 == i)
-            && self.scale.iter().all(|&s| s == 1.0)
+            && scales.iter().all(|&s| s == 1.0)
     }
 }
 
@@ -176,7 +178,7 @@ impl Growth {
                     ),
                 ));
             }
-            if a.is_identity(size[d]) && grad != Some(true) {
+            if a.is_identity(size[d], grad.is_some()) {
                 continue;
             }
             grew |= a.len() as i64 != size[d];
@@ -336,4 +338,81 @@ pub fn unit_map(n_old: i64, n_new: i64, seed: u64, uniform: bool) -> Vec<i64> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Weights, moments and masters follow their own scales, by hand.
+    #[test]
+    fn weights_and_optimizer_slots_use_their_own_scales() {
+        let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).view([3, 2]);
+        let rows = Axis {
+            index: vec![0, 1, 2, 2],
+            scale: vec![1.0, 1.0, 0.5, 0.5],
+            grad_scale: vec![1.0, 0.0, 2.0, 2.0],
+        };
+        let g = Growth {
+            tensors: vec![(
+                "w".into(),
+                Source::Tensor {
+                    name: "w".into(),
+                    axes: vec![Some(rows), None],
+                },
+            )],
+            ..Default::default()
+        };
+        let mut ck = Checkpoint::new();
+        ck.insert("w", w.copy());
+        let grown = g.apply(&ck).unwrap();
+        let want = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 2.5, 3.0, 2.5, 3.0]).view([4, 2]);
+        assert!(grown.tensor("w").unwrap().equal(&want));
+        let mut st = Checkpoint::new();
+        st.insert("exp_avg.w", w.copy());
+        st.insert("exp_avg_sq.w", w.copy());
+        st.insert("master.w", w.copy());
+        st.insert("step.w", Tensor::from(7i64));
+        st.set_metadata("optimizer_step", "7");
+        let s = g.apply_optimizer_state(&st).unwrap();
+        let m = Tensor::from_slice(&[1.0f32, 2.0, 0.0, 0.0, 10.0, 12.0, 10.0, 12.0]).view([4, 2]);
+        let v = Tensor::from_slice(&[1.0f32, 2.0, 0.0, 0.0, 20.0, 24.0, 20.0, 24.0]).view([4, 2]);
+        assert!(s.tensor("exp_avg.w").unwrap().equal(&m));
+        assert!(s.tensor("exp_avg_sq.w").unwrap().equal(&v));
+        assert!(s.tensor("master.w").unwrap().equal(&want));
+        assert_eq!(s.tensor("step.w").unwrap().int64_value(&[]), 7);
+        assert_eq!(s.metadata()["optimizer_step"], "7");
+        // The source is untouched.
+        assert!(ck.tensor("w").unwrap().equal(&w));
+    }
+
+    #[test]
+    fn a_missing_source_or_a_bad_index_is_named() {
+        let g = Growth {
+            tensors: vec![(
+                "b".into(),
+                Source::Tensor {
+                    name: "a".into(),
+                    axes: vec![Some(Axis::gather(vec![0, 5]))],
+                },
+            )],
+            ..Default::default()
+        };
+        let e = g.apply(&Checkpoint::new()).unwrap_err().to_string();
+        assert!(e.contains("`a`"), "{e}");
+        let mut ck = Checkpoint::new();
+        ck.insert("a", Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)));
+        let e = g.apply(&ck).unwrap_err().to_string();
+        assert!(e.contains("index 5") && e.contains("3 entries"), "{e}");
+    }
+
+    #[test]
+    fn unit_maps_keep_old_units_and_replicate_uniformly_on_request() {
+        assert_eq!(unit_map(3, 7, 0, true), vec![0, 1, 2, 0, 1, 2, 0]);
+        let m = unit_map(4, 10, 42, false);
+        assert_eq!(&m[..4], &[0, 1, 2, 3]);
+        assert!(m.iter().all(|&u| (0..4).contains(&u)));
+        assert_eq!(m, unit_map(4, 10, 42, false));
+        assert_ne!(m, unit_map(4, 10, 43, false));
+    }
 }
