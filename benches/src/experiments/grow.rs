@@ -601,7 +601,7 @@ fn plot_curves(path: &std::path::Path, runs: &[(String, &Curve)], target: f64) -
 
 /// The share of the steps the small model trains before growing, chosen by
 /// `grow.train_faster_dev` on the dev text (seed 0): see `benches/sweeps/`.
-const GROW_AT: f64 = 0.5;
+const GROW_AT: f64 = 0.75;
 
 fn recipe(ctx: &Ctx, grow_at: f64) -> Recipe {
     let steps = ctx.size(1000, 20);
