@@ -72,19 +72,23 @@ fn main() -> Result<()> {
             }
         })
         .collect();
-    // GPU-sized experiments are left out of a plain CPU run; the report lists them.
-    let (chosen, skipped): (Vec<_>, Vec<_>) = chosen
-        .into_iter()
-        .partition(|e| !(e.gpu_sized && args.only.is_empty() && !device.is_cuda()));
+    // GPU-sized experiments are left out of a plain CPU run, and experiments whose
+    // quick size says nothing out of a plain `--quick` run; the report lists them.
+    let plain = args.only.is_empty();
+    let (chosen, skipped): (Vec<_>, Vec<_>) = chosen.into_iter().partition(|e| {
+        !(plain && ((e.gpu_sized && !device.is_cuda()) || (args.quick && !e.quick)))
+    });
     let ctx = Ctx::new(device, args.quick)?;
     let mut report = Report::new(device, &ctx.root, args.quick);
     report.skipped = skipped
         .iter()
         .map(|e| {
-            (
-                e.id.to_string(),
-                "sized for a GPU: left out of a plain CPU run (`--only` runs it)".to_string(),
-            )
+            let why = if e.gpu_sized && !device.is_cuda() {
+                "sized for a GPU: left out of a plain CPU run (`--only` runs it)"
+            } else {
+                "its quick size would say nothing: left out of `--quick` (`--only` runs it)"
+            };
+            (e.id.to_string(), why.to_string())
         })
         .collect();
     let bar = ProgressBar::new(chosen.len() as u64);

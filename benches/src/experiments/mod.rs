@@ -125,6 +125,9 @@ pub struct Experiment {
     /// Sized for a GPU: a plain run on the CPU skips it (and the report says so);
     /// `--only` runs it anyway.
     pub gpu_sized: bool,
+    /// Part of `--quick` (at its quick sizes); `false` for experiments whose quick size
+    /// would say nothing (`--only` runs them anyway).
+    pub quick: bool,
 }
 
 pub const EXPERIMENTS: &[Experiment] = &[
@@ -134,6 +137,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: core::digits_mlp,
         default: true,
         gpu_sized: false,
+        quick: true,
     },
     Experiment {
         id: "core.minilm_embed",
@@ -141,6 +145,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: core::minilm_embed,
         default: true,
         gpu_sized: false,
+        quick: true,
     },
     Experiment {
         id: "peft.minilm_sections",
@@ -148,6 +153,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: peft::minilm_sections,
         default: true,
         gpu_sized: false,
+        quick: true,
     },
     Experiment {
         id: "peft.inference_overhead",
@@ -155,6 +161,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: peft::inference_overhead,
         default: true,
         gpu_sized: false,
+        quick: true,
     },
     Experiment {
         id: "peft.vs_python",
@@ -162,6 +169,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: peft::vs_python,
         default: true,
         gpu_sized: false,
+        quick: true,
     },
     Experiment {
         id: "distill.digits_mlp",
@@ -169,6 +177,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: distill::digits_mlp,
         default: true,
         gpu_sized: false,
+        quick: true,
     },
     Experiment {
         id: "distill.minilm_sections",
@@ -176,6 +185,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: distill::minilm_sections,
         default: true,
         gpu_sized: true,
+        quick: true,
     },
     Experiment {
         id: "distill.minilm_embeddings",
@@ -183,6 +193,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: distill::minilm_embeddings,
         default: true,
         gpu_sized: true,
+        quick: true,
     },
     Experiment {
         id: "continual.split_digits",
@@ -190,6 +201,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: continual::split_digits,
         default: true,
         gpu_sized: false,
+        quick: true,
     },
     Experiment {
         id: "continual.permuted_digits",
@@ -197,6 +209,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: continual::permuted_digits,
         default: true,
         gpu_sized: false,
+        quick: true,
     },
     Experiment {
         id: "continual.minilm_sections",
@@ -204,6 +217,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: continual::minilm_sections,
         default: true,
         gpu_sized: true,
+        quick: true,
     },
     Experiment {
         id: "grow.minilm_preserve",
@@ -211,6 +225,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: grow::minilm_preserve,
         default: true,
         gpu_sized: false,
+        quick: true,
     },
     Experiment {
         id: "grow.train_faster",
@@ -218,6 +233,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: grow::train_faster,
         default: true,
         gpu_sized: true,
+        quick: false,
     },
     Experiment {
         id: "grow.train_faster_dev",
@@ -225,6 +241,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: grow::train_faster_dev,
         default: false,
         gpu_sized: false,
+        quick: true,
     },
     Experiment {
         id: "peft.dev_sweep",
@@ -232,5 +249,6 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: peft::dev_sweep,
         default: false,
         gpu_sized: false,
+        quick: true,
     },
 ];
