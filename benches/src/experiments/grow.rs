@@ -439,6 +439,19 @@ struct Runs<'a> {
     bar: &'a ProgressBar,
 }
 
+impl<'a> Runs<'a> {
+    /// The experiment's pair: a 2-layer hidden-128 model grown to 4 layers, hidden 256.
+    fn new(corpus: &'a Corpus, ctx: &Ctx, bar: &'a ProgressBar) -> Self {
+        Self {
+            corpus,
+            small: mlm_config(corpus.vocab, 2, 128, 4),
+            big: mlm_config(corpus.vocab, 4, 256, 4),
+            device: ctx.device,
+            bar,
+        }
+    }
+}
+
 /// Trains `small` (then grows it 2x in depth and width at `recipe.grow_at`) when
 /// `grow`, else `big` from scratch, evaluating the test (or, `on_dev`, the dev) loss
 /// every `eval_every` steps.
@@ -620,13 +633,7 @@ fn recipe(ctx: &Ctx, grow_at: f64) -> Recipe {
 /// steps, against scratch, losses on the dev text (never the test text).
 pub fn train_faster_dev(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let corpus = load_corpus(ctx.size(512, 64))?;
-    let runs = Runs {
-        corpus: &corpus,
-        small: mlm_config(corpus.vocab, 2, 128, 4),
-        big: mlm_config(corpus.vocab, 4, 256, 4),
-        device: ctx.device,
-        bar,
-    };
+    let runs = Runs::new(&corpus, ctx, bar);
     let mut m = Metrics::new();
     let r = recipe(ctx, GROW_AT);
     let s = train_mlm(&runs, &r, 0, false, true)?;
@@ -674,13 +681,7 @@ pub fn train_faster_dev(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
 /// trained on, against the 4-layer model trained from scratch with the same recipe.
 pub fn train_faster(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let corpus = load_corpus(ctx.size(512, 64))?;
-    let runs = Runs {
-        corpus: &corpus,
-        small: mlm_config(corpus.vocab, 2, 128, 4),
-        big: mlm_config(corpus.vocab, 4, 256, 4),
-        device: ctx.device,
-        bar,
-    };
+    let runs = Runs::new(&corpus, ctx, bar);
     let recipe = recipe(ctx, GROW_AT);
     let seeds: &[u64] = if ctx.quick { &[0] } else { &[0, 1, 2] };
     let mut m = Metrics::new();

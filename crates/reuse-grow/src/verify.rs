@@ -58,28 +58,20 @@ pub fn compare_bert(
     }
     let k = h2 / h;
     tch::no_grad(|| {
-        let a = small
-            .forward(
-                &ids.to_device(small.device()),
-                mask.map(|m| m.to_device(small.device())).as_ref(),
+        let last_hidden = |m: &Bert| -> Result<Tensor> {
+            let d = m.device();
+            Ok(m.forward(
+                &ids.to_device(d),
+                mask.map(|m| m.to_device(d)).as_ref(),
                 None,
                 false,
                 Want::default(),
             )?
             .last_hidden_state
             .to_kind(Kind::Float)
-            .to_device(tch::Device::Cpu);
-        let b = grown
-            .forward(
-                &ids.to_device(grown.device()),
-                mask.map(|m| m.to_device(grown.device())).as_ref(),
-                None,
-                false,
-                Want::default(),
-            )?
-            .last_hidden_state
-            .to_kind(Kind::Float)
-            .to_device(tch::Device::Cpu);
+            .to_device(tch::Device::Cpu))
+        };
+        let (a, b) = (last_hidden(small)?, last_hidden(grown)?);
         let s = a.size();
         let folded = b.view([s[0], s[1], k, h]);
         let mask = mask.map(|m| m.to_device(tch::Device::Cpu));
