@@ -440,12 +440,14 @@ struct Runs<'a> {
 }
 
 impl<'a> Runs<'a> {
-    /// The experiment's pair: a 2-layer hidden-128 model grown to 4 layers, hidden 256.
+    /// The experiment's pair: a 2-layer model grown to 4 layers and twice the width:
+    /// hidden 128 -> 256 on CPU, 256 -> 512 at CUDA's full size.
     fn new(corpus: &'a Corpus, ctx: &Ctx, bar: &'a ProgressBar) -> Self {
+        let h = if cuda_sized(ctx) { 256 } else { 128 };
         Self {
             corpus,
-            small: mlm_config(corpus.vocab, 2, 128, 4),
-            big: mlm_config(corpus.vocab, 4, 256, 4),
+            small: mlm_config(corpus.vocab, 2, h, 4),
+            big: mlm_config(corpus.vocab, 4, 2 * h, 4),
             device: ctx.device,
             bar,
         }
@@ -616,14 +618,23 @@ fn plot_curves(path: &std::path::Path, runs: &[(String, &Curve)], target: f64) -
 /// `grow.train_faster_dev` on the dev text (seed 0): see `benches/sweeps/`.
 const GROW_AT: f64 = 0.75;
 
+/// Full size on a CUDA device: the larger models, batch and budget of a GPU run.
+fn cuda_sized(ctx: &Ctx) -> bool {
+    ctx.device.is_cuda() && !ctx.quick
+}
+
+/// The recipe. On CPU: 1000 steps of 32 sequences at lr 1e-3. At CUDA's full size
+/// (models twice as wide): 1200 steps of 128 sequences (4.8x the tokens) at lr 5e-4,
+/// halved a priori for the doubled width (fixed before any CUDA run, not tuned).
 fn recipe(ctx: &Ctx, grow_at: f64) -> Recipe {
-    let steps = ctx.size(1000, 20);
+    let cuda = cuda_sized(ctx);
+    let steps = if cuda { 1200 } else { ctx.size(1000, 20) };
     Recipe {
         steps,
-        batch: 32,
-        lr: 1e-3,
+        batch: if cuda { 128 } else { 32 },
+        lr: if cuda { 5e-4 } else { 1e-3 },
         warmup: steps / 20,
-        eval_every: ctx.size(50, 10),
+        eval_every: ctx.size(if cuda { 100 } else { 50 }, 10),
         grow_at: (steps as f64 * grow_at) as usize,
         rewarm: ctx.size(50, 2),
     }
@@ -684,7 +695,13 @@ pub fn train_faster(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let runs = Runs::new(&corpus, ctx, bar);
     let recipe = recipe(ctx, GROW_AT);
     let seeds: &[u64] = if ctx.quick { &[0] } else { &[0, 1, 2] };
+    let (small, big) = (runs.small.clone(), runs.big.clone());
     let mut m = Metrics::new();
+    // The sizes that ran, so a report says which (CPU and CUDA sizes differ).
+    m.insert("big.hidden_size".into(), big.hidden_size as f64);
+    m.insert("small.hidden_size".into(), small.hidden_size as f64);
+    m.insert("scratch.steps".into(), recipe.steps as f64);
+    m.insert("batch".into(), recipe.batch as f64);
     let mut curves = Vec::new();
     for &seed in seeds {
         // Interleaved: scratch then grown for each seed.
@@ -759,9 +776,22 @@ pub fn train_faster(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             corpus.train_texts, corpus.heldout_texts, corpus.dev_texts, corpus.heldout.iter().map(|b| b.input_ids.size()[0]).sum::<i64>(), corpus.vocab, corpus.seq
         ),
         format!(
-            "Big model: 4 layers, hidden 256, 4 heads, FFN 1024. Scratch trains it for {} steps; grown trains a 2-layer, hidden-128, 4-head, FFN-512 model for {} steps, grows it exactly (hidden 128 -> 256 by uniform replication with heads of 32 -> 64, FFN 512 -> 1024 by Net2WiderNet, 2 -> 4 layers by gated layers at g = 0; the AdamW moments carried over by the growth's gradient scales) and trains it on with a {}-step re-warmup for as many steps as the rest of scratch's FLOPs budget pays for (the same total compute). Same recipe for both (fixed before any run except the growth step, which grow.train_faster_dev chose on the dev text): AdamW lr {:.0e}, weight decay 0.01, batch {} x {} tokens, {} warmup steps, linear decay to 0 at each run's last step, gradient clipping at 1, dropout 0.1, seeds {:?}.",
-            recipe.steps, recipe.grow_at, recipe.rewarm, recipe.lr, recipe.batch, corpus.seq, recipe.warmup, seeds
+            "Big model: {} layers, hidden {}, {} heads, FFN {}. Scratch trains it for {} steps; grown trains a {}-layer, hidden-{}, {}-head, FFN-{} model for {} steps, grows it exactly (hidden {} -> {} by uniform replication with heads of {} -> {}, FFN {} -> {} by Net2WiderNet, {} -> {} layers by gated layers at g = 0; the AdamW moments carried over by the growth's gradient scales) and trains it on with a {}-step re-warmup for as many steps as the rest of scratch's FLOPs budget pays for (the same total compute). Same recipe for both (fixed before any run except the growth step, which grow.train_faster_dev chose on the dev text): AdamW lr {:.0e}, weight decay 0.01, batch {} x {} tokens, {} warmup steps, linear decay to 0 at each run's last step, gradient clipping at 1, dropout 0.1, seeds {:?}.",
+            big.num_hidden_layers, big.hidden_size, big.num_attention_heads, big.intermediate_size,
+            recipe.steps,
+            small.num_hidden_layers, small.hidden_size, small.num_attention_heads, small.intermediate_size,
+            recipe.grow_at,
+            small.hidden_size, big.hidden_size,
+            small.hidden_size / small.num_attention_heads, big.hidden_size / big.num_attention_heads,
+            small.intermediate_size, big.intermediate_size,
+            small.num_hidden_layers, big.num_hidden_layers,
+            recipe.rewarm, recipe.lr, recipe.batch, corpus.seq, recipe.warmup, seeds
         ),
+        if cuda_sized(ctx) {
+            "CUDA size: both models twice as wide as the CPU run's, batch 128 instead of 32, 1200 steps instead of 1000, lr 5e-4 instead of 1e-3 (halved a priori for the width, not tuned); the growth step's share (75%) is the one the CPU-size dev sweep chose, not re-swept at this size.".into()
+        } else {
+            "CPU size (a CUDA run uses models twice as wide, batch 128 and 1200 steps).".into()
+        },
         "FLOPs counted from the shapes (reuse_core::models::mlm::train_flops): 6 x non-embedding encoder parameters per token, 12 x layers x seq x hidden per token for attention, and 6 x (head transform + hidden x vocab) per predicted token; the small model's steps are counted at its own size. Evaluation is not counted. Target: each seed's scratch held-out loss at its end; flops_to_target interpolates linearly between evaluations; flops_saving = 1 - grown / scratch, averaged over seeds (only when every grown run reached its target).".into(),
         format!("Plot: {} (held-out loss against training FLOPs, every run).", plot.display()),
         "Where growth does not pay: on digits, growing a 32-unit MLP to 512 units cost more FLOPs than training 512 units from scratch (-15% to -280% over 5 seeds, the issue's measurement).".into(),
