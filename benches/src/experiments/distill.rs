@@ -452,37 +452,50 @@ fn probe(
     classes: i64,
     device: Device,
 ) -> Result<(f64, f64)> {
-    let ds =
-        |x: &Tensor, y: &[i64]| TensorDataset::new(x.to_device(Device::Cpu), Tensor::from_slice(y));
-    let (tr, dv, te) = (
-        ds(train.0, train.1)?,
-        ds(dev.0, dev.1)?,
-        ds(test.0, test.1)?,
-    );
+    let (head, lr) = fit_probe(train, dev, classes, device, 0)?;
+    Ok((probe_accuracy(&head, test, device)?, lr))
+}
+
+/// A linear probe (a linear layer on frozen embeddings, AdamW, 100 epochs, batch 256)
+/// trained with `seed`, its lr chosen on dev from {1e-2, 3e-2, 1e-1}: (head, lr).
+pub(super) fn fit_probe(
+    train: (&Tensor, &[i64]),
+    dev: (&Tensor, &[i64]),
+    classes: i64,
+    device: Device,
+    seed: u64,
+) -> Result<(Mlp, f64)> {
+    let tr = TensorDataset::new(train.0.to_device(Device::Cpu), Tensor::from_slice(train.1))?;
     let mut best: Option<(f64, f64, Mlp)> = None;
     for lr in [1e-2, 3e-2, 1e-1] {
-        tch::manual_seed(0);
+        tch::manual_seed(seed as i64);
         let head = Mlp::new(&[train.0.size()[1], classes], Activation::Relu, device)?;
         Trainer::new(TrainConfig {
             epochs: 100,
             batch_size: 256,
             lr,
             device,
-            seed: 0,
+            seed,
             ..Default::default()
         })
         .fit(&head, &tr, None, &mut [])?;
-        let acc = accuracy(&head, &dv, 1024, device)?;
+        let acc = probe_accuracy(&head, dev, device)?;
         if best.as_ref().is_none_or(|b| acc > b.0) {
             best = Some((acc, lr, head));
         }
     }
     let (_, lr, head) = best.context("empty probe grid")?;
-    Ok((accuracy(&head, &te, 1024, device)?, lr))
+    Ok((head, lr))
+}
+
+/// Accuracy of a probe on embeddings `[n, d]` with labels.
+pub(super) fn probe_accuracy(head: &Mlp, data: (&Tensor, &[i64]), device: Device) -> Result<f64> {
+    let ds = TensorDataset::new(data.0.to_device(Device::Cpu), Tensor::from_slice(data.1))?;
+    Ok(accuracy(head, &ds, 1024, device)?)
 }
 
 /// Cosine of each row of `a` to the same row of `b`.
-fn row_cosines(a: &Tensor, b: &Tensor) -> Tensor {
+pub(super) fn row_cosines(a: &Tensor, b: &Tensor) -> Tensor {
     Tensor::cosine_similarity(&a.to_kind(Kind::Float), &b.to_kind(Kind::Float), -1, 1e-8)
 }
 

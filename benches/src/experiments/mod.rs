@@ -6,6 +6,7 @@ mod core;
 mod distill;
 mod grow;
 mod peft;
+mod quant;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -240,6 +241,14 @@ pub const EXPERIMENTS: &[Experiment] = &[
         about: "dev sweep behind grow.train_faster: growth after 25/50/75% of the steps, seed 0, dev text (only with --only)",
         run: grow::train_faster_dev,
         default: false,
+        gpu_sized: false,
+        quick: true,
+    },
+    Experiment {
+        id: "quant.minilm",
+        about: "MiniLM in f32, bf16, int8, int4 (round-to-nearest and GPTQ, groups of 32/64/128): size, embedding cosine to f32, probe accuracy drop, embed throughput",
+        run: quant::minilm,
+        default: true,
         gpu_sized: false,
         quick: true,
     },

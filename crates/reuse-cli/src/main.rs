@@ -13,6 +13,8 @@
 //!   and trains it to give the teacher's embeddings on unlabeled text.
 //! * `reuse grow width|depth` writes a wider or deeper model folder that starts from a
 //!   trained one (exact where the operator is, with the drift printed where not).
+//! * `reuse quantize` writes an int8 or int4 model folder (round-to-nearest, or GPTQ on
+//!   calibration texts) that every command here loads like any model folder.
 //!
 //! Errors are one line on stderr and a non-zero exit status, never a panic backtrace.
 
@@ -23,6 +25,7 @@ mod embed;
 mod grow;
 mod inspect;
 mod lora;
+mod quantize;
 
 use std::process::ExitCode;
 
@@ -51,16 +54,21 @@ enum Command {
     /// Model growth: a wider or deeper model folder that starts from a trained one.
     #[command(subcommand)]
     Grow(grow::Command),
+    /// Int8 or int4 weights: a smaller model folder for deployment or a QLoRA base.
+    Quantize(quantize::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Quantized model folders load wherever a model folder does.
+    reuse_quant::register();
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Lora(c) => lora::run(c),
         Command::Distill(c) => distill::run(c),
         Command::Grow(c) => grow::run(c),
+        Command::Quantize(a) => quantize::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

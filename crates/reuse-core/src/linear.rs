@@ -33,6 +33,43 @@ pub trait WeightStorage: Send {
     fn as_any(&self) -> &dyn Any;
 }
 
+/// Builds the [`WeightStorage`] of the weight `name` (a linear's `<path>.weight`, or an
+/// embedding table) from a checkpoint, taking its tensors out of `ck`, given the
+/// weight's logical shape, the model folder's `quantization_config` (from its
+/// `config.json`), and the device and float dtype the model computes in. `Ok(None)`: this weight is stored dense. Crates that define a storage
+/// register a loader under a `quant_method` ([`register_storage_loader`]); model
+/// loaders look it up by the folder's `quantization_config.quant_method`, as Hugging
+/// Face `transformers` finds a quantizer.
+pub type StorageLoader = fn(
+    name: &str,
+    shape: [i64; 2],
+    quantization_config: &serde_json::Value,
+    ck: &mut crate::Checkpoint,
+    device: Device,
+    kind: Kind,
+) -> Result<Option<Box<dyn WeightStorage>>>;
+
+static STORAGE_LOADERS: std::sync::RwLock<std::collections::BTreeMap<String, StorageLoader>> =
+    std::sync::RwLock::new(std::collections::BTreeMap::new());
+
+/// Registers `loader` for model folders whose `quantization_config.quant_method` is
+/// `method` (replacing any earlier one). reuse-quant's `register()` calls this.
+pub fn register_storage_loader(method: &str, loader: StorageLoader) {
+    STORAGE_LOADERS
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(method.to_string(), loader);
+}
+
+/// The loader registered for `method`, if any.
+pub fn storage_loader(method: &str) -> Option<StorageLoader> {
+    STORAGE_LOADERS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(method)
+        .copied()
+}
+
 /// A function of the weight applied on every forward (an inference mask: `w * mask`),
 /// so a masked layer costs one element-wise product, not an extra GEMM.
 pub type WeightTransform = Box<dyn Fn(&Tensor) -> Tensor + Send>;
@@ -193,6 +230,29 @@ impl Linear {
             weight,
             bias,
             storage: None,
+            transform: None,
+            slots: Vec::new(),
+            routing: None,
+        })
+    }
+
+    /// A layer whose weight lives in `storage` (quantized); `bias` must match its rows.
+    pub fn from_storage(storage: Box<dyn WeightStorage>, bias: Option<Tensor>) -> Result<Self> {
+        let [out, _] = storage.shape();
+        if let Some(b) = &bias {
+            if b.size() != [out] {
+                return Err(Error::ShapeMismatch {
+                    path: None,
+                    tensor: "bias".into(),
+                    expected: vec![out],
+                    found: b.size(),
+                });
+            }
+        }
+        Ok(Self {
+            weight: Tensor::new(),
+            bias,
+            storage: Some(storage),
             transform: None,
             slots: Vec::new(),
             routing: None,

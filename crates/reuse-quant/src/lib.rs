@@ -14,6 +14,12 @@
 //!   uses a few hundred real inputs to keep each layer's *output* close, where
 //!   round-to-nearest only keeps each weight close. Int4 needs it: round-to-nearest
 //!   int4 loses too much on MiniLM.
+//! * [`model`]: a whole model's linears quantized in place ([`model::quantize_model`]),
+//!   with GPTQ's Hessians gathered by running it on calibration inputs
+//!   ([`model::calibrate`]);
+//! * [`layout`]: the safetensors layout and `config.json` entry of a quantized model
+//!   folder, and the loader that lets core's BERT loader read it ([`register`]);
+//! * [`folder`]: a model folder in, a quantized model folder out (`reuse quantize`).
 //!
 //! ```
 //! use reuse_quant::{gptq, QuantSpec, QuantizedWeight};
@@ -36,9 +42,13 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod folder;
 pub mod gptq;
+pub mod layout;
+pub mod model;
 pub mod spec;
 pub mod weight;
 
+pub use layout::register;
 pub use spec::QuantSpec;
 pub use weight::QuantizedWeight;

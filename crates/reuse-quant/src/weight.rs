@@ -28,6 +28,8 @@ pub struct QuantizedWeight {
     scale: Tensor,
     zero: Option<Tensor>,
     cache: Option<Mutex<Option<Tensor>>>,
+    /// The dtype the dense weight is rebuilt in (the model's compute dtype).
+    kind: Kind,
 }
 
 impl std::fmt::Debug for QuantizedWeight {
@@ -102,6 +104,7 @@ impl QuantizedWeight {
             scale: scale.to_kind(Kind::Float),
             zero,
             cache: None,
+            kind: Kind::Float,
         }
     }
 
@@ -157,6 +160,7 @@ impl QuantizedWeight {
             scale,
             zero,
             cache: None,
+            kind: Kind::Float,
         })
     }
 
@@ -215,7 +219,9 @@ impl QuantizedWeight {
             unpack_nibbles(&self.qweight).to_kind(Kind::Float)
         }
         .view([out, groups, inp / groups]);
-        ((codes - self.zero_f32().unsqueeze(2)) * self.scale.unsqueeze(2)).view([out, inp])
+        ((codes - self.zero_f32().unsqueeze(2)) * self.scale.unsqueeze(2))
+            .view([out, inp])
+            .to_kind(self.kind)
     }
 
     /// Bytes the quantized tensors take (codes, scales, zero points).
@@ -233,7 +239,16 @@ impl QuantizedWeight {
             scale: self.scale.to_device(device),
             zero: self.zero.as_ref().map(|z| z.to_device(device)),
             cache: self.cache.as_ref().map(|_| Mutex::new(None)),
+            kind: self.kind,
         }
+    }
+
+    /// The same storage, rebuilding the dense weight in `kind` (f32 by default; f16 or
+    /// bf16 for a model that computes in them).
+    pub fn with_kind(mut self, kind: Kind) -> Self {
+        self.kind = kind;
+        self.cache = self.cache.map(|_| Mutex::new(None));
+        self
     }
 }
 

@@ -388,3 +388,81 @@ fn bad_input_is_a_clear_error() {
     .unwrap_err();
     assert!(e.to_string().contains("q.weight Hessian"), "{e}");
 }
+
+/// A fixed weight change, as a merged LoRA would add.
+struct Fixed(Tensor);
+
+impl reuse_core::LinearDelta for Fixed {
+    fn forward(&self, x: &Tensor, _: &Tensor, _: &Tensor, _: bool) -> Tensor {
+        x.matmul(&self.0.tr())
+    }
+    fn delta_weight(&self, _: &Tensor) -> Option<Tensor> {
+        Some(self.0.shallow_clone())
+    }
+    fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+    fn needs_base_out(&self) -> bool {
+        false
+    }
+    fn needs_base_weight(&self) -> bool {
+        false
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+/// Merging a delta into an int4 base: before, the layer computes dequantized base +
+/// delta exactly; after, the requantized sum, within half a step of it, and the
+/// reported error is that distance.
+#[test]
+fn merging_into_a_quantized_base_requantizes_and_reports_the_error() {
+    use reuse_quant::model::merge_requantize;
+    tch::manual_seed(21);
+    let mut mlp = reuse_core::Mlp::new(&[32, 16, 4], reuse_core::Activation::Relu, CPU).unwrap();
+    let spec = QuantSpec::int4(16, false);
+    reuse_quant::model::quantize_model(&mut mlp, spec, &reuse_quant::model::Method::Rtn, &|_| true)
+        .unwrap();
+    let x = Tensor::randn([5, 32], (Kind::Float, CPU));
+    let mut bases = Vec::new();
+    use reuse_core::Model;
+    mlp.visit_linears(&mut |_, l| {
+        let dw = Tensor::randn(l.shape().to_vec(), (Kind::Float, CPU)) * 0.01;
+        bases.push((l.storage().unwrap().dequantize(), dw.copy()));
+        l.add_delta("lora", Box::new(Fixed(dw))).unwrap();
+    });
+    let before = mlp.forward(&x, false).unwrap();
+    let report = merge_requantize(&mut mlp, "lora").unwrap();
+    assert_eq!(report.layers, 2);
+    let mut i = 0;
+    let mut max = 0f64;
+    mlp.visit_linears(&mut |_, l| {
+        assert!(l.delta("lora").is_none(), "the delta is merged away");
+        let s = l.storage().expect("still quantized");
+        let q = s.as_any().downcast_ref::<QuantizedWeight>().unwrap();
+        let (base, dw) = &bases[i];
+        let merged = base + dw;
+        let d = (q.dequantize() - &merged).abs();
+        let step = q.scale().repeat_interleave_self_int(16, 1, None);
+        assert!(bool::try_from(d.le_tensor(&(step * 0.50001)).all()).unwrap());
+        max = max.max(d.max().double_value(&[]));
+        i += 1;
+    });
+    assert!(
+        (report.max_abs - max).abs() < 1e-7,
+        "{} vs {max}",
+        report.max_abs
+    );
+    assert!(report.relative > 0.0 && report.relative < 0.2, "{report:?}");
+    let after = mlp.forward(&x, false).unwrap();
+    let rel = (&after - &before).norm().double_value(&[]) / before.norm().double_value(&[]);
+    assert!(rel > 0.0 && rel < 0.2, "output moved by {rel}");
+    assert!(
+        merge_requantize(&mut mlp, "lora").is_err(),
+        "nothing left to merge"
+    );
+}

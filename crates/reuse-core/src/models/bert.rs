@@ -19,8 +19,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::write_atomic;
+use crate::linear::{storage_loader, StorageLoader};
 use crate::model::{prefixed, Activation, Model, OutputSlots};
-use crate::{Checkpoint, Error, Linear, Result};
+use crate::{Checkpoint, Error, Linear, Result, WeightStorage};
 
 fn d_gelu() -> String {
     "gelu".into()
@@ -337,6 +338,8 @@ struct Loader<'a> {
     ck: &'a mut Checkpoint,
     kind: Kind,
     device: Device,
+    /// The storage loader of a quantized folder, with its `quantization_config`.
+    quant: Option<(StorageLoader, serde_json::Value)>,
 }
 
 impl Loader<'_> {
@@ -355,7 +358,29 @@ impl Loader<'_> {
             .to_device(self.device)
             .set_requires_grad(true))
     }
+    /// The storage of a weight a quantized folder holds quantized; `None` when dense.
+    fn stored(&mut self, name: &str, shape: [i64; 2]) -> Result<Option<Box<dyn WeightStorage>>> {
+        match &self.quant {
+            None => Ok(None),
+            Some((load, qc)) => load(name, shape, qc, self.ck, self.device, self.kind),
+        }
+    }
+    /// An embedding table: dense, or dequantized once if the folder stores it quantized.
+    fn table(&mut self, name: &str, shape: [i64; 2]) -> Result<Tensor> {
+        match self.stored(name, shape)? {
+            Some(s) => Ok(s
+                .dequantize()
+                .to_kind(self.kind)
+                .to_device(self.device)
+                .set_requires_grad(true)),
+            None => self.take(name, &shape),
+        }
+    }
     fn linear(&mut self, path: &str, i: i64, o: i64) -> Result<Linear> {
+        if let Some(s) = self.stored(&format!("{path}.weight"), [o, i])? {
+            let b = self.take(&format!("{path}.bias"), &[o])?;
+            return Linear::from_storage(s, Some(b));
+        }
         let w = self.take(&format!("{path}.weight"), &[o, i])?;
         let b = self.take(&format!("{path}.bias"), &[o])?;
         Linear::from_tensors(w, Some(b))
@@ -429,11 +454,40 @@ impl Bert {
         }
         let c = &config;
         let (h, eps) = (c.hidden_size, c.layer_norm_eps);
-        let mut l = Loader { ck, kind, device };
+        let quant = match c.extra.get("quantization_config") {
+            None => None,
+            Some(qc) => {
+                let method = qc
+                    .get("quant_method")
+                    .and_then(|m| m.as_str())
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            "config.json quantization_config",
+                            format!("expected a `quant_method` string, found {qc}"),
+                        )
+                    })?;
+                let load = storage_loader(method).ok_or_else(|| {
+                    Error::invalid(
+                        "config.json quantization_config",
+                        format!(
+                            "no loader is registered for quant_method `{method}` (reuse-quant's \
+                             is `reuse`: call reuse_quant::register() first; the reuse CLI does)"
+                        ),
+                    )
+                })?;
+                Some((load, qc.clone()))
+            }
+        };
+        let mut l = Loader {
+            ck,
+            kind,
+            device,
+            quant,
+        };
         let rows = [c.vocab_size, c.max_position_embeddings, c.type_vocab_size];
         let mut tables = Vec::with_capacity(3);
         for (name, n) in EMBEDDINGS.iter().zip(rows) {
-            tables.push(l.take(&format!("embeddings.{name}.weight"), &[n, h])?);
+            tables.push(l.table(&format!("embeddings.{name}.weight"), [n, h])?);
         }
         let [word_embeddings, position_embeddings, token_type_embeddings]: [Tensor; 3] =
             tables.try_into().expect("three tables");
