@@ -14,7 +14,8 @@
 //! * `reuse grow width|depth` writes a wider or deeper model folder that starts from a
 //!   trained one (exact where the operator is, with the drift printed where not).
 //! * `reuse quantize` writes an int8 or int4 model folder (round-to-nearest, or GPTQ on
-//!   calibration texts) that every command here loads like any model folder.
+//!   calibration texts) that every command here loads like any model folder;
+//!   `reuse dequantize` writes its values back as plain f32 for Hugging Face tools.
 //!
 //! Errors are one line on stderr and a non-zero exit status, never a panic backtrace.
 
@@ -56,6 +57,8 @@ enum Command {
     Grow(grow::Command),
     /// Int8 or int4 weights: a smaller model folder for deployment or a QLoRA base.
     Quantize(quantize::Args),
+    /// A quantized folder's weights as plain f32, for Hugging Face tools.
+    Dequantize(quantize::DequantizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::Distill(c) => distill::run(c),
         Command::Grow(c) => grow::run(c),
         Command::Quantize(a) => quantize::run(a),
+        Command::Dequantize(a) => quantize::run_dequantize(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

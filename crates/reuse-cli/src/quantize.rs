@@ -124,3 +124,34 @@ pub fn run(a: Args) -> Result<()> {
     }
     Ok(())
 }
+
+/// Arguments of `reuse dequantize`.
+#[derive(clap::Args)]
+pub struct DequantizeArgs {
+    /// A model folder written by `reuse quantize`. Only read.
+    #[arg(long)]
+    model: PathBuf,
+    /// Output folder: plain f32 weights that transformers and PEFT load (must not
+    /// exist, or be empty, unless --overwrite).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace a non-empty --out.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// Runs `reuse dequantize`.
+pub fn run_dequantize(a: DequantizeArgs) -> Result<()> {
+    reuse_quant::folder::dequantize_folder(&a.model, &a.out, a.overwrite).with_context(|| {
+        format!(
+            "dequantizing {} into {}",
+            a.model.display(),
+            a.out.display()
+        )
+    })?;
+    println!(
+        "wrote {}: the quantized weights' values in f32, loadable by transformers and PEFT",
+        a.out.display()
+    );
+    Ok(())
+}

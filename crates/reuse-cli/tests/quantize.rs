@@ -117,3 +117,142 @@ fn bad_requests_are_one_line_errors_and_write_nothing() {
         assert!(!out.exists(), "{all:?} wrote {}", out.display());
     }
 }
+
+/// QLoRA: LoRA trained by `reuse lora train` on an int4 base learns the task, saves in
+/// PEFT's format, and loads in PEFT on the dequantized base (`reuse dequantize`) with
+/// the embeddings `reuse embed --adapter` gives on the quantized base.
+#[test]
+fn lora_on_an_int4_base_loads_in_peft_on_the_dequantized_base() {
+    let src = minilm_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let q4 = tmp.path().join("q4");
+    ok(&reuse(&[
+        "quantize",
+        "--model",
+        src.to_str().unwrap(),
+        "--bits",
+        "4",
+        "--group-size",
+        "64",
+        "--out",
+        q4.to_str().unwrap(),
+    ]));
+    let adapter = tmp.path().join("adapter");
+    ok(&reuse(&[
+        "lora",
+        "train",
+        "--model",
+        q4.to_str().unwrap(),
+        "--data",
+        root().join("fixtures/debian_sections").to_str().unwrap(),
+        "--out",
+        adapter.to_str().unwrap(),
+        "--max-steps",
+        "60",
+        "--batch-size",
+        "16",
+        "--max-len",
+        "32",
+        "--lr",
+        "2e-3",
+        "--device",
+        "cpu",
+    ]));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("train_metrics.json")).unwrap())
+            .unwrap();
+    let (acc, base) = (
+        m["test_accuracy"].as_f64().unwrap(),
+        m["majority_baseline"].as_f64().unwrap(),
+    );
+    assert!(
+        acc > base + 0.3,
+        "QLoRA test accuracy {acc} vs majority {base}"
+    );
+    // Only the adapter and head train: the int4 weights are buffers.
+    assert_eq!(m["trainable_params"], 73_728 + 384 * 8 + 8);
+
+    let dense = tmp.path().join("q4-dense");
+    ok(&reuse(&[
+        "dequantize",
+        "--model",
+        q4.to_str().unwrap(),
+        "--out",
+        dense.to_str().unwrap(),
+    ]));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dense.join("config.json")).unwrap()).unwrap();
+    assert!(cfg.get("quantization_config").is_none());
+
+    let texts = tmp.path().join("texts.txt");
+    std::fs::write(
+        &texts,
+        "network traffic analyzer\nphoto editing program\nchess engine with a GUI\nmail transfer agent\n",
+    )
+    .unwrap();
+    let emb = tmp.path().join("emb.safetensors");
+    ok(&reuse(&[
+        "embed",
+        "--model",
+        q4.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--texts",
+        texts.to_str().unwrap(),
+        "--out",
+        emb.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]));
+    let ours = Checkpoint::load(&emb, Device::Cpu)
+        .unwrap()
+        .tensor("embeddings")
+        .unwrap()
+        .shallow_clone();
+    let py_out = tmp.path().join("peft.safetensors");
+    let o = Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("fixtures/quant/peft_embed.py"))
+        .args([
+            dense.as_os_str(),
+            adapter.as_os_str(),
+            texts.as_os_str(),
+            py_out.as_os_str(),
+        ])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    ok(&o);
+    let theirs = Checkpoint::load(&py_out, Device::Cpu)
+        .unwrap()
+        .tensor("embeddings")
+        .unwrap()
+        .shallow_clone();
+    let d = (&ours - &theirs).abs().max().double_value(&[]);
+    assert!(
+        d <= 1e-4,
+        "reuse (int4 base) vs PEFT (dequantized base): {d}"
+    );
+    // And the adapter does something: without it the embeddings differ.
+    let plain_out = tmp.path().join("plain.safetensors");
+    ok(&reuse(&[
+        "embed",
+        "--model",
+        q4.to_str().unwrap(),
+        "--texts",
+        texts.to_str().unwrap(),
+        "--out",
+        plain_out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]));
+    let plain = Checkpoint::load(&plain_out, Device::Cpu)
+        .unwrap()
+        .tensor("embeddings")
+        .unwrap()
+        .shallow_clone();
+    let moved = (&plain - &ours).abs().max().double_value(&[]);
+    assert!(
+        moved > 1e-3,
+        "the adapter changed the embeddings by only {moved}"
+    );
+}

@@ -163,14 +163,11 @@ impl<M: Model> LoraModel<M> {
         // Shapes of the model's linears and parameters.
         let mut linears: BTreeMap<String, (i64, i64, tch::Kind, Device)> = BTreeMap::new();
         self.model.visit_linears(&mut |p, l| {
+            // The weight as the forward sees it (dequantized on a quantized base).
+            let w = l.dense_weight();
             linears.insert(
                 p.to_string(),
-                (
-                    l.out_features(),
-                    l.in_features(),
-                    l.weight.kind(),
-                    l.weight.device(),
-                ),
+                (l.out_features(), l.in_features(), w.kind(), w.device()),
             );
         });
         let params: BTreeMap<String, Tensor> = self.model.named_parameters().into_iter().collect();

@@ -119,8 +119,10 @@ impl<M: Model> LoraModel<M> {
                 return;
             }
             let spec = config.module_spec(path);
+            // Dequantized when the base is quantized (QLoRA): LoRA needs its shape,
+            // dtype and device, DoRA its column norms.
             let res = LoraLayer::new(
-                &l.weight,
+                &l.dense_weight(),
                 spec.r,
                 spec.scaling,
                 config.lora_dropout,

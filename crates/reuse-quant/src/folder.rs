@@ -149,3 +149,33 @@ pub fn quantize_folder(
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
+
+/// Writes the quantized model folder `src` as a plain f32 folder at `out`: every
+/// quantized weight (and a quantized embedding table) replaced by the values its codes
+/// stand for, `quantization_config` removed, tokenizer and sentence-transformers files
+/// copied. Hugging Face `transformers` and PEFT load the result; it computes what the
+/// quantized model computes (an adapter trained on the quantized base loads on it).
+///
+/// # Errors
+/// `out` not empty (without `overwrite`); `src` not a quantized BERT folder this crate
+/// reads.
+pub fn dequantize_folder(src: &Path, out: &Path, overwrite: bool) -> Result<()> {
+    check_out(out, overwrite)?;
+    crate::register();
+    let cfg_path = src.join("config.json");
+    let config = reuse_core::models::BertConfig::load(&cfg_path)?;
+    if !config.extra.contains_key("quantization_config") {
+        return Err(Error::invalid(
+            format!("{}", cfg_path.display()),
+            "not a quantized model (config.json has no quantization_config)",
+        ));
+    }
+    let mut bert = reuse_core::models::Bert::load(src, Device::Cpu, Kind::Float)?;
+    reuse_core::Model::visit_linears(&mut bert, &mut |_, l| {
+        let _ = l.densify(false);
+    });
+    let ck = bert.state_dict();
+    let mut updates = serde_json::Map::new();
+    updates.insert("quantization_config".into(), serde_json::Value::Null);
+    write_model_folder(src, out, &updates, &ck, overwrite, &mut |_| Ok(()))
+}

@@ -25,7 +25,7 @@ pub const SHARED_FILES: [&str; 7] = [
 ];
 
 /// Writes a complete model folder at `out`: `src_dir`'s `config.json` with the keys of
-/// `config_updates` replaced (or added), `weights` as `model.safetensors`, and the
+/// `config_updates` replaced (or added; a `null` value removes the key), `weights` as `model.safetensors`, and the
 /// source's [`SHARED_FILES`] and module folders copied. `finish` runs on the temporary
 /// folder before it is moved into place (to edit a copied file, add one).
 ///
@@ -58,7 +58,11 @@ pub fn write_model_folder(
         });
     };
     for (k, v) in config_updates {
-        obj.insert(k.clone(), v.clone());
+        if v.is_null() {
+            obj.remove(k);
+        } else {
+            obj.insert(k.clone(), v.clone());
+        }
     }
     let config_text =
         serde_json::to_string_pretty(&json).map_err(|e| Error::invalid("config", e.to_string()))?;
