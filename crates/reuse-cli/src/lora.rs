@@ -150,7 +150,20 @@ fn merge(a: MergeArgs) -> Result<()> {
         .with_context(|| format!("cannot apply adapter {}", a.adapter.display()))?;
     note_set_aside(&a.adapter, &loaded.set_aside);
     let modules = loaded.modules;
-    let merged = lm.merge_and_unload()?;
+    let quantized = lm.model.config.extra.contains_key("quantization_config");
+    let merged = if quantized {
+        // A quantized base: dequantize, add, requantize with the base's settings; the
+        // folder stays quantized, and the error the requantization adds is printed.
+        let mut bert = lm.into_inner();
+        let err = reuse_quant::model::merge_requantize(&mut bert, "merge")?;
+        eprintln!(
+            "merged into the quantized base by requantizing {} linears: max |error| {:.3e}, relative (Frobenius) {:.3e} against base + adapter (for an exact merge, merge into `reuse dequantize`'s f32 folder)",
+            err.layers, err.max_abs, err.relative
+        );
+        bert
+    } else {
+        lm.merge_and_unload()?
+    };
     // Build the folder beside its destination, then move it into place in one rename.
     let parent = a
         .out
