@@ -30,17 +30,26 @@ fn texts() -> PathBuf {
 }
 
 fn embed(dir: &Path, out: &Path) -> Tensor {
-    ok(&reuse(&[
+    embed_texts(dir, &texts(), None, out)
+}
+
+/// `reuse embed` of `texts` with the model in `dir` (and an adapter), read back.
+fn embed_texts(dir: &Path, texts: &Path, adapter: Option<&Path>, out: &Path) -> Tensor {
+    let mut args = vec![
         "embed",
         "--model",
         dir.to_str().unwrap(),
         "--texts",
-        texts().to_str().unwrap(),
+        texts.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
         "--device",
         "cpu",
-    ]));
+    ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", a.to_str().unwrap()]);
+    }
+    ok(&reuse(&args));
     Checkpoint::load(out, Device::Cpu)
         .unwrap()
         .tensor("embeddings")
@@ -190,25 +199,12 @@ fn lora_on_an_int4_base_loads_in_peft_on_the_dequantized_base() {
         "network traffic analyzer\nphoto editing program\nchess engine with a GUI\nmail transfer agent\n",
     )
     .unwrap();
-    let emb = tmp.path().join("emb.safetensors");
-    ok(&reuse(&[
-        "embed",
-        "--model",
-        q4.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--texts",
-        texts.to_str().unwrap(),
-        "--out",
-        emb.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]));
-    let ours = Checkpoint::load(&emb, Device::Cpu)
-        .unwrap()
-        .tensor("embeddings")
-        .unwrap()
-        .shallow_clone();
+    let ours = embed_texts(
+        &q4,
+        &texts,
+        Some(&adapter),
+        &tmp.path().join("emb.safetensors"),
+    );
     let py_out = tmp.path().join("peft.safetensors");
     let o = Command::new(root().join(".venv/bin/python"))
         .arg(root().join("fixtures/quant/peft_embed.py"))
@@ -233,23 +229,7 @@ fn lora_on_an_int4_base_loads_in_peft_on_the_dequantized_base() {
         "reuse (int4 base) vs PEFT (dequantized base): {d}"
     );
     // And the adapter does something: without it the embeddings differ.
-    let plain_out = tmp.path().join("plain.safetensors");
-    ok(&reuse(&[
-        "embed",
-        "--model",
-        q4.to_str().unwrap(),
-        "--texts",
-        texts.to_str().unwrap(),
-        "--out",
-        plain_out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]));
-    let plain = Checkpoint::load(&plain_out, Device::Cpu)
-        .unwrap()
-        .tensor("embeddings")
-        .unwrap()
-        .shallow_clone();
+    let plain = embed_texts(&q4, &texts, None, &tmp.path().join("plain.safetensors"));
     let moved = (&plain - &ours).abs().max().double_value(&[]);
     assert!(
         moved > 1e-3,
@@ -276,23 +256,12 @@ fn lora_on_an_int4_base_loads_in_peft_on_the_dequantized_base() {
         serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["quantization_config"]["bits"], 4);
-    let m_out = tmp.path().join("merged.safetensors");
-    ok(&reuse(&[
-        "embed",
-        "--model",
-        merged.to_str().unwrap(),
-        "--texts",
-        texts.to_str().unwrap(),
-        "--out",
-        m_out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]));
-    let m_emb = Checkpoint::load(&m_out, Device::Cpu)
-        .unwrap()
-        .tensor("embeddings")
-        .unwrap()
-        .shallow_clone();
+    let m_emb = embed_texts(
+        &merged,
+        &texts,
+        None,
+        &tmp.path().join("merged.safetensors"),
+    );
     let cos = (&m_emb * &ours).sum_dim_intlist(1, false, Kind::Float);
     // A second int4 rounding (measured: relative weight error about 5%, embedding
     // cosine 0.94-0.96 to base + adapter): the price of a merged int4 model, which the
