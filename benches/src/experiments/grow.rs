@@ -19,14 +19,6 @@ use super::{Ctx, Metrics, Outcome};
 /// A growth to measure, planned on demand.
 type Plan<'a> = Box<dyn Fn() -> reuse_core::Result<Grown> + 'a>;
 
-fn clone(ck: &Checkpoint) -> Checkpoint {
-    let mut c = Checkpoint::new();
-    for (n, t) in ck.iter() {
-        c.insert(n, t.shallow_clone());
-    }
-    c
-}
-
 /// MiniLM grown wider and deeper by each operator: max |diff| of the last hidden state
 /// against the original on random and real token ids, the mean-pooled embedding cosine
 /// on real texts, and the time to plan and apply each growth.
@@ -34,7 +26,8 @@ pub fn minilm_preserve(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let dir = minilm_dir()?;
     let cfg = BertConfig::load(&dir.join("config.json"))?;
     let ck = Checkpoint::load(dir.join("model.safetensors"), Device::Cpu)?;
-    let small = Bert::from_checkpoint(cfg.clone(), &mut clone(&ck), ctx.device, Kind::Float)?;
+    let small =
+        Bert::from_checkpoint(cfg.clone(), &mut ck.shallow_copy(), ctx.device, Kind::Float)?;
     // Real text: the Debian sections' test texts (the growth has no training to choose
     // anything on, so any held-out text serves).
     let splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
@@ -164,7 +157,7 @@ pub fn minilm_preserve(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         let secs = t0.elapsed().as_secs_f64();
         let big = Bert::from_checkpoint(
             g.config.clone(),
-            &mut clone(&grown_ck),
+            &mut grown_ck.shallow_copy(),
             ctx.device,
             Kind::Float,
         )?;

@@ -34,6 +34,21 @@ impl Checkpoint {
         Self::default()
     }
 
+    /// A second checkpoint holding the same tensors (shallow: storage is shared, so the
+    /// copy costs no tensor memory), metadata and source. For loaders that take tensors
+    /// out of a checkpoint while the original is still needed.
+    pub fn shallow_copy(&self) -> Self {
+        Self {
+            tensors: self
+                .tensors
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+            metadata: self.metadata.clone(),
+            source: self.source.clone(),
+        }
+    }
+
     /// Adds or replaces a tensor (stored as given; moved to CPU when saved).
     pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) -> &mut Self {
         self.tensors.insert(name.into(), tensor);

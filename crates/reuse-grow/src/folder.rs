@@ -109,10 +109,15 @@ pub fn grow_folder(
     };
     let grow_seconds = t0.elapsed().as_secs_f64();
 
-    let small = Bert::from_checkpoint(cfg.clone(), &mut ck_clone(&ck), Device::Cpu, Kind::Float)?;
+    let small = Bert::from_checkpoint(
+        cfg.clone(),
+        &mut ck.shallow_copy(),
+        Device::Cpu,
+        Kind::Float,
+    )?;
     let big = Bert::from_checkpoint(
         grown.config.clone(),
-        &mut ck_clone(&new_ck),
+        &mut new_ck.shallow_copy(),
         Device::Cpu,
         Kind::Float,
     )?;
@@ -156,14 +161,6 @@ pub fn grow_folder(
         gated_layers: grown.gated_layers,
         grow_seconds,
     })
-}
-
-fn ck_clone(ck: &Checkpoint) -> Checkpoint {
-    let mut c = Checkpoint::new();
-    for (n, t) in ck.iter() {
-        c.insert(n, t.shallow_clone());
-    }
-    c
 }
 
 /// Sets `word_embedding_dimension` in a module's `config.json` (sentence-transformers'
