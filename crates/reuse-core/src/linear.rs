@@ -36,10 +36,11 @@ pub trait WeightStorage: Send {
 /// Builds the [`WeightStorage`] of the weight `name` (a linear's `<path>.weight`, or an
 /// embedding table) from a checkpoint, taking its tensors out of `ck`, given the
 /// weight's logical shape, the model folder's `quantization_config` (from its
-/// `config.json`), and the device and float dtype the model computes in. `Ok(None)`: this weight is stored dense. Crates that define a storage
-/// register a loader under a `quant_method` ([`register_storage_loader`]); model
-/// loaders look it up by the folder's `quantization_config.quant_method`, as Hugging
-/// Face `transformers` finds a quantizer.
+/// `config.json`), and the device and float dtype the model computes in. `Ok(None)`:
+/// this weight is stored dense. Crates that define a storage register a loader under a
+/// `quant_method` ([`register_storage_loader`]); model loaders look it up by the
+/// folder's `quantization_config.quant_method`, as Hugging Face `transformers` finds a
+/// quantizer.
 pub type StorageLoader = fn(
     name: &str,
     shape: [i64; 2],
