@@ -42,6 +42,9 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    if let Ok(spec) = std::env::var(experiments::quant::QLORA_CHILD) {
+        return experiments::quant::qlora_child(&spec);
+    }
     let args = Args::parse();
     if args.list {
         for e in EXPERIMENTS {

@@ -143,12 +143,12 @@ pub fn digits_mlp(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
 
 /// The eight-section part of the synopses fixture: texts nobody labelled for this task
 /// (the teacher labels them), never in the sections splits.
-fn pool(classes: &[String]) -> Result<Vec<String>> {
+pub(super) fn pool(classes: &[String]) -> Result<Vec<String>> {
     synopses(Some(classes))
 }
 
 /// The synopses fixture's texts, of every section or of `sections` only.
-fn synopses(sections: Option<&[String]>) -> Result<Vec<String>> {
+pub(super) fn synopses(sections: Option<&[String]>) -> Result<Vec<String>> {
     let path = fixtures_dir().join("debian_synopses/synopses.tsv.gz");
     let mut s = String::new();
     flate2::read::GzDecoder::new(
@@ -162,8 +162,8 @@ fn synopses(sections: Option<&[String]>) -> Result<Vec<String>> {
         .collect())
 }
 
-const MAX_LEN: usize = 32;
-const BATCH: usize = 32;
+pub(super) const MAX_LEN: usize = 32;
+pub(super) const BATCH: usize = 32;
 
 /// Debian sections: MiniLM teacher fine-tuned on the train split; students of 2 layers
 /// cut from it (layers 0 and 5, the head copied), trained (a) on hard labels, (b) with KD

@@ -6,7 +6,7 @@ mod core;
 mod distill;
 mod grow;
 mod peft;
-mod quant;
+pub mod quant;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -250,6 +250,23 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: quant::minilm,
         default: true,
         gpu_sized: false,
+        quick: true,
+    },
+    Experiment {
+        id: "quant.qlora",
+        about: "LoRA on int4 MiniLM (GPTQ g64) against LoRA on f32, same budget: test accuracy and peak memory (a process per run); 3 seeds",
+        run: quant::qlora,
+        default: true,
+        gpu_sized: false,
+        quick: true,
+    },
+    Experiment {
+        id: "quant.distill_plus_quant",
+        about: "MiniLM classifier -> 2-layer KD student -> vocabulary trimmed to the synopses -> int4 (GPTQ linears, per-row tables): size against the f32 teacher, accuracy relative to it; 3 seeds",
+        run: quant::distill_plus_quant,
+        default: true,
+        // 17 min on the 2-core CPU (teacher fine-tuning, KD over 7.4k texts, 3 seeds).
+        gpu_sized: true,
         quick: true,
     },
     Experiment {

@@ -21,9 +21,9 @@ use tch::{Kind, Tensor};
 use super::{insert_spread, mean, median, sample_sd, Ctx, Metrics, Outcome};
 
 /// Training budget shared by every method (the grid runs use it too).
-const STEPS: usize = 300;
-const BATCH: usize = 16;
-const MAX_LEN: usize = 32;
+pub(super) const STEPS: usize = 300;
+pub(super) const BATCH: usize = 16;
+pub(super) const MAX_LEN: usize = 32;
 /// Seeds of the reported runs; seed 0 is also the seed of the lr grid.
 const SEEDS: [u64; 3] = [0, 1, 2];
 /// Learning-rate grids, ascending (a tie on dev accuracy goes to the smaller lr): half
@@ -47,7 +47,7 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-fn peak_rss_mb() -> f64 {
+pub(super) fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -61,7 +61,7 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn sections() -> Result<TextSplits> {
+pub(super) fn sections() -> Result<TextSplits> {
     Ok(load_text_splits(
         &fixtures_dir().join("debian_sections/sections.tsv.gz"),
     )?)
@@ -70,7 +70,7 @@ fn sections() -> Result<TextSplits> {
 /// A fresh classifier set up for `method`, its random parts (head, adapters) drawn
 /// from `seed`: everything trains (`full`), the head only (`head`), LoRA r=8 on
 /// query/value plus the head (`lora`), a Pfeiffer adapter plus the head (`pfeiffer`).
-fn classifier(
+pub(super) fn classifier(
     method: &str,
     dir: &std::path::Path,
     ctx: &Ctx,

@@ -275,3 +275,510 @@ fn tempfile_dir(ctx: &Ctx) -> Result<std::path::PathBuf> {
     std::fs::create_dir_all(&d)?;
     Ok(d)
 }
+
+/// Distillation + quantization: the MiniLM classifier (the teacher, fully fine-tuned on
+/// the Debian sections) -> a 2-layer student cut from it and trained with KD from a
+/// top-4 teacher cache (as `distill.minilm_sections`) -> its vocabulary trimmed to the
+/// synopses' tokens -> int4 (GPTQ on the encoder linears, round-to-nearest per row on
+/// the embedding tables, groups of 64 with zero points). Size against the f32 teacher
+/// and test accuracy relative to it, 3 seeds.
+pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    use super::distill::{pool, synopses, BATCH as KD_BATCH, MAX_LEN};
+    use reuse_core::data::BatchSource;
+    use reuse_core::models::sentence::tokenize;
+    use reuse_core::models::{Bert, BertClassifier, TokenizedDataset, Want};
+    use reuse_core::trainer::accuracy;
+    use reuse_core::WeightStorage;
+    use reuse_core::{Model, Schedule, TrainConfig, Trainer};
+    use reuse_distill::cache::{build_cache, CacheConfig, TeacherCache};
+    use reuse_distill::losses::KdConfig;
+    use reuse_distill::student::cut_layers;
+    use reuse_distill::vocab::VocabTrim;
+    use reuse_distill::{dataset_fingerprint, Distiller, Teacher, TeacherSource};
+    use reuse_quant::model::{calibrate, quantize_model, Method};
+    use reuse_quant::QuantizedWeight;
+
+    reuse_quant::register();
+    let dir = minilm_dir()?;
+    let device = ctx.device;
+    let mut splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
+    let mut pool_texts = pool(&splits.classes)?;
+    if ctx.quick {
+        splits.train.texts.truncate(96);
+        splits.train.labels.truncate(96);
+        splits.dev.texts.truncate(64);
+        splits.dev.labels.truncate(64);
+        splits.test.texts.truncate(64);
+        splits.test.labels.truncate(64);
+        pool_texts.truncate(96);
+    }
+    let n_classes = splits.classes.len() as i64;
+    let tok = SentenceEncoder::load(&dir, Device::Cpu, Kind::Float)?.tokenizer;
+    let train = TokenizedDataset::new(&tok, &splits.train, MAX_LEN)?;
+    let dev = TokenizedDataset::new(&tok, &splits.dev, MAX_LEN)?;
+    let test = TokenizedDataset::new(&tok, &splits.test, MAX_LEN)?;
+    let mut with_pool = splits.train.clone();
+    with_pool.texts.extend(pool_texts.iter().cloned());
+    with_pool
+        .labels
+        .extend(std::iter::repeat_n(-100, pool_texts.len()));
+    let train_pool = TokenizedDataset::new(&tok, &with_pool, MAX_LEN)?;
+    let epochs = ctx.size(3, 1);
+    let cfg = |lr: f64, seed: u64, data: &dyn BatchSource| TrainConfig {
+        epochs,
+        batch_size: KD_BATCH,
+        lr,
+        weight_decay: 0.01,
+        schedule: Schedule::Linear {
+            warmup: data.len().div_ceil(KD_BATCH) * epochs / 10,
+        },
+        device,
+        seed,
+        ..Default::default()
+    };
+
+    // The teacher: MiniLM + a linear head, fully fine-tuned (distill.minilm_sections'
+    // recipe), seed 0.
+    bar.set_message("quant.distill_plus_quant teacher");
+    tch::manual_seed(0);
+    let teacher = BertClassifier::new(Bert::load(&dir, device, Kind::Float)?, n_classes);
+    let t_lr = 2e-4;
+    let rt = Trainer::new(cfg(t_lr, 0, &train)).fit(&teacher, &train, None, &mut [])?;
+    let teacher_test = accuracy(&teacher, &test, 64, device)?;
+    super::say(
+        bar,
+        format!("  teacher: test {teacher_test:.4} ({:.0} s)", rt.seconds),
+    );
+    let layers = [0usize, 5];
+    let student_of = |seed: u64| -> Result<BertClassifier> {
+        tch::manual_seed(seed as i64);
+        let mut bert = cut_layers(&teacher.bert, &layers)?;
+        // Mean pooling never reads the pooler: a deployed student does not carry it.
+        bert.pooler = None;
+        let s = BertClassifier::new(bert, n_classes);
+        tch::no_grad(|| {
+            for ((_, mut dst), (_, src)) in s
+                .head
+                .named_parameters()
+                .into_iter()
+                .zip(teacher.head.named_parameters())
+            {
+                dst.copy_(&src);
+            }
+        });
+        Ok(s)
+    };
+
+    // The student lr, chosen on dev at seed 0 with hard labels (as distill.minilm_sections).
+    let mut best = (f64::MIN, 0.0);
+    let mut seen = Vec::new();
+    for lr in [1e-4, 3e-4, 1e-3] {
+        let s = student_of(0)?;
+        Trainer::new(cfg(lr, 0, &train)).fit(&s, &train, None, &mut [])?;
+        let acc = accuracy(&s, &dev, 64, device)?;
+        seen.push(format!("{lr:e}: {acc:.4}"));
+        if acc > best.0 {
+            best = (acc, lr);
+        }
+    }
+    let s_lr = best.1;
+    super::say(bar, format!("  student lr on dev: {}", seen.join(", ")));
+
+    // The teacher's top-4 cache over the labelled set plus the pool.
+    let cache_dir = ctx.report_dir().join("distill-plus-quant-cache");
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    let ccfg = CacheConfig::top_k(4).with_dtype(Kind::Half);
+    build_cache(&teacher, &train_pool, &cache_dir, &ccfg, 128, device)?;
+    let cache = TeacherCache::open(
+        &cache_dir,
+        Some(&teacher.fingerprint()),
+        Some(&dataset_fingerprint(&train_pool)?),
+    )?;
+
+    // The trimmed vocabulary: the tokens of every synopsis in the fixture (none of them
+    // a sections test text) and of the labelled train split.
+    let mut corpus = synopses(None)?;
+    corpus.extend(splits.train.texts.iter().cloned());
+    let plan = VocabTrim::from_texts(&tok, &refs(&corpus))?;
+    let test_trim = TokenizedDataset::new(plan.tokenizer(), &splits.test, MAX_LEN)?;
+    let calib: Vec<String> = splits
+        .train
+        .texts
+        .iter()
+        .take(ctx.size(256, 16))
+        .cloned()
+        .collect();
+    let spec = QuantSpec::int4(64, false);
+    let tmp = tempfile_dir(ctx)?;
+    let file_bytes = |name: &str, ck: &Checkpoint| -> Result<f64> {
+        let p = tmp.join(name);
+        ck.save(&p)?;
+        let n = std::fs::metadata(&p)?.len() as f64;
+        std::fs::remove_file(&p)?;
+        Ok(n)
+    };
+    let state = |m: &BertClassifier| -> Checkpoint {
+        let mut ck = m.bert.state_dict();
+        tch::no_grad(|| {
+            for (n, t) in m.head.named_parameters() {
+                ck.insert(format!("classifier.{n}"), t.detach().copy());
+            }
+        });
+        ck
+    };
+    let teacher_bytes = file_bytes("teacher.safetensors", &state(&teacher))?;
+    let teacher_pooler_bytes = teacher
+        .bert
+        .pooler
+        .as_ref()
+        .map(|p| {
+            p.named_parameters()
+                .iter()
+                .map(|(_, t)| (t.numel() * 4) as f64)
+                .sum::<f64>()
+        })
+        .unwrap_or(0.0);
+
+    let (mut acc_f32, mut acc_trim, mut acc_q) = (vec![], vec![], vec![]);
+    let (mut bytes_f32, mut bytes_trim, mut bytes_q) = (0.0, 0.0, 0.0);
+    for seed in SEEDS {
+        bar.set_message(format!("quant.distill_plus_quant seed {seed}"));
+        let mut s = student_of(seed)?;
+        let mut d = Distiller::new(TeacherSource::Cached(&cache), KdConfig::new(2.0), 0.5)?;
+        let mut tr = Trainer::new(cfg(s_lr, seed, &train_pool));
+        tr.begin_task(0, &s, &train_pool, &mut [&mut d])?;
+        tr.fit(&s, &train_pool, None, &mut [&mut d])?;
+        acc_f32.push(accuracy(&s, &test, 64, device)?);
+        bytes_f32 = file_bytes("student.safetensors", &state(&s))?;
+
+        // Trim, then quantize the trimmed model.
+        plan.apply(&mut s.bert)?;
+        acc_trim.push(accuracy(&s, &test_trim, 64, device)?);
+        bytes_trim = file_bytes("trimmed.safetensors", &state(&s))?;
+        let enc_tok = plan.tokenizer().clone();
+        let select = |p: &str| p.starts_with("encoder.layer.");
+        let hessians = calibrate(&mut s.bert, &select, &mut |bert| {
+            tch::no_grad(|| -> reuse_core::Result<()> {
+                for t in &calib {
+                    let (ids, _, _) = tokenize(&enc_tok, &[t.as_str()])?;
+                    bert.forward(&ids.to_device(device), None, None, false, Want::default())?;
+                }
+                Ok(())
+            })
+        })?;
+        quantize_model(
+            &mut s.bert,
+            spec,
+            &Method::Gptq {
+                hessians: &hessians,
+                options: GptqOptions::default(),
+            },
+            &select,
+        )?;
+        // The embedding tables, per row; the model computes with their dequantized
+        // values, the file stores codes, scales and zero points.
+        let mut ck = state(&s);
+        for (name, table) in [
+            (
+                "embeddings.word_embeddings",
+                s.bert.embeddings.word_embeddings.shallow_clone(),
+            ),
+            (
+                "embeddings.position_embeddings",
+                s.bert.embeddings.position_embeddings.shallow_clone(),
+            ),
+        ] {
+            let q = QuantizedWeight::quantize(&table.to_device(Device::Cpu), spec)?;
+            ck.remove(&format!("{name}.weight"));
+            for (n, t) in q.named_buffers() {
+                ck.insert(format!("{name}.{n}"), t);
+            }
+            let deq = q.dequantize().to_device(device);
+            tch::no_grad(|| table.detach().copy_(&deq));
+        }
+        acc_q.push(accuracy(&s, &test_trim, 64, device)?);
+        bytes_q = file_bytes("int4.safetensors", &ck)?;
+        super::say(
+            bar,
+            format!(
+                "  seed {seed}: student f32 {:.4}, trimmed {:.4}, int4 {:.4} ({:.2} MB)",
+                acc_f32[acc_f32.len() - 1],
+                acc_trim[acc_trim.len() - 1],
+                acc_q[acc_q.len() - 1],
+                bytes_q / 1e6
+            ),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&cache_dir);
+
+    let mut m = Metrics::new();
+    m.insert("teacher.test_accuracy".into(), teacher_test);
+    for (name, v) in [
+        ("student_f32", &acc_f32),
+        ("student_trimmed", &acc_trim),
+        ("student_int4", &acc_q),
+    ] {
+        m.insert(format!("{name}.test_accuracy"), mean(v));
+        m.insert(format!("{name}.test_accuracy_sd"), sample_sd(v));
+        m.insert(format!("{name}_over_teacher"), mean(v) / teacher_test);
+    }
+    m.insert("accuracy_relative".into(), mean(&acc_q) / teacher_test);
+    m.insert("size_mb_teacher".into(), teacher_bytes / 1e6);
+    m.insert("size_mb_student_f32".into(), bytes_f32 / 1e6);
+    m.insert("size_mb_student_trimmed".into(), bytes_trim / 1e6);
+    m.insert("size_mb_student_int4".into(), bytes_q / 1e6);
+    m.insert("size_reduction".into(), 1.0 - bytes_q / teacher_bytes);
+    m.insert(
+        "size_reduction_vs_teacher_without_pooler".into(),
+        1.0 - bytes_q / (teacher_bytes - teacher_pooler_bytes),
+    );
+    // The same pipeline without the trim: the dropped rows at int4's bytes per weight.
+    let hidden = teacher.bert.config.hidden_size;
+    let dropped = (plan.old_size() - plan.len() as i64) * hidden;
+    let untrimmed = bytes_q + dropped as f64 * spec.bits_per_weight(hidden) / 8.0;
+    m.insert("size_mb_student_int4_untrimmed".into(), untrimmed / 1e6);
+    m.insert(
+        "size_reduction_without_trim".into(),
+        1.0 - untrimmed / teacher_bytes,
+    );
+    m.insert("vocab_kept".into(), plan.len() as f64);
+    m.insert("vocab_before".into(), plan.old_size() as f64);
+    m.insert("student_lr".into(), s_lr);
+    m.insert("seeds".into(), SEEDS.len() as f64);
+    let notes = vec![
+        format!(
+            "Teacher: all-MiniLM-L6-v2 + a linear head, fully fine-tuned on the {} train texts of the Debian sections ({epochs} epochs, batch {KD_BATCH}, max length {MAX_LEN}, AdamW lr {t_lr:e}, weight decay 0.01, linear schedule with 10% warm-up), seed 0; its size is its whole f32 state (encoder, unused pooler included, and head) as safetensors.",
+            train.len()
+        ),
+        format!(
+            "Student: embeddings and layers {layers:?} of the fine-tuned teacher, its head copied, the unused pooler dropped; KD (forward KL with T², T = 2, alpha = 0.5) from the teacher's top-4 cache over the train texts plus the {} unlabelled eight-section synopses, as distill.minilm_sections. Student lr chosen on the {} dev texts at seed 0 with hard labels from {{{}}}: {s_lr:e}. Seeds {SEEDS:?}; accuracies on the {} test texts (mean, sample sd).",
+            pool_texts.len(),
+            dev.len(),
+            seen.join(", "),
+            test.len()
+        ),
+        format!(
+            "Vocabulary trimmed (reuse_distill::vocab) to the tokens of the {} synopses of fixtures/debian_synopses plus the train texts, and printable ASCII single characters: {} of {} tokens kept. Test texts are tokenized with the trimmed tokenizer (an unseen word splits into kept pieces), so student_trimmed measures what trimming costs.",
+            corpus.len() - splits.train.texts.len(),
+            plan.len(),
+            plan.old_size()
+        ),
+        format!(
+            "int4: the 12 encoder linears by GPTQ (groups of 64, zero points, calibrated on {} train texts tokenized with the trimmed tokenizer), the word and position tables per row by round-to-nearest at the same settings; LayerNorms, biases, token-type table and head stay f32. Size: the safetensors file of codes, f32 scales, u8 zero points and the f32 rest. size_reduction = 1 - int4 student / teacher; size_reduction_without_trim: the same pipeline with the full table (the dropped rows at int4's bits per weight, scales and zero points included).",
+            calib.len()
+        ),
+    ];
+    Ok(Outcome { metrics: m, notes })
+}
+
+const SEEDS: [u64; 3] = [0, 1, 2];
+
+/// The environment variable that turns `reuse-bench` into one `quant.qlora` training
+/// run (a child process, so each run's peak memory is its own).
+pub const QLORA_CHILD: &str = "REUSE_BENCH_QLORA_CHILD";
+
+/// One QLoRA / LoRA run, as [`qlora`] asks its child process for it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct QloraRun {
+    base: std::path::PathBuf,
+    lr: f64,
+    seed: u64,
+    cuda: bool,
+    quick: bool,
+}
+
+/// What a child run reports on its last stdout line.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct QloraResult {
+    dev_accuracy: f64,
+    test_accuracy: f64,
+    peak_rss_mb: f64,
+    load_rss_mb: f64,
+    step_ms: f64,
+    trainable: usize,
+}
+
+/// The child side: trains `lora` (peft.minilm_sections' LoRA: r=4 on query, value and
+/// both FFN linears, the head trained) on the base folder and prints a [`QloraResult`].
+pub fn qlora_child(spec: &str) -> Result<()> {
+    use reuse_core::models::TokenizedDataset;
+    use reuse_core::trainer::accuracy;
+    use reuse_core::{Schedule, TrainConfig, Trainer};
+
+    reuse_quant::register();
+    let run: QloraRun = serde_json::from_str(spec).context("quant.qlora child spec")?;
+    let device = if run.cuda {
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    };
+    let ctx = Ctx::new(device, run.quick)?;
+    let mut splits = super::peft::sections()?;
+    splits.dev.texts.truncate(ctx.size(usize::MAX, 64));
+    splits.dev.labels.truncate(ctx.size(usize::MAX, 64));
+    splits.test.texts.truncate(ctx.size(usize::MAX, 64));
+    splits.test.labels.truncate(ctx.size(usize::MAX, 64));
+    let tok = SentenceEncoder::load(&run.base, Device::Cpu, Kind::Float)?.tokenizer;
+    let max_len = super::peft::MAX_LEN;
+    let train = TokenizedDataset::new(&tok, &splits.train, max_len)?;
+    let dev = TokenizedDataset::new(&tok, &splits.dev, max_len)?;
+    let test = TokenizedDataset::new(&tok, &splits.test, max_len)?;
+    let steps = ctx.size(super::peft::STEPS, 6);
+    let model = super::peft::classifier(
+        "lora",
+        &run.base,
+        &ctx,
+        splits.classes.len() as i64,
+        run.seed,
+    )?;
+    let load_rss_mb = super::peft::peak_rss_mb();
+    let cfg = TrainConfig {
+        max_steps: Some(steps),
+        batch_size: super::peft::BATCH,
+        lr: run.lr,
+        weight_decay: 0.01,
+        schedule: Schedule::Linear { warmup: steps / 10 },
+        device,
+        seed: run.seed,
+        ..Default::default()
+    };
+    let r = Trainer::new(cfg).fit(&*model, &train, None, &mut [])?;
+    let peak_rss_mb = super::peft::peak_rss_mb();
+    let out = QloraResult {
+        dev_accuracy: accuracy(&*model, &dev, 64, device)?,
+        test_accuracy: accuracy(&*model, &test, 64, device)?,
+        peak_rss_mb,
+        load_rss_mb,
+        step_ms: 1000.0 * r.seconds / r.steps as f64,
+        trainable: model.params().count_trainable(),
+    };
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
+
+/// QLoRA: the same LoRA (r=4 on query, value and both FFN linears, plus the head) trained
+/// on MiniLM's f32 weights and on its int4 weights (GPTQ, groups of 64, zero points),
+/// same steps, batch and lr, seeds 0-2; test accuracy and each run's peak memory (a child
+/// process per run, f32 and int4 alternating).
+pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    reuse_quant::register();
+    let src = minilm_dir()?;
+    let splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
+    let calib: Vec<String> = splits
+        .train
+        .texts
+        .iter()
+        .take(ctx.size(256, 16))
+        .cloned()
+        .collect();
+    let tmp = tempfile_dir(ctx)?;
+    let int4 = tmp.join("qlora-int4");
+    let r = quantize_folder(
+        &src,
+        &int4,
+        &QuantizeFolder {
+            spec: QuantSpec::int4(64, false),
+            calibration: Some(calib.clone()),
+            gptq: GptqOptions::default(),
+            embeddings: false,
+        },
+        true,
+    )?;
+    super::say(bar, format!("quant.qlora: int4 base in {:.1} s", r.seconds));
+    // The lr peft.dev_sweep found best on dev for this LoRA (lora_qv_ffn_r4): both bases
+    // use it, as the QLoRA paper keeps LoRA's hyperparameters.
+    let lr = 3e-3;
+    let exe = std::env::current_exe()?;
+    let mut results: Vec<(&str, Vec<QloraResult>)> = vec![("f32", vec![]), ("int4", vec![])];
+    for seed in SEEDS {
+        for k in 0..2 {
+            // Alternate which base goes first, so drift in the machine hits both alike.
+            let i = (k + seed as usize) % 2;
+            let base = if i == 0 { src.clone() } else { int4.clone() };
+            bar.set_message(format!("quant.qlora {} seed {seed}", results[i].0));
+            let spec = serde_json::to_string(&QloraRun {
+                base,
+                lr,
+                seed,
+                cuda: ctx.device.is_cuda(),
+                quick: ctx.quick,
+            })?;
+            let o = std::process::Command::new(&exe)
+                .env(QLORA_CHILD, spec)
+                .output()
+                .context("starting a quant.qlora child run")?;
+            if !o.status.success() {
+                anyhow::bail!(
+                    "quant.qlora child run ({} seed {seed}) failed: {}",
+                    results[i].0,
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            let stdout = String::from_utf8_lossy(&o.stdout);
+            let last = stdout.lines().last().unwrap_or_default();
+            let res: QloraResult = serde_json::from_str(last)
+                .with_context(|| format!("quant.qlora child output: {stdout}"))?;
+            super::say(
+                bar,
+                format!(
+                    "  {} seed {seed}: test {:.4}, peak RSS {:.0} MB (after load {:.0} MB), {:.0} ms/step",
+                    results[i].0, res.test_accuracy, res.peak_rss_mb, res.load_rss_mb, res.step_ms
+                ),
+            );
+            results[i].1.push(res);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&int4);
+    let mut m = Metrics::new();
+    for (name, rs) in &results {
+        let get = |f: &dyn Fn(&QloraResult) -> f64| rs.iter().map(f).collect::<Vec<_>>();
+        let acc = get(&|r| r.test_accuracy);
+        m.insert(format!("{name}.test_accuracy"), mean(&acc));
+        m.insert(format!("{name}.test_accuracy_sd"), sample_sd(&acc));
+        let dev = get(&|r| r.dev_accuracy);
+        m.insert(format!("{name}.dev_accuracy"), mean(&dev));
+        let peak = get(&|r| r.peak_rss_mb);
+        m.insert(format!("{name}.peak_rss_mb"), mean(&peak));
+        m.insert(format!("{name}.peak_rss_mb_sd"), sample_sd(&peak));
+        let load = get(&|r| r.load_rss_mb);
+        m.insert(format!("{name}.load_rss_mb"), mean(&load));
+        insert_spread(&mut m, &format!("{name}.step_ms"), &get(&|r| r.step_ms));
+        m.insert(format!("{name}.trainable_params"), rs[0].trainable as f64);
+    }
+    let gap: Vec<f64> = results[0]
+        .1
+        .iter()
+        .zip(&results[1].1)
+        .map(|(f, q)| f.test_accuracy - q.test_accuracy)
+        .collect();
+    m.insert("accuracy_gap".into(), mean(&gap));
+    m.insert("accuracy_gap_sd".into(), sample_sd(&gap));
+    let ratio: Vec<f64> = results[0]
+        .1
+        .iter()
+        .zip(&results[1].1)
+        .map(|(f, q)| q.peak_rss_mb / f.peak_rss_mb)
+        .collect();
+    m.insert("peak_memory_ratio".into(), mean(&ratio));
+    m.insert("peak_memory_ratio_sd".into(), sample_sd(&ratio));
+    m.insert("lr".into(), lr);
+    m.insert("int4_file_mb".into(), r.bytes_after as f64 / 1e6);
+    m.insert("f32_file_mb".into(), r.bytes_before as f64 / 1e6);
+    let notes = vec![
+        format!(
+            "LoRA r=4 (alpha 8) on query, value and both FFN linears of all-MiniLM-L6-v2, plus a linear head, trained on the {} train texts of the Debian sections: {} steps, batch {}, max length {}, AdamW lr {lr:e} (the best dev lr for this LoRA in peft.dev_sweep, benches/sweeps/peft_dev_sweep.md; the int4 base reuses it, as the QLoRA paper reuses LoRA's), weight decay 0.01, linear schedule with 10% warm-up. Seeds {SEEDS:?}; accuracies on the test split; accuracy_gap = f32 - int4 per seed.",
+            splits.train.texts.len(),
+            ctx.size(super::peft::STEPS, 6),
+            super::peft::BATCH,
+            super::peft::MAX_LEN
+        ),
+        format!(
+            "Bases: the f32 folder, and the same folder quantized by `reuse quantize`'s code: the 36 encoder linears int4 by GPTQ (groups of 64, zero points, calibrated on {} train texts), the embedding tables f32 ({:.1} MB -> {:.1} MB on disk). Frozen int4 weights are dequantized on every forward.",
+            calib.len(),
+            r.bytes_before as f64 / 1e6,
+            r.bytes_after as f64 / 1e6
+        ),
+        "Memory: each run is its own process (this binary, re-run with one run's settings); peak_rss_mb is its VmHWM after training (process RSS: libtorch, the model, optimizer state, activations), load_rss_mb its VmHWM once the model is built. peak_memory_ratio = int4 / f32 peak, per seed. f32 and int4 runs alternate, first one then the other.".into(),
+    ];
+    Ok(Outcome { metrics: m, notes })
+}

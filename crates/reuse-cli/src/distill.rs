@@ -32,6 +32,29 @@ pub enum Command {
     /// A smaller sentence-embedding model: cut layers from the teacher, train them to give
     /// its embeddings on unlabeled text, write a sentence-transformers folder.
     Embed(Box<crate::distill_embed::Args>),
+    /// Trim a model's vocabulary to the tokens of a corpus: the word-embedding table
+    /// keeps only their rows and tokenizer.json / vocab.txt are renumbered. Text made of
+    /// the corpus's words tokenizes and embeds exactly as before; the folder loads in
+    /// transformers and sentence-transformers. Trim before `reuse quantize`.
+    TrimVocab(TrimArgs),
+}
+
+/// Arguments of `reuse distill trim-vocab`.
+#[derive(clap::Args)]
+pub struct TrimArgs {
+    /// A BERT model folder (f32, not quantized) with a WordPiece tokenizer.json.
+    #[arg(long)]
+    model: PathBuf,
+    /// The corpus whose tokens are kept: one text per line, or a .tsv / .tsv.gz whose
+    /// last column is the text.
+    #[arg(long)]
+    texts: PathBuf,
+    /// Output model folder (must not exist, or be empty, unless --overwrite).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace a non-empty --out.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 /// Arguments of `reuse distill cache`.
@@ -103,7 +126,25 @@ pub fn run(c: Command) -> Result<()> {
     match c {
         Command::Cache(a) => cache(*a),
         Command::Embed(a) => crate::distill_embed::run(*a),
+        Command::TrimVocab(a) => trim_vocab(a),
     }
+}
+
+fn trim_vocab(a: TrimArgs) -> Result<()> {
+    let texts = crate::distill_embed::read_texts(&a.texts)?;
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let r = reuse_distill::vocab::trim_vocab_folder(&a.model, &refs, &a.out, a.overwrite)
+        .with_context(|| format!("cannot trim the vocabulary of {}", a.model.display()))?;
+    println!(
+        "kept {} of {} tokens ({} texts); model.safetensors {:.1} MB -> {:.1} MB; wrote {}",
+        r.vocab_after,
+        r.vocab_before,
+        texts.len(),
+        r.bytes_before as f64 / 1e6,
+        r.bytes_after as f64 / 1e6,
+        a.out.display()
+    );
+    Ok(())
 }
 
 /// A LoRA classifier, the data tokenized with its tokenizer, and its class names when

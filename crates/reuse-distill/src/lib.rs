@@ -14,6 +14,8 @@
 //! - [`student`]: students cut from their teacher (embeddings plus chosen layers), saved
 //!   as model folders Hugging Face loads; [`embed`]: a smaller sentence-embedding model
 //!   trained to match its teacher's embeddings.
+//! - [`vocab`]: vocabulary trimming, the embedding table cut to the tokens a domain's
+//!   text uses (most of a small student's bytes are that table).
 //!
 //! The losses are plain functions for users' own loops; the technique composes them
 //! inside [`reuse_core::Trainer`].
@@ -49,6 +51,7 @@ pub mod features;
 pub mod losses;
 pub mod student;
 pub mod teacher;
+pub mod vocab;
 
 pub use cache::{
     build_cache, build_cache_with_progress, CacheConfig, CacheManifest, CacheSpec, CachedOutputs,

@@ -2,6 +2,7 @@
 //! [`WeightStorage`] that core's `Linear` holds in place of a dense weight.
 
 use std::any::Any;
+use std::ffi::{c_char, c_void};
 use std::sync::Mutex;
 
 use reuse_core::{Error, Result, WeightStorage};
@@ -287,9 +288,73 @@ fn expect(what: &str, suffix: &str, t: &Tensor, kind: Kind, shape: &[i64]) -> Re
     Ok(())
 }
 
+extern "C" {
+    /// `x W^T` by the autograd function of `cpp/dequant_matmul.cpp`: W rebuilt from
+    /// the codes in forward and again in backward, never saved. Returns a new
+    /// `at::Tensor*`, or null with a message in `err`.
+    fn reuse_quant_dequant_matmul(
+        x: *const c_void,
+        q: *const c_void,
+        scale: *const c_void,
+        zero: *const c_void,
+        bits: i64,
+        out: i64,
+        inp: i64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut c_void;
+}
+
+impl QuantizedWeight {
+    /// `x W^T` through the C++ autograd function, which keeps only the codes for
+    /// backward (the gradient of `x` is `dy W`, W dequantized again).
+    fn matmul_recomputed(&self, x: &Tensor) -> Tensor {
+        let zero = self.zero_f32();
+        let [out, inp] = self.shape;
+        let mut err = [0 as c_char; 512];
+        // SAFETY: the four pointers are live `at::Tensor`s owned by tensors that outlive
+        // the call; the function catches every C++ exception and returns either null or a
+        // new heap `at::Tensor`, whose ownership `from_ptr` takes.
+        unsafe {
+            let p = reuse_quant_dequant_matmul(
+                x.as_ptr() as *const c_void,
+                self.qweight.as_ptr() as *const c_void,
+                self.scale.as_ptr() as *const c_void,
+                zero.as_ptr() as *const c_void,
+                self.spec.bits as i64,
+                out,
+                inp,
+                err.as_mut_ptr(),
+                err.len(),
+            );
+            if p.is_null() {
+                let msg = std::ffi::CStr::from_ptr(err.as_ptr()).to_string_lossy();
+                panic!(
+                    "quantized matmul of x {:?} by W {:?}: {msg}",
+                    x.size(),
+                    self.shape
+                );
+            }
+            Tensor::from_ptr(p as *mut _)
+        }
+    }
+}
+
 impl WeightStorage for QuantizedWeight {
     fn shape(&self) -> [i64; 2] {
         self.shape
+    }
+
+    /// Without a cache, when `x` needs a gradient (a frozen quantized base under
+    /// trainable adapters: QLoRA), the dense weight is rebuilt in backward instead of
+    /// being kept from forward to backward, so training holds no dense copy of the
+    /// weights. Otherwise: dequantize (or read the cache) and multiply.
+    fn matmul(&self, x: &Tensor) -> Tensor {
+        if self.cache.is_none() && x.requires_grad() {
+            self.matmul_recomputed(x)
+        } else {
+            x.matmul(&self.dequantize().tr())
+        }
     }
 
     fn dequantize(&self) -> Tensor {
