@@ -112,7 +112,7 @@ pub(super) fn classifier(
 /// - `lora_attn_r8`: r=8 on query, key, value and the attention output;
 /// - `lora_all_r4`: r=4 on every linear of the encoder (attention and FFN);
 /// - `lora_qv_ffn_r4`: r=4 on query, value and both FFN linears.
-fn lora_config(method: &str) -> Result<LoraConfig> {
+pub(super) fn lora_config(method: &str) -> Result<LoraConfig> {
     Ok(match method {
         "lora_qv_r8" => LoraConfig::new(8, 16.0, &["query", "value"]),
         "lora_attn_r8" => LoraConfig::new(

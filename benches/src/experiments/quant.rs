@@ -374,8 +374,18 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let mut seen = Vec::new();
     for lr in [1e-4, 3e-4, 1e-3] {
         let s = student_of(0)?;
-        Trainer::new(cfg(lr, 0, &train)).fit(&s, &train, None, &mut [])?;
+        let init = accuracy(&s, &dev, 64, device)?;
+        let r = Trainer::new(cfg(lr, 0, &train)).fit(&s, &train, None, &mut [])?;
         let acc = accuracy(&s, &dev, 64, device)?;
+        let tail = &r.losses[r.losses.len().saturating_sub(20)..];
+        super::say(
+            bar,
+            format!(
+                "  student lr {lr:e}: dev {init:.4} at the cut, {acc:.4} after {} steps (mean loss of the last 20: {:.4})",
+                r.steps,
+                mean(tail)
+            ),
+        );
         seen.push(format!("{lr:e}: {acc:.4}"));
         if acc > best.0 {
             best = (acc, lr);
@@ -409,6 +419,10 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         .cloned()
         .collect();
     let spec = QuantSpec::int4(64, false);
+    // The embedding tables per row, as the issue asks ("per row"): one scale and zero
+    // point for each token's whole vector.
+    let hidden = teacher.bert.config.hidden_size;
+    let table_spec = QuantSpec::int4(hidden, false);
     let tmp = tempfile_dir(ctx)?;
     let file_bytes = |name: &str, ck: &Checkpoint| -> Result<f64> {
         let p = tmp.join(name);
@@ -488,7 +502,7 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                 s.bert.embeddings.position_embeddings.shallow_clone(),
             ),
         ] {
-            let q = QuantizedWeight::quantize(&table.to_device(Device::Cpu), spec)?;
+            let q = QuantizedWeight::quantize(&table.to_device(Device::Cpu), table_spec)?;
             ck.remove(&format!("{name}.weight"));
             for (n, t) in q.named_buffers() {
                 ck.insert(format!("{name}.{n}"), t);
@@ -533,9 +547,8 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         1.0 - bytes_q / (teacher_bytes - teacher_pooler_bytes),
     );
     // The same pipeline without the trim: the dropped rows at int4's bytes per weight.
-    let hidden = teacher.bert.config.hidden_size;
     let dropped = (plan.old_size() - plan.len() as i64) * hidden;
-    let untrimmed = bytes_q + dropped as f64 * spec.bits_per_weight(hidden) / 8.0;
+    let untrimmed = bytes_q + dropped as f64 * table_spec.bits_per_weight(hidden) / 8.0;
     m.insert("size_mb_student_int4_untrimmed".into(), untrimmed / 1e6);
     m.insert(
         "size_reduction_without_trim".into(),
@@ -564,7 +577,7 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             plan.old_size()
         ),
         format!(
-            "int4: the 12 encoder linears by GPTQ (groups of 64, zero points, calibrated on {} train texts tokenized with the trimmed tokenizer), the word and position tables per row by round-to-nearest at the same settings; LayerNorms, biases, token-type table and head stay f32. Size: the safetensors file of codes, f32 scales, u8 zero points and the f32 rest. size_reduction = 1 - int4 student / teacher; size_reduction_without_trim: the same pipeline with the full table (the dropped rows at int4's bits per weight, scales and zero points included).",
+            "int4: the 12 encoder linears by GPTQ (groups of 64, zero points, calibrated on {} train texts tokenized with the trimmed tokenizer), the word and position tables by round-to-nearest, one group per row (a scale and a zero point per token vector); LayerNorms, biases, token-type table and head stay f32. Size: the safetensors file of codes, f32 scales, u8 zero points and the f32 rest. size_reduction = 1 - int4 student / teacher; size_reduction_without_trim: the same pipeline with the full table (the dropped rows at int4's bits per weight, scales and zero points included).",
             calib.len()
         ),
     ];
@@ -585,6 +598,9 @@ struct QloraRun {
     seed: u64,
     cuda: bool,
     quick: bool,
+    /// After training, merge the adapter and quantize the fine-tuned classifier (int8
+    /// round-to-nearest, int4 GPTQ) to measure its test accuracy after quantization.
+    quantize_after: bool,
 }
 
 /// What a child run reports on its last stdout line.
@@ -596,14 +612,20 @@ struct QloraResult {
     load_rss_mb: f64,
     step_ms: f64,
     trainable: usize,
+    /// Test accuracy of the merged classifier quantized to int8 / int4, when asked.
+    test_accuracy_int8: Option<f64>,
+    test_accuracy_int4: Option<f64>,
 }
 
 /// The child side: trains `lora` (peft.minilm_sections' LoRA: r=4 on query, value and
 /// both FFN linears, the head trained) on the base folder and prints a [`QloraResult`].
 pub fn qlora_child(spec: &str) -> Result<()> {
-    use reuse_core::models::TokenizedDataset;
+    use reuse_core::models::sentence::tokenize;
+    use reuse_core::models::{Bert, BertClassifier, TokenizedDataset, Want};
     use reuse_core::trainer::accuracy;
-    use reuse_core::{Schedule, TrainConfig, Trainer};
+    use reuse_core::{Model, Schedule, TrainConfig, Trainer};
+    use reuse_peft::LoraModel;
+    use reuse_quant::model::{calibrate, quantize_model, Method};
 
     reuse_quant::register();
     let run: QloraRun = serde_json::from_str(spec).context("quant.qlora child spec")?;
@@ -624,13 +646,15 @@ pub fn qlora_child(spec: &str) -> Result<()> {
     let dev = TokenizedDataset::new(&tok, &splits.dev, max_len)?;
     let test = TokenizedDataset::new(&tok, &splits.test, max_len)?;
     let steps = ctx.size(super::peft::STEPS, 6);
-    let model = super::peft::classifier(
-        "lora",
-        &run.base,
-        &ctx,
-        splits.classes.len() as i64,
-        run.seed,
-    )?;
+    let n_classes = splits.classes.len() as i64;
+    tch::manual_seed(run.seed as i64);
+    let mut model = LoraModel::new(BertClassifier::new(
+        Bert::load(&run.base, device, Kind::Float)?,
+        n_classes,
+    ));
+    let mut lcfg = super::peft::lora_config("lora")?;
+    lcfg.modules_to_save = Some(vec!["classifier".into()]);
+    model.add_adapter("default", lcfg)?;
     let load_rss_mb = super::peft::peak_rss_mb();
     let cfg = TrainConfig {
         max_steps: Some(steps),
@@ -642,16 +666,73 @@ pub fn qlora_child(spec: &str) -> Result<()> {
         seed: run.seed,
         ..Default::default()
     };
-    let r = Trainer::new(cfg).fit(&*model, &train, None, &mut [])?;
+    let r = Trainer::new(cfg).fit(&model, &train, None, &mut [])?;
     let peak_rss_mb = super::peft::peak_rss_mb();
-    let out = QloraResult {
-        dev_accuracy: accuracy(&*model, &dev, 64, device)?,
-        test_accuracy: accuracy(&*model, &test, 64, device)?,
+    let mut out = QloraResult {
+        dev_accuracy: accuracy(&model, &dev, 64, device)?,
+        test_accuracy: accuracy(&model, &test, 64, device)?,
         peak_rss_mb,
         load_rss_mb,
         step_ms: 1000.0 * r.seconds / r.steps as f64,
         trainable: model.params().count_trainable(),
+        test_accuracy_int8: None,
+        test_accuracy_int4: None,
     };
+    if run.quantize_after {
+        // The fine-tuned classifier (adapter merged) quantized as a deployment would.
+        let merged = model.merge_and_unload()?;
+        let bert_cfg = merged.bert.config.clone();
+        let state = merged.bert.state_dict();
+        let head = merged.head;
+        let fresh = || -> Result<BertClassifier> {
+            let mut ck = state.shallow_copy();
+            let bert = Bert::from_checkpoint(bert_cfg.clone(), &mut ck, device, Kind::Float)?;
+            let c = BertClassifier::new(bert, n_classes);
+            tch::no_grad(|| {
+                for ((_, mut dst), (_, src)) in c
+                    .head
+                    .named_parameters()
+                    .into_iter()
+                    .zip(head.named_parameters())
+                {
+                    dst.copy_(&src);
+                }
+            });
+            Ok(c)
+        };
+        let select = |p: &str| p.starts_with("encoder.layer.");
+        let mut m8 = fresh()?;
+        quantize_model(&mut m8, QuantSpec::int8(), &Method::Rtn, &select)?;
+        out.test_accuracy_int8 = Some(accuracy(&m8, &test, 64, device)?);
+        drop(m8);
+        let mut m4 = fresh()?;
+        let calib: Vec<&str> = splits
+            .train
+            .texts
+            .iter()
+            .take(ctx.size(256, 16))
+            .map(String::as_str)
+            .collect();
+        let hessians = calibrate(&mut m4.bert, &select, &mut |bert| {
+            tch::no_grad(|| -> reuse_core::Result<()> {
+                for t in &calib {
+                    let (ids, _, _) = tokenize(&tok, &[t])?;
+                    bert.forward(&ids.to_device(device), None, None, false, Want::default())?;
+                }
+                Ok(())
+            })
+        })?;
+        quantize_model(
+            &mut m4.bert,
+            QuantSpec::int4(64, false),
+            &Method::Gptq {
+                hessians: &hessians,
+                options: GptqOptions::default(),
+            },
+            &select,
+        )?;
+        out.test_accuracy_int4 = Some(accuracy(&m4, &test, 64, device)?);
+    }
     println!("{}", serde_json::to_string(&out)?);
     Ok(())
 }
@@ -702,6 +783,7 @@ pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                 seed,
                 cuda: ctx.device.is_cuda(),
                 quick: ctx.quick,
+                quantize_after: i == 0,
             })?;
             let o = std::process::Command::new(&exe)
                 .env(QLORA_CHILD, spec)
@@ -759,6 +841,27 @@ pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         .zip(&results[1].1)
         .map(|(f, q)| q.peak_rss_mb / f.peak_rss_mb)
         .collect();
+    // The fine-tuned classifier (f32 LoRA, merged) before and after quantization.
+    for (bits, get) in [
+        (
+            "int8",
+            (|r: &QloraResult| r.test_accuracy_int8) as fn(&QloraResult) -> Option<f64>,
+        ),
+        ("int4", |r: &QloraResult| r.test_accuracy_int4),
+    ] {
+        let drops: Vec<f64> = results[0]
+            .1
+            .iter()
+            .filter_map(|r| get(r).map(|q| r.test_accuracy - q))
+            .collect();
+        let accs: Vec<f64> = results[0].1.iter().filter_map(get).collect();
+        m.insert(format!("classifier.test_accuracy_{bits}"), mean(&accs));
+        m.insert(format!("classifier.accuracy_drop_{bits}"), mean(&drops));
+        m.insert(
+            format!("classifier.accuracy_drop_{bits}_sd"),
+            sample_sd(&drops),
+        );
+    }
     m.insert("peak_memory_ratio".into(), mean(&ratio));
     m.insert("peak_memory_ratio_sd".into(), sample_sd(&ratio));
     m.insert("lr".into(), lr);
@@ -778,6 +881,7 @@ pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             r.bytes_before as f64 / 1e6,
             r.bytes_after as f64 / 1e6
         ),
+        "classifier.*: each f32 run's fine-tuned classifier, its adapter merged into the encoder, then quantized as a deployment would: int8 per channel by round-to-nearest, and int4 by GPTQ (groups of 64, zero points, the first 256 train texts as calibration); accuracy_drop_* = the merged f32 classifier's test accuracy - the quantized one's, per seed (mean, sample sd). Measured after the run's peak memory was read.".into(),
         "Memory: each run is its own process (this binary, re-run with one run's settings); peak_rss_mb is its VmHWM after training (process RSS: libtorch, the model, optimizer state, activations), load_rss_mb its VmHWM once the model is built. peak_memory_ratio = int4 / f32 peak, per seed. f32 and int4 runs alternate, first one then the other.".into(),
     ];
     Ok(Outcome { metrics: m, notes })

@@ -13,26 +13,48 @@
 
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// One f32 buffer per thread and device, reused by every call: weights are rebuilt one at
+// a time, and each is dead once its matmul has been issued (the function never saves
+// it; on CUDA the next rebuild is ordered after that matmul on the same stream), so a
+// training step allocates no weight-sized buffer per call and the heap does not
+// fragment. The buffers are never freed (no destructor runs after libtorch's own
+// teardown at exit).
+at::Tensor scratch(int64_t n, const at::Device& device) {
+  thread_local auto* bufs = new std::vector<at::Tensor>();
+  for (auto& b : *bufs) {
+    if (b.device() == device) {
+      if (b.numel() < n) {
+        b = at::empty({n}, b.options());
+      }
+      return b.narrow(0, 0, n);
+    }
+  }
+  bufs->push_back(at::empty({n}, at::TensorOptions().dtype(at::kFloat).device(device)));
+  return bufs->back().narrow(0, 0, n);
+}
+
 at::Tensor build(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
                  int64_t bits, int64_t out, int64_t in, at::ScalarType kind) {
-  at::Tensor codes;
+  at::Tensor codes = scratch(out * in, q.device());
   if (bits == 8) {
-    codes = q.to(at::kFloat);
+    codes = codes.view({out, in});
+    codes.copy_(q);
   } else {
-    codes = at::empty({out, in / 2, 2}, q.options().dtype(at::kFloat));
+    codes = codes.view({out, in / 2, 2});
     codes.select(2, 0).copy_(q.bitwise_and(15));
     codes.select(2, 1).copy_(q.bitwise_right_shift(4));
     codes = codes.view({out, in});
   }
   const int64_t groups = scale.size(1);
   codes = codes.view({out, groups, in / groups});
-  // In place: one dense f32 buffer per call, so training allocates as little as it can.
+  // In place, in the scratch buffer.
   codes.sub_(zero.unsqueeze(2)).mul_(scale.unsqueeze(2));
   return codes.view({out, in}).to(kind);
 }
