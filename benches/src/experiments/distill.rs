@@ -232,19 +232,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let layers = [0usize, 5];
     let student_of = |seed: u64| -> Result<BertClassifier> {
         tch::manual_seed(seed as i64);
-        let s = BertClassifier::new(cut_layers(&teacher.bert, &layers)?, n_classes);
-        // The head starts as the teacher's (DistilBERT copies what it can).
-        tch::no_grad(|| {
-            for ((_, mut dst), (_, src)) in s
-                .head
-                .named_parameters()
-                .into_iter()
-                .zip(teacher.head.named_parameters())
-            {
-                dst.copy_(&src);
-            }
-        });
-        Ok(s)
+        with_teachers_head(cut_layers(&teacher.bert, &layers)?, &teacher)
     };
 
     // The students' lr: chosen on dev at seed 0 with hard labels; KD reuses it.
@@ -436,6 +424,23 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             ),
         ],
     })
+}
+
+/// A classifier on `bert` (a student cut from `teacher`) whose head starts as the
+/// teacher's (DistilBERT copies what it can).
+pub(super) fn with_teachers_head(bert: Bert, teacher: &BertClassifier) -> Result<BertClassifier> {
+    let s = BertClassifier::new(bert, teacher.head.classifier.out_features());
+    tch::no_grad(|| {
+        for ((_, mut dst), (_, src)) in s
+            .head
+            .named_parameters()
+            .into_iter()
+            .zip(teacher.head.named_parameters())
+        {
+            dst.copy_(&src);
+        }
+    });
+    Ok(s)
 }
 
 /// Every synopsis of the fixture (the embedding-distillation text).

@@ -355,18 +355,7 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         let mut bert = cut_layers(&teacher.bert, &layers)?;
         // Mean pooling never reads the pooler: a deployed student does not carry it.
         bert.pooler = None;
-        let s = BertClassifier::new(bert, n_classes);
-        tch::no_grad(|| {
-            for ((_, mut dst), (_, src)) in s
-                .head
-                .named_parameters()
-                .into_iter()
-                .zip(teacher.head.named_parameters())
-            {
-                dst.copy_(&src);
-            }
-        });
-        Ok(s)
+        super::distill::with_teachers_head(bert, &teacher)
     };
 
     // The student lr, chosen on dev at seed 0 with hard labels (as distill.minilm_sections).
