@@ -147,6 +147,23 @@ pub(super) fn pool(classes: &[String]) -> Result<Vec<String>> {
     synopses(Some(classes))
 }
 
+/// The Debian sections splits and the unlabelled eight-section pool (cut to a few
+/// dozen texts each in quick mode).
+pub(super) fn sections_and_pool(ctx: &Ctx) -> Result<(reuse_core::data::TextSplits, Vec<String>)> {
+    let mut splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
+    let mut pool_texts = pool(&splits.classes)?;
+    if ctx.quick {
+        splits.train.texts.truncate(96);
+        splits.train.labels.truncate(96);
+        splits.test.texts.truncate(64);
+        splits.test.labels.truncate(64);
+        splits.dev.texts.truncate(64);
+        splits.dev.labels.truncate(64);
+        pool_texts.truncate(96);
+    }
+    Ok((splits, pool_texts))
+}
+
 /// The synopses fixture's texts, of every section or of `sections` only.
 pub(super) fn synopses(sections: Option<&[String]>) -> Result<Vec<String>> {
     let path = fixtures_dir().join("debian_synopses/synopses.tsv.gz");
@@ -171,17 +188,7 @@ pub(super) const BATCH: usize = 32;
 /// synopses, (c) as (b) from a top-4 cache.
 pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let dir = minilm_dir()?;
-    let mut splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
-    let mut pool_texts = pool(&splits.classes)?;
-    if ctx.quick {
-        splits.train.texts.truncate(96);
-        splits.train.labels.truncate(96);
-        splits.test.texts.truncate(64);
-        splits.test.labels.truncate(64);
-        splits.dev.texts.truncate(64);
-        splits.dev.labels.truncate(64);
-        pool_texts.truncate(96);
-    }
+    let (splits, pool_texts) = sections_and_pool(ctx)?;
     let n_classes = splits.classes.len() as i64;
     let enc = SentenceEncoder::load(&dir, ctx.device, Kind::Float)?;
     let tok = enc.tokenizer.clone();

@@ -269,6 +269,11 @@ pub fn minilm(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     Ok(Outcome { metrics: m, notes })
 }
 
+/// GPTQ's calibration texts: the first 256 training texts (16 in quick mode).
+fn calibration_texts(ctx: &Ctx, train: &[String]) -> Vec<String> {
+    train.iter().take(ctx.size(256, 16)).cloned().collect()
+}
+
 /// A scratch folder under the report folder for the quantized variants.
 fn tempfile_dir(ctx: &Ctx) -> Result<std::path::PathBuf> {
     let d = ctx.report_dir().join("quant-minilm");
@@ -283,7 +288,7 @@ fn tempfile_dir(ctx: &Ctx) -> Result<std::path::PathBuf> {
 /// the embedding tables, groups of 64 with zero points). Size against the f32 teacher
 /// and test accuracy relative to it, 3 seeds.
 pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
-    use super::distill::{pool, synopses, BATCH as KD_BATCH, MAX_LEN};
+    use super::distill::{sections_and_pool, synopses, BATCH as KD_BATCH, MAX_LEN};
     use reuse_core::data::BatchSource;
     use reuse_core::models::sentence::tokenize;
     use reuse_core::models::{Bert, BertClassifier, TokenizedDataset, Want};
@@ -301,17 +306,7 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     reuse_quant::register();
     let dir = minilm_dir()?;
     let device = ctx.device;
-    let mut splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
-    let mut pool_texts = pool(&splits.classes)?;
-    if ctx.quick {
-        splits.train.texts.truncate(96);
-        splits.train.labels.truncate(96);
-        splits.dev.texts.truncate(64);
-        splits.dev.labels.truncate(64);
-        splits.test.texts.truncate(64);
-        splits.test.labels.truncate(64);
-        pool_texts.truncate(96);
-    }
+    let (splits, pool_texts) = sections_and_pool(ctx)?;
     let n_classes = splits.classes.len() as i64;
     let tok = SentenceEncoder::load(&dir, Device::Cpu, Kind::Float)?.tokenizer;
     let train = TokenizedDataset::new(&tok, &splits.train, MAX_LEN)?;
@@ -400,13 +395,7 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     corpus.extend(splits.train.texts.iter().cloned());
     let plan = VocabTrim::from_texts(&tok, &refs(&corpus))?;
     let test_trim = TokenizedDataset::new(plan.tokenizer(), &splits.test, MAX_LEN)?;
-    let calib: Vec<String> = splits
-        .train
-        .texts
-        .iter()
-        .take(ctx.size(256, 16))
-        .cloned()
-        .collect();
+    let calib = calibration_texts(ctx, &splits.train.texts);
     let spec = QuantSpec::int4(64, false);
     // The embedding tables per row, as the issue asks ("per row"): one scale and zero
     // point for each token's whole vector.
@@ -695,17 +684,11 @@ pub fn qlora_child(spec: &str) -> Result<()> {
         out.test_accuracy_int8 = Some(accuracy(&m8, &test, 64, device)?);
         drop(m8);
         let mut m4 = fresh()?;
-        let calib: Vec<&str> = splits
-            .train
-            .texts
-            .iter()
-            .take(ctx.size(256, 16))
-            .map(String::as_str)
-            .collect();
+        let calib = calibration_texts(&ctx, &splits.train.texts);
         let hessians = calibrate(&mut m4.bert, &select, &mut |bert| {
             tch::no_grad(|| -> reuse_core::Result<()> {
                 for t in &calib {
-                    let (ids, _, _) = tokenize(&tok, &[t])?;
+                    let (ids, _, _) = tokenize(&tok, &[t.as_str()])?;
                     bert.forward(&ids.to_device(device), None, None, false, Want::default())?;
                 }
                 Ok(())
@@ -734,13 +717,7 @@ pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     reuse_quant::register();
     let src = minilm_dir()?;
     let splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
-    let calib: Vec<String> = splits
-        .train
-        .texts
-        .iter()
-        .take(ctx.size(256, 16))
-        .cloned()
-        .collect();
+    let calib = calibration_texts(ctx, &splits.train.texts);
     let tmp = tempfile_dir(ctx)?;
     let int4 = tmp.join("qlora-int4");
     let r = quantize_folder(
