@@ -142,6 +142,12 @@ pub trait Technique {
     fn begin_task(&mut self, _ctx: &TaskContext<'_>) -> Result<()> {
         Ok(())
     }
+    /// Work at the start of every [`Trainer::fit`] (and of a resumed one), before the
+    /// first step, with every parameter of the model: data parallelism makes every
+    /// process start from rank 0's values here.
+    fn begin_fit(&mut self, _params: &Params, _ctx: &StepContext) -> Result<()> {
+        Ok(())
+    }
     /// Rewrites a batch before the forward pass (replay mixes stored examples in).
     fn rewrite_batch(&mut self, batch: Batch, _ctx: &StepContext) -> Result<Batch> {
         Ok(batch)
@@ -163,6 +169,18 @@ pub trait Technique {
     /// Edits gradients after backward, before clipping and the optimizer step (masks).
     fn after_backward(&mut self, _params: &Params, _ctx: &StepContext) -> Result<()> {
         Ok(())
+    }
+    /// The loss of an optimizer step as the run reports it (0-d, on the device), called
+    /// after the optimizer update: data parallelism replaces this process's loss by the
+    /// loss over every process's examples. Default: unchanged.
+    fn reduce_step_loss(&mut self, loss: Tensor, _ctx: &StepContext) -> Result<Tensor> {
+        Ok(loss)
+    }
+    /// Whether this process writes the run file ([`TrainConfig::run_state`]); the trainer
+    /// writes it only when every technique agrees. Data parallelism lets rank 0 alone
+    /// write, and every rank reads it on [`Trainer::resume`]. Default: true.
+    fn writes_run_state(&self) -> bool {
+        true
     }
     /// Runs after the optimizer update (re-zero pruned weights, EMA, counters).
     fn after_step(&mut self, _params: &Params, _ctx: &StepContext) -> Result<()> {
@@ -457,6 +475,18 @@ impl Trainer {
         } else {
             ProgressBar::hidden()
         };
+        let begin = StepContext {
+            step: pos.step,
+            total_steps: total,
+            micro: 0,
+            epoch: pos.epoch,
+            task: self.task,
+            lr: c.lr * c.schedule.factor(pos.step, total),
+            device: c.device,
+        };
+        for t in techniques.iter_mut() {
+            t.begin_fit(&params, &begin)?;
+        }
         let start = Instant::now();
         let mut examples = 0usize;
         let mut micro = 0usize;
@@ -537,7 +567,10 @@ impl Trainer {
                 }
                 trainable.zero_grad();
                 pos.step += 1;
-                if let Some(s) = step_loss.take() {
+                if let Some(mut s) = step_loss.take() {
+                    for t in techniques.iter_mut() {
+                        s = t.reduce_step_loss(s, &ctx)?;
+                    }
                     pending.push(s);
                 }
                 if pos.step % c.log_every == 0 || pos.step == total {
@@ -595,6 +628,9 @@ impl Trainer {
         total: usize,
         report: &TrainReport,
     ) -> Result<()> {
+        if techniques.iter().any(|t| !t.writes_run_state()) {
+            return Ok(());
+        }
         let c = &self.config;
         let mut ck = Checkpoint::new();
         let params = match rs.params {

@@ -1,0 +1,2 @@
+// Declarations only (see gloo/algorithm.h).
+#pragma once
