@@ -7,11 +7,11 @@ use reuse_core::data::labelled::load_labelled;
 use reuse_core::data::majority_baseline;
 use reuse_core::models::{Bert, BertClassifier, SentenceEncoder, TokenizedDataset};
 use reuse_core::trainer::accuracy;
-use reuse_core::trainer::{RunStateConfig, SaveParams};
+use reuse_core::trainer::{RunStateConfig, SaveParams, Technique};
 use reuse_core::{Model, Schedule, TrainConfig, Trainer};
 use reuse_peft::config::TargetModules;
 use reuse_peft::{LoraConfig, LoraModel};
-use tch::Kind;
+use tch::{Device, Kind};
 
 use crate::embed::parse_device;
 
@@ -85,7 +85,8 @@ pub struct TrainArgs {
     /// Peak learning rate (linear warmup 10% then linear decay).
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
-    /// Batch size.
+    /// Batch size. Under torchrun or `reuse launch` this is the global batch, split
+    /// among the processes, so N processes train the adapter one process trains.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
     /// Longest token sequence kept.
@@ -201,7 +202,16 @@ fn merge(a: MergeArgs) -> Result<()> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    let device = parse_device(a.device.as_deref())?;
+    // Launched as one rank of several (torchrun, `reuse launch`): join the group, train
+    // on this rank's share of each batch, and let rank 0 alone write.
+    let group = reuse_dist::ProcessGroup::from_env()
+        .context("joining the process group (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")?
+        .map(std::sync::Arc::new);
+    let main_rank = group.as_ref().is_none_or(|g| g.is_main());
+    let mut device = parse_device(a.device.as_deref())?;
+    if let (Some(g), Device::Cuda(_)) = (&group, device) {
+        device = Device::Cuda(g.config().local_rank);
+    }
     let data = if a.data.is_dir() {
         a.data.join("sections.tsv.gz")
     } else {
@@ -239,7 +249,7 @@ fn train(a: TrainArgs) -> Result<()> {
         every: a.save_every.unwrap_or(total.max(1)),
         params: SaveParams::Trainable,
     });
-    if run_state.is_some() {
+    if run_state.is_some() && main_rank {
         std::fs::create_dir_all(&a.out)
             .with_context(|| format!("cannot create {}", a.out.display()))?;
     }
@@ -251,31 +261,49 @@ fn train(a: TrainArgs) -> Result<()> {
         schedule: Schedule::Linear { warmup: total / 10 },
         seed: a.seed,
         device,
-        progress: true,
+        progress: main_rank,
         run_state,
         ..Default::default()
     });
+    let mut dp = group.clone().map(reuse_dist::DataParallel::new);
+    let shard = dp.as_ref().map(|d| d.shard(&train));
+    let mut techniques: Vec<&mut dyn Technique> = Vec::new();
+    if let Some(dp) = dp.as_mut() {
+        techniques.push(dp);
+    }
     if a.resume {
         let path = a.out.join(RUN_STATE);
-        match t.resume(&lm, &mut [])? {
-            Some(step) => eprintln!("resuming from step {step} of {total} ({})", path.display()),
-            None => eprintln!(
+        match t.resume(&lm, &mut techniques)? {
+            Some(step) if main_rank => {
+                eprintln!("resuming from step {step} of {total} ({})", path.display())
+            }
+            None if main_rank => eprintln!(
                 "note: no run state at {}; starting from the beginning",
                 path.display()
             ),
+            _ => {}
         }
     }
-    let report = t.fit(&lm, &train, None, &mut [])?;
+    let report = match &shard {
+        Some(s) => t.fit(&lm, s, None, &mut techniques)?,
+        None => t.fit(&lm, &train, None, &mut techniques)?,
+    };
+    drop(techniques);
     let eval = |d: &TokenizedDataset| -> Result<Option<f64>> {
         use reuse_core::data::BatchSource;
         Ok(if d.is_empty() {
             None
+        } else if let Some(dp) = &dp {
+            Some(dp.accuracy(&lm, d, 64, device)?)
         } else {
             Some(accuracy(&lm, d, 64, device)?)
         })
     };
     let dev_acc = eval(&dev)?;
     let test_acc = eval(&test)?;
+    if !main_rank {
+        return Ok(());
+    }
     lm.save_adapter("default", &a.out)?;
     let metrics = serde_json::json!({
         "test_accuracy": test_acc,
@@ -286,6 +314,7 @@ fn train(a: TrainArgs) -> Result<()> {
         "trainable_params": trainable,
         "base_params": base_params,
         "lora_modules": modules.len(),
+        "processes": group.as_ref().map_or(1, |g| g.world_size()),
         "classes": splits.classes,
     });
     reuse_core::checkpoint::write_atomic(

@@ -17,6 +17,10 @@
 //!   calibration texts) that every command here loads like any model folder;
 //!   `reuse dequantize` writes its values back as plain f32 for Hugging Face tools.
 //!
+//! * `reuse launch -n N -- reuse ...` starts N ranks of a command on this machine (as
+//!   `torchrun --standalone --nproc_per_node N --no-python` does); `reuse lora train`
+//!   run that way, or under torchrun, trains data-parallel and rank 0 writes the adapter.
+//!
 //! Errors are one line on stderr and a non-zero exit status, never a panic backtrace.
 
 mod columns;
@@ -25,6 +29,7 @@ mod distill_embed;
 mod embed;
 mod grow;
 mod inspect;
+mod launch;
 mod lora;
 mod quantize;
 
@@ -59,6 +64,9 @@ enum Command {
     Quantize(quantize::Args),
     /// A quantized folder's weights as plain f32, for Hugging Face tools.
     Dequantize(quantize::DequantizeArgs),
+    /// Start N ranks of a command on this machine (RANK, WORLD_SIZE, MASTER_ADDR,
+    /// MASTER_PORT set as torchrun sets them).
+    Launch(launch::Args),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +81,11 @@ fn main() -> ExitCode {
         Command::Grow(c) => grow::run(c),
         Command::Quantize(a) => quantize::run(a),
         Command::Dequantize(a) => quantize::run_dequantize(a),
+        Command::Launch(a) => match launch::run(a) {
+            Ok(0) => Ok(()),
+            Ok(code) => return ExitCode::from(code.clamp(1, 255) as u8),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
