@@ -45,6 +45,9 @@ fn main() -> Result<()> {
     if let Ok(spec) = std::env::var(experiments::quant::QLORA_CHILD) {
         return experiments::quant::qlora_child(&spec);
     }
+    if let Ok(spec) = std::env::var(experiments::dist::DIST_CHILD) {
+        return experiments::dist::child(&spec);
+    }
     let args = Args::parse();
     if args.list {
         for e in EXPERIMENTS {

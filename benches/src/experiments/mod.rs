@@ -3,6 +3,7 @@
 
 mod continual;
 mod core;
+pub mod dist;
 mod distill;
 mod grow;
 mod peft;
@@ -267,6 +268,14 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         // 17 min on the 2-core CPU (teacher fine-tuning, KD over 7.4k texts, 3 seeds).
         gpu_sized: true,
+        quick: true,
+    },
+    Experiment {
+        id: "dist.lora_step",
+        about: "data-parallel LoRA step on MiniLM: reuse on 1 and 2 processes (c10d Gloo) against PyTorch DDP, same batch and threads, interleaved",
+        run: dist::lora_step,
+        default: true,
+        gpu_sized: false,
         quick: true,
     },
     Experiment {

@@ -379,7 +379,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
 }
 
 /// A fixed batch of real texts: `[n, len]` ids and mask, padded / truncated to `len`.
-fn fixed_batch(
+pub(crate) fn fixed_batch(
     enc: &SentenceEncoder,
     splits: &TextSplits,
     n: usize,

@@ -21,6 +21,8 @@ pub struct Launch {
     /// After one rank fails, how long the others get to notice and exit before they are
     /// killed.
     pub grace: Duration,
+    /// Extra variables every rank gets.
+    pub env: Vec<(String, String)>,
 }
 
 impl Launch {
@@ -31,6 +33,7 @@ impl Launch {
             master_port: None,
             threads_per_rank: None,
             grace: Duration::from_secs(30),
+            env: Vec::new(),
         }
     }
 
@@ -67,7 +70,9 @@ impl Launch {
         let mut children: Vec<Option<Child>> = Vec::new();
         for rank in 0..self.nproc {
             let mut cmd = Command::new(program);
-            cmd.args(args).envs(self.env(rank, port));
+            cmd.args(args)
+                .envs(self.env.iter().cloned())
+                .envs(self.env(rank, port));
             if std::env::var_os("OMP_NUM_THREADS").is_none() {
                 cmd.env("OMP_NUM_THREADS", threads.to_string());
             }
