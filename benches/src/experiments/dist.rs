@@ -227,9 +227,19 @@ pub fn lora_step(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         let o = Command::new(&torchrun)
             .args(["--standalone", "--nproc_per_node", &nproc.to_string()])
             .arg(ctx.root.join("benches/python/ddp_lora.py"))
-            .args(["--model".as_ref(), dir.as_os_str(), "--batch".as_ref(), batch.as_os_str()])
+            .args([
+                "--model".as_ref(),
+                dir.as_os_str(),
+                "--batch".as_ref(),
+                batch.as_os_str(),
+            ])
             .args(["--threads", &(cores / nproc).max(1).to_string()])
-            .args(["--steps", &steps.to_string(), "--warmup", &warmup.to_string()])
+            .args([
+                "--steps",
+                &steps.to_string(),
+                "--warmup",
+                &warmup.to_string(),
+            ])
             .args(["--classes", &classes.to_string()])
             .arg("--out")
             .arg(&out)
