@@ -8,7 +8,7 @@ use reuse_core::data::labelled::load_labelled;
 use reuse_core::data::{BatchSource, TextDataset};
 use reuse_core::models::{BertClassifier, SentenceEncoder, TokenizedDataset};
 use reuse_core::Checkpoint;
-use reuse_distill::cache::{build_cache_with_progress, CacheConfig};
+use reuse_distill::cache::{build_cache_part, build_cache_with_progress, BuildPart, CacheConfig};
 use reuse_peft::{LoraConfig, LoraModel};
 use tch::{Device, Kind};
 
@@ -321,6 +321,64 @@ fn cache(a: CacheArgs) -> Result<()> {
     }
     let data = &teacher.data;
     let n = data.len();
+    let report = |rank: Option<usize>| {
+        move |p: reuse_distill::cache::BuildProgress<'_>| {
+            let what = if p.reused { "kept" } else { "written" };
+            let who = rank.map_or(String::new(), |r| format!("rank {r}: "));
+            eprintln!(
+                "{who}shard {}/{} {what} (examples {}..{})",
+                p.index + 1,
+                p.total,
+                p.shard.start,
+                p.shard.end
+            );
+        }
+    };
+    // Launched as several ranks (torchrun, `reuse launch`): each runs the teacher over
+    // its own shards, then rank 0 checks them all and writes the manifest.
+    let group = reuse_dist::ProcessGroup::from_env()
+        .context("joining the process group (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")?;
+    if let Some(g) = &group {
+        let part = BuildPart {
+            rank: g.rank(),
+            world: g.world_size(),
+        };
+        let built = build_cache_part(
+            &teacher.model,
+            data,
+            &a.out,
+            &cfg,
+            a.batch_size,
+            device,
+            part,
+            &mut report(Some(g.rank())),
+        )
+        .with_context(|| {
+            format!(
+                "rank {} of {}: cannot build its part of the teacher cache in {}",
+                g.rank(),
+                g.world_size(),
+                a.out.display()
+            )
+        });
+        // Every rank reports, even one that failed, so that the others learn of it at
+        // once instead of at the timeout, and nobody writes a manifest over a gap.
+        let failed = tch::Tensor::from_slice(&[i32::from(built.is_err())]);
+        g.all_reduce(&failed, reuse_dist::ReduceOp::Sum)?;
+        built?;
+        let failed = failed.int64_value(&[0]);
+        if failed > 0 {
+            bail!(
+                "{failed} of {} ranks could not build their part of the teacher cache in {} \
+                 (their errors are above); the shards written are kept for a resumed build",
+                g.world_size(),
+                a.out.display()
+            );
+        }
+        if !g.is_main() {
+            return Ok(());
+        }
+    }
     let manifest = build_cache_with_progress(
         &teacher.model,
         data,
@@ -328,16 +386,7 @@ fn cache(a: CacheArgs) -> Result<()> {
         &cfg,
         a.batch_size,
         device,
-        &mut |p| {
-            let what = if p.reused { "kept" } else { "written" };
-            eprintln!(
-                "shard {}/{} {what} (examples {}..{})",
-                p.index + 1,
-                p.total,
-                p.shard.start,
-                p.shard.end
-            );
-        },
+        &mut report(None),
     )
     .with_context(|| format!("cannot build the teacher cache in {}", a.out.display()))?;
     let total = manifest.total_bytes();

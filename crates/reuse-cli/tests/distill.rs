@@ -251,3 +251,73 @@ fn distill_cache_help() {
     let h = String::from_utf8_lossy(&o.stdout);
     assert!(h.contains("--top-k") && h.contains("--adapter") && h.contains("lora train"));
 }
+
+#[test]
+fn distill_cache_on_two_ranks_writes_the_cache_one_process_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_base(dir.path());
+    let teacher = adapter(dir.path(), &base, 1, &["fruit", "tool"]);
+    let data = csv(dir.path(), "items.csv", &["fruit", "tool"]);
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "distill",
+            "cache",
+            "--teacher",
+            teacher.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--text-column",
+            "sentence",
+            "--label-column",
+            "category",
+            "--split",
+            "all",
+            "--max-len",
+            "12",
+            "--batch-size",
+            "4",
+            "--shard-size",
+            "8",
+            "--top-k",
+            "2",
+            "--device",
+            "cpu",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let one = dir.path().join("one");
+    let a: Vec<String> = args(&one);
+    ok(&reuse(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+    let two = dir.path().join("two");
+    let o = Command::new(env!("CARGO_BIN_EXE_reuse"))
+        .args(["launch", "-n", "2", "--", "reuse"])
+        .args(args(&two))
+        .output()
+        .unwrap();
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    // 30 examples in shards of 8: rank 0 runs the teacher over shards 1 and 3, rank 1
+    // over 2 and 4; rank 0 then keeps all four and writes the manifest.
+    for line in [
+        "rank 0: shard 1/4 written",
+        "rank 1: shard 2/4 written",
+        "rank 0: shard 3/4 written",
+        "rank 1: shard 4/4 written",
+        "shard 4/4 kept",
+    ] {
+        assert!(err.contains(line), "missing `{line}` in:\n{err}");
+    }
+    assert!(!err.contains("rank 0: shard 2/4"), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout)
+            .matches("cached 30 examples")
+            .count(),
+        1
+    );
+    // Byte for byte the single process's cache (shards and manifest).
+    assert_eq!(listing(&one), listing(&two));
+}

@@ -276,6 +276,27 @@ fn rank() {
             )
             .unwrap();
         }
+        "stall" => {
+            // Rank 1 is alive but never reaches the collective: rank 0's wait ends at
+            // the timeout with an error.
+            if r == 1 {
+                std::thread::sleep(Duration::from_secs(12));
+                return;
+            }
+            let start = Instant::now();
+            let e = group
+                .all_reduce(
+                    &Tensor::ones([4], (Kind::Float, Device::Cpu)),
+                    ReduceOp::Sum,
+                )
+                .unwrap_err()
+                .to_string();
+            std::fs::write(
+                out.join("stall.txt"),
+                format!("{:.3}\n{e}", start.elapsed().as_secs_f64()),
+            )
+            .unwrap();
+        }
         other => panic!("unknown scenario {other}"),
     }
 }
@@ -532,5 +553,27 @@ fn nobody_at_the_store_is_a_rendezvous_error_within_the_timeout() {
     assert!(
         e.contains("rank 1 of 2") && e.contains("could not join"),
         "{e}"
+    );
+}
+
+#[test]
+fn a_rank_that_never_joins_the_collective_is_a_timeout_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run_ranks(
+        "stall",
+        2,
+        dir.path(),
+        &[("REUSE_DIST_TIMEOUT_SECS", "3")],
+        Duration::from_secs(120),
+    );
+    assert_ok("stall", &r);
+    let txt = std::fs::read_to_string(dir.path().join("stall.txt")).unwrap();
+    let (secs, msg) = txt.split_once('\n').unwrap();
+    let secs: f64 = secs.parse().unwrap();
+    eprintln!("rank 0 waiting for a stalled rank 1: error after {secs:.1} s: {msg}");
+    assert!((2.5..10.0).contains(&secs), "{secs} s");
+    assert!(
+        msg.contains("rank 0 of 2: all_reduce failed") && msg.contains("3 s"),
+        "{msg}"
     );
 }

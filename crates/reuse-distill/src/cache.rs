@@ -409,6 +409,78 @@ pub fn build_cache_with_progress(
     device: Device,
     progress: &mut dyn FnMut(BuildProgress<'_>),
 ) -> Result<CacheManifest> {
+    let m = build(teacher, data, out, cfg, batch_size, device, None, progress)?;
+    Ok(m.expect("a whole build writes its manifest"))
+}
+
+/// The part of a cache one of several processes builds: shard `s` when
+/// `s % world == rank`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildPart {
+    /// This process's rank, `0..world`.
+    pub rank: usize,
+    /// The number of processes sharing the build.
+    pub world: usize,
+}
+
+/// One process's share of a cache build, for several processes (data-parallel ranks)
+/// running the teacher over disjoint shards into the same folder. Every rank calls it;
+/// once all have returned (a barrier), one process calls [`build_cache`], which finds
+/// every shard complete, checks each, and writes the manifest; the teacher does not run
+/// again. Checks and refusals are [`build_cache`]'s; this call neither writes the
+/// manifest nor removes other processes' temporary files, and an error leaves the
+/// folder for the others. Returns the number of shards this process wrote.
+#[allow(clippy::too_many_arguments)]
+pub fn build_cache_part(
+    teacher: &dyn Teacher,
+    data: &dyn BatchSource,
+    out: &Path,
+    cfg: &CacheConfig,
+    batch_size: usize,
+    device: Device,
+    part: BuildPart,
+    progress: &mut dyn FnMut(BuildProgress<'_>),
+) -> Result<usize> {
+    if part.world == 0 || part.rank >= part.world {
+        return Err(Error::invalid(
+            "cache build part",
+            format!(
+                "expected a rank below the world size, found rank {} of {}",
+                part.rank, part.world
+            ),
+        ));
+    }
+    let mut written = 0;
+    let mut count = |p: BuildProgress<'_>| {
+        if !p.reused {
+            written += 1;
+        }
+        progress(p)
+    };
+    build(
+        teacher,
+        data,
+        out,
+        cfg,
+        batch_size,
+        device,
+        Some(part),
+        &mut count,
+    )?;
+    Ok(written)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build(
+    teacher: &dyn Teacher,
+    data: &dyn BatchSource,
+    out: &Path,
+    cfg: &CacheConfig,
+    batch_size: usize,
+    device: Device,
+    part: Option<BuildPart>,
+    progress: &mut dyn FnMut(BuildProgress<'_>),
+) -> Result<Option<CacheManifest>> {
     cfg.validate()?;
     if batch_size == 0 {
         return Err(Error::invalid("cache batch size", "must be at least 1"));
@@ -462,15 +534,20 @@ pub fn build_cache_with_progress(
                         reused: true,
                     });
                 }
-                remove_stale_temps(out);
-                return Ok(m.clone());
+                if part.is_none() {
+                    remove_stale_temps(out);
+                }
+                return Ok(Some(m.clone()));
             }
             shards = infos.into_iter().map(Some).collect();
         }
     }
 
     fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    remove_stale_temps(out);
+    if part.is_none() {
+        // Another process's temporary file may be a shard in the making.
+        remove_stale_temps(out);
+    }
     let build_path = out.join(BUILD_FILE);
     let wrote_build = !build_path.exists();
     if wrote_build {
@@ -479,8 +556,11 @@ pub fn build_cache_with_progress(
     let any_kept = shards.iter().any(Option::is_some);
     let total = shards.len();
     let mut written = 0usize;
-    let result = (|| -> Result<CacheManifest> {
+    let result = (|| -> Result<Option<CacheManifest>> {
         for (s, slot) in shards.iter_mut().enumerate() {
+            if part.is_some_and(|p| s % p.world != p.rank) {
+                continue;
+            }
             if let Some(info) = slot {
                 progress(BuildProgress {
                     shard: info,
@@ -505,6 +585,9 @@ pub fn build_cache_with_progress(
             });
             *slot = Some(built.info);
         }
+        if part.is_some() {
+            return Ok(None);
+        }
         let manifest = CacheManifest {
             spec: spec.clone(),
             num_classes: num_classes.expect("at least one shard"),
@@ -513,9 +596,9 @@ pub fn build_cache_with_progress(
         };
         write_json(&out.join(MANIFEST_FILE), &manifest)?;
         let _ = fs::remove_file(&build_path);
-        Ok(manifest)
+        Ok(Some(manifest))
     })();
-    if result.is_err() && written == 0 && !any_kept {
+    if result.is_err() && written == 0 && !any_kept && part.is_none() {
         // Nothing of this build is worth keeping: leave the folder as it was found.
         if wrote_build {
             let _ = fs::remove_file(&build_path);
