@@ -9,6 +9,7 @@
 //! same run, with the two sides' rounds interleaved. `cargo xtask readme-figures`
 //! writes the README's figures from report.json.
 
+mod claims;
 mod experiments;
 mod report;
 

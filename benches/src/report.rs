@@ -158,6 +158,13 @@ impl Report {
                 "\n**Quick mode (`--quick`): smoke-test sizes, the figures mean nothing.**\n",
             );
         }
+        md.push_str(
+            "\n## Claims\n\nEach row is filled from this run's report.json alone; a row whose \
+             experiment did not run says so.\n\n",
+        );
+        md.push_str(&crate::claims::markdown(&crate::claims::rows(
+            &serde_json::to_value(self)?,
+        )));
         if !self.skipped.is_empty() {
             md.push_str("\nNot run in this run (no figures of theirs appear here):\n");
             for (id, why) in &self.skipped {

@@ -1,0 +1,766 @@
+//! The claims table at the top of REPORT.md: one row per claim of the field, each filled
+//! from this run's `report.json` alone (never from an earlier run), with its spread
+//! over seeds or rounds, the target, and whether the figure meets it. A row whose
+//! experiment did not run says so and why.
+
+use serde_json::Value;
+
+/// Reads a metric of the row's experiment.
+pub type Get<'a> = dyn Fn(&str) -> f64 + 'a;
+
+/// A claim and how its row is computed from one experiment's metrics.
+pub struct Claim {
+    /// What the field claims.
+    pub text: &'static str,
+    /// The experiment that measures it.
+    pub experiment: &'static str,
+    /// The target, as the issue states it.
+    pub target: &'static str,
+    /// Every metric the row reads (all must be present).
+    pub keys: &'static [&'static str],
+    /// (figure, spread, met) from the metrics; `met` is `None` for a ratio shown
+    /// without a target.
+    pub eval: fn(&Get) -> (String, String, Option<bool>),
+}
+
+/// What a row says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    /// Filled from this run: the figure meets the target.
+    Met,
+    /// Filled from this run: the figure misses the target.
+    Missed,
+    /// Filled from this run, no target (a peer ratio).
+    Shown,
+    /// The experiment did not run in this run (the reason).
+    NotRun(String),
+    /// The experiment ran but did not report a metric the row needs.
+    MissingMetric(String),
+}
+
+/// One row of the table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub text: &'static str,
+    pub experiment: &'static str,
+    pub figure: String,
+    pub spread: String,
+    pub target: &'static str,
+    pub status: Status,
+}
+
+fn pm(v: f64, sd: f64) -> String {
+    format!("{v:.4} ± {sd:.4}")
+}
+
+/// `a` is at least as good as `b` when their means are within one of the larger sd, or
+/// `a` is above.
+fn at_least(a: f64, sa: f64, b: f64, sb: f64) -> bool {
+    a >= b - sa.max(sb)
+}
+
+pub const CLAIMS: &[Claim] = &[
+    Claim {
+        text: "LoRA trains under 1% of the weights",
+        experiment: "peft.minilm_sections",
+        target: "< 1% trainable",
+        keys: &["lora.trainable_fraction"],
+        eval: |g| {
+            let f = g("lora.trainable_fraction");
+            (format!("{:.3}%", 100.0 * f), "exact".into(), Some(f < 0.01))
+        },
+    },
+    Claim {
+        text: "... at >= 0.98x full fine-tuning's accuracy",
+        experiment: "peft.minilm_sections",
+        target: ">= 0.98x",
+        keys: &[
+            "lora_over_full_accuracy",
+            "lora.test_accuracy",
+            "lora.test_accuracy_sd",
+            "full.test_accuracy",
+            "full.test_accuracy_sd",
+        ],
+        eval: |g| {
+            let r = g("lora_over_full_accuracy");
+            (
+                format!("{r:.3}x"),
+                format!(
+                    "LoRA {} vs full {} (3 seeds)",
+                    pm(g("lora.test_accuracy"), g("lora.test_accuracy_sd")),
+                    pm(g("full.test_accuracy"), g("full.test_accuracy_sd"))
+                ),
+                Some(r >= 0.98),
+            )
+        },
+    },
+    Claim {
+        text: "A distilled student keeps >= 0.95x its teacher's accuracy (MiniLM, 2 of 6 layers, KD with unlabelled text)",
+        experiment: "distill.minilm_sections",
+        target: ">= 0.95x",
+        keys: &[
+            "student_kd_over_teacher",
+            "student_kd.test_accuracy",
+            "student_kd.test_accuracy_sd",
+            "teacher.test_accuracy",
+        ],
+        eval: |g| {
+            let r = g("student_kd_over_teacher");
+            (
+                format!("{r:.3}x"),
+                format!(
+                    "student {} vs teacher {:.4}",
+                    pm(g("student_kd.test_accuracy"), g("student_kd.test_accuracy_sd")),
+                    g("teacher.test_accuracy")
+                ),
+                Some(r >= 0.95),
+            )
+        },
+    },
+    Claim {
+        text: "... at a fraction of the size",
+        experiment: "distill.minilm_sections",
+        target: "< 1x the teacher's parameters",
+        keys: &["params_ratio", "params_ratio_without_embeddings"],
+        eval: |g| {
+            let r = g("params_ratio");
+            (
+                format!("{r:.3}x"),
+                format!(
+                    "{:.3}x without the embedding table",
+                    g("params_ratio_without_embeddings")
+                ),
+                Some(r < 1.0),
+            )
+        },
+    },
+    Claim {
+        text: "... and several times the speed",
+        experiment: "distill.minilm_sections",
+        target: ">= 2.5x faster inference",
+        keys: &["inference_speedup_median", "inference_speedup_sd"],
+        eval: |g| {
+            let s = g("inference_speedup_median");
+            (
+                format!("{s:.2}x"),
+                format!("sd {:.2} over rounds", g("inference_speedup_sd")),
+                Some(s >= 2.5),
+            )
+        },
+    },
+    Claim {
+        text: "A teacher cache makes KD epochs >= 2x faster",
+        experiment: "distill.minilm_sections",
+        target: ">= 2x",
+        keys: &[
+            "cached_epoch_speedup",
+            "live_epoch_seconds_median",
+            "cached_epoch_seconds_median",
+        ],
+        eval: |g| {
+            let s = g("cached_epoch_speedup");
+            (
+                format!("{s:.2}x"),
+                format!(
+                    "live {:.1} s vs cached {:.1} s per epoch (medians)",
+                    g("live_epoch_seconds_median"),
+                    g("cached_epoch_seconds_median")
+                ),
+                Some(s >= 2.0),
+            )
+        },
+    },
+    Claim {
+        text: "A distilled student keeps >= 0.95x its teacher's accuracy (digits MLP, 1.6% of its size)",
+        experiment: "distill.digits_mlp",
+        target: ">= 0.95x",
+        keys: &[
+            "student_kd_over_teacher",
+            "student_kd.test_accuracy",
+            "student_kd.test_accuracy_sd",
+            "params_ratio",
+        ],
+        eval: |g| {
+            let r = g("student_kd_over_teacher");
+            (
+                format!("{r:.3}x"),
+                format!(
+                    "student {} at {:.3}x the parameters",
+                    pm(g("student_kd.test_accuracy"), g("student_kd.test_accuracy_sd")),
+                    g("params_ratio")
+                ),
+                Some(r >= 0.95),
+            )
+        },
+    },
+    Claim {
+        text: "Replay avoids catastrophic forgetting (split digits, class-incremental)",
+        experiment: "continual.split_digits",
+        target: "forgetting below naive's",
+        keys: &[
+            "class_il.replay.forgetting",
+            "class_il.replay.forgetting_sd",
+            "class_il.naive.forgetting",
+        ],
+        eval: |g| {
+            let f = g("class_il.replay.forgetting");
+            let n = g("class_il.naive.forgetting");
+            (
+                format!("{f:.3}"),
+                format!(
+                    "sd {:.3}; naive forgets {n:.3}",
+                    g("class_il.replay.forgetting_sd")
+                ),
+                Some(f < n),
+            )
+        },
+    },
+    Claim {
+        text: "... at least as well as Avalanche on the same protocol",
+        experiment: "continual.split_digits",
+        target: ">= Avalanche's average accuracy (within 1 sd)",
+        keys: &[
+            "class_il.replay.avg_accuracy",
+            "class_il.replay.avg_accuracy_sd",
+            "avalanche.class_il.replay.avg_accuracy",
+            "avalanche.class_il.replay.avg_accuracy_sd",
+        ],
+        eval: |g| {
+            let (a, sa) = (
+                g("class_il.replay.avg_accuracy"),
+                g("class_il.replay.avg_accuracy_sd"),
+            );
+            let (b, sb) = (
+                g("avalanche.class_il.replay.avg_accuracy"),
+                g("avalanche.class_il.replay.avg_accuracy_sd"),
+            );
+            (
+                format!("{a:.4}"),
+                format!("sd {sa:.4}; Avalanche {}", pm(b, sb)),
+                Some(at_least(a, sa, b, sb)),
+            )
+        },
+    },
+    Claim {
+        text: "... in <= 0.25x Avalanche's time",
+        experiment: "continual.split_digits",
+        target: "<= 0.25x",
+        keys: &["class_il.replay.time_ratio"],
+        eval: |g| {
+            let r = g("class_il.replay.time_ratio");
+            (
+                format!("{r:.2}x"),
+                "mean seconds over seeds, both sides".into(),
+                Some(r <= 0.25),
+            )
+        },
+    },
+    Claim {
+        text: "EWC avoids catastrophic forgetting (permuted digits, domain-incremental)",
+        experiment: "continual.permuted_digits",
+        target: "forgetting below naive's",
+        keys: &[
+            "permuted.ewc.forgetting",
+            "permuted.ewc.forgetting_sd",
+            "permuted.naive.forgetting",
+        ],
+        eval: |g| {
+            let f = g("permuted.ewc.forgetting");
+            let n = g("permuted.naive.forgetting");
+            (
+                format!("{f:.3}"),
+                format!(
+                    "sd {:.3}; naive forgets {n:.3}",
+                    g("permuted.ewc.forgetting_sd")
+                ),
+                Some(f < n),
+            )
+        },
+    },
+    Claim {
+        text: "... at least as well as Avalanche on the same protocol",
+        experiment: "continual.permuted_digits",
+        target: ">= Avalanche's average accuracy (within 1 sd)",
+        keys: &[
+            "permuted.ewc.avg_accuracy",
+            "permuted.ewc.avg_accuracy_sd",
+            "avalanche.permuted.ewc.avg_accuracy",
+            "avalanche.permuted.ewc.avg_accuracy_sd",
+        ],
+        eval: |g| {
+            let (a, sa) = (
+                g("permuted.ewc.avg_accuracy"),
+                g("permuted.ewc.avg_accuracy_sd"),
+            );
+            let (b, sb) = (
+                g("avalanche.permuted.ewc.avg_accuracy"),
+                g("avalanche.permuted.ewc.avg_accuracy_sd"),
+            );
+            (
+                format!("{a:.4}"),
+                format!("sd {sa:.4}; Avalanche {}", pm(b, sb)),
+                Some(at_least(a, sa, b, sb)),
+            )
+        },
+    },
+    Claim {
+        text: "... in <= 0.25x Avalanche's time",
+        experiment: "continual.permuted_digits",
+        target: "<= 0.25x",
+        keys: &["permuted.ewc.time_ratio"],
+        eval: |g| {
+            let r = g("permuted.ewc.time_ratio");
+            (
+                format!("{r:.2}x"),
+                "mean seconds over seeds, both sides".into(),
+                Some(r <= 0.25),
+            )
+        },
+    },
+    Claim {
+        text: "A grown model reaches the scratch model's loss with >= 30% less compute",
+        experiment: "grow.train_faster",
+        target: "flops_saving >= 0.30",
+        // flops_saving is reported only when every seed's grown run reached scratch's
+        // final loss.
+        keys: &["grown.reached_target_runs"],
+        eval: |g| {
+            let s = g("flops_saving");
+            if s.is_nan() {
+                return (
+                    "not reached".into(),
+                    format!(
+                        "the grown model reached scratch's final loss in {:.0} run(s) of the \
+                         seeds only",
+                        g("grown.reached_target_runs")
+                    ),
+                    Some(false),
+                );
+            }
+            (
+                format!("{s:.3}"),
+                format!("sd {:.3} over seeds", g("flops_saving_sd")),
+                Some(s >= 0.3),
+            )
+        },
+    },
+    Claim {
+        text: "... and ends no worse than scratch (held-out masked-LM loss)",
+        experiment: "grow.train_faster",
+        target: "grown final loss <= scratch's",
+        keys: &[
+            "grown.final_loss",
+            "grown.final_loss_sd",
+            "scratch.final_loss",
+            "scratch.final_loss_sd",
+        ],
+        eval: |g| {
+            let (a, b) = (g("grown.final_loss"), g("scratch.final_loss"));
+            (
+                format!("{a:.3}"),
+                format!(
+                    "sd {:.3}; scratch {}",
+                    g("grown.final_loss_sd"),
+                    pm(b, g("scratch.final_loss_sd"))
+                ),
+                Some(a <= b),
+            )
+        },
+    },
+    Claim {
+        text: "Distillation + quantization is >= 95% smaller",
+        experiment: "quant.distill_plus_quant",
+        target: ">= 0.95 size reduction",
+        keys: &["size_reduction", "size_mb_student_int4", "size_mb_teacher"],
+        eval: |g| {
+            let r = g("size_reduction");
+            (
+                format!("{r:.3}"),
+                format!(
+                    "{:.2} MB vs the teacher's {:.2} MB",
+                    g("size_mb_student_int4"),
+                    g("size_mb_teacher")
+                ),
+                Some(r >= 0.95),
+            )
+        },
+    },
+    Claim {
+        text: "... at >= 0.90x the teacher's accuracy",
+        experiment: "quant.distill_plus_quant",
+        target: ">= 0.90x",
+        keys: &[
+            "accuracy_relative",
+            "student_int4.test_accuracy",
+            "student_int4.test_accuracy_sd",
+        ],
+        eval: |g| {
+            let r = g("accuracy_relative");
+            (
+                format!("{r:.3}x"),
+                format!(
+                    "int4 student {}",
+                    pm(
+                        g("student_int4.test_accuracy"),
+                        g("student_int4.test_accuracy_sd")
+                    )
+                ),
+                Some(r >= 0.9),
+            )
+        },
+    },
+    Claim {
+        text: "Peer: LoRA training step, reuse / PyTorch + PEFT (same batch, threads)",
+        experiment: "peft.vs_python",
+        target: "ratio (< 1: reuse faster)",
+        keys: &[
+            "step_ratio_rust_over_python",
+            "paired_step_ratio_rust_over_python_sd",
+        ],
+        eval: |g| {
+            (
+                format!("{:.3}", g("step_ratio_rust_over_python")),
+                format!(
+                    "sd {:.3} over paired steps",
+                    g("paired_step_ratio_rust_over_python_sd")
+                ),
+                None,
+            )
+        },
+    },
+    Claim {
+        text: "Peer: sentence embedding time, reuse f32 / sentence-transformers",
+        experiment: "core.minilm_embed",
+        target: "ratio (< 1: reuse faster)",
+        keys: &["rust_f32_time_over_st_median", "rust_f32_time_over_st_sd"],
+        eval: |g| {
+            (
+                format!("{:.3}", g("rust_f32_time_over_st_median")),
+                format!("sd {:.3} over rounds", g("rust_f32_time_over_st_sd")),
+                None,
+            )
+        },
+    },
+    Claim {
+        text: "Peer: data-parallel LoRA step on 2 processes, reuse / PyTorch DDP (Gloo)",
+        experiment: "dist.lora_step",
+        target: "<= 1 (no slower)",
+        keys: &[
+            "ratio_2p_reuse_over_torch",
+            "round_ratio_2p_reuse_over_torch_min",
+            "round_ratio_2p_reuse_over_torch_max",
+        ],
+        eval: |g| {
+            let r = g("ratio_2p_reuse_over_torch");
+            (
+                format!("{r:.3}"),
+                format!(
+                    "per round {:.2}-{:.2}",
+                    g("round_ratio_2p_reuse_over_torch_min"),
+                    g("round_ratio_2p_reuse_over_torch_max")
+                ),
+                Some(r <= 1.0),
+            )
+        },
+    },
+    Claim {
+        text: "Peer: continual MiniLM + LoRA with replay, reuse / PyTorch + PEFT time",
+        experiment: "continual.minilm_sections",
+        target: "ratio (< 1: reuse faster)",
+        keys: &["replay.time_ratio"],
+        eval: |g| {
+            (
+                format!("{:.3}", g("replay.time_ratio")),
+                "seed 0, same settings".into(),
+                None,
+            )
+        },
+    },
+];
+
+/// Every claim's row, filled from `report` (the contents of one `report.json`).
+pub fn rows(report: &Value) -> Vec<Row> {
+    let experiments = report["experiments"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let skipped: Vec<(String, String)> = report["skipped"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| Some((p[0].as_str()?.to_string(), p[1].as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    CLAIMS
+        .iter()
+        .map(|c| {
+            let row = |figure: String, spread: String, status: Status| Row {
+                text: c.text,
+                experiment: c.experiment,
+                figure,
+                spread,
+                target: c.target,
+                status,
+            };
+            let Some(e) = experiments
+                .iter()
+                .find(|e| e["id"].as_str() == Some(c.experiment))
+            else {
+                let why = skipped
+                    .iter()
+                    .find(|(id, _)| id == c.experiment)
+                    .map(|(_, why)| why.clone())
+                    .unwrap_or_else(|| "not selected in this run".into());
+                return row("—".into(), "—".into(), Status::NotRun(why));
+            };
+            let metrics = &e["metrics"];
+            if let Some(k) = c.keys.iter().find(|k| !metrics[**k].is_number()) {
+                return row("—".into(), "—".into(), Status::MissingMetric(k.to_string()));
+            }
+            let get = |k: &str| metrics[k].as_f64().unwrap_or(f64::NAN);
+            let (figure, spread, met) = (c.eval)(&get);
+            let status = match met {
+                Some(true) => Status::Met,
+                Some(false) => Status::Missed,
+                None => Status::Shown,
+            };
+            row(figure, spread, status)
+        })
+        .collect()
+}
+
+/// The rows as a Markdown table.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut md = String::from(
+        "| claim | measured | spread | target | result | experiment |\n|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let result = match &r.status {
+            Status::Met => "met".to_string(),
+            Status::Missed => "**missed**".to_string(),
+            Status::Shown => "ratio".to_string(),
+            Status::NotRun(why) => format!("not run: {why}"),
+            Status::MissingMetric(k) => format!("no figure: `{k}` missing"),
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | `{}` |\n",
+            r.text, r.figure, r.spread, r.target, result, r.experiment
+        ));
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A report in which every experiment the claims read ran and reported every metric
+    /// they need, each set to `value(key)`.
+    fn full_report(value: impl Fn(&str) -> f64) -> Value {
+        let mut ids: Vec<&str> = CLAIMS.iter().map(|c| c.experiment).collect();
+        ids.dedup();
+        let experiments: Vec<Value> = ids
+            .iter()
+            .map(|id| {
+                let mut m = serde_json::Map::new();
+                for c in CLAIMS.iter().filter(|c| c.experiment == *id) {
+                    for k in c.keys {
+                        m.insert(k.to_string(), json!(value(k)));
+                    }
+                }
+                if *id == "grow.train_faster" {
+                    // Reported only when every grown run reached scratch's loss.
+                    for k in ["flops_saving", "flops_saving_sd"] {
+                        m.insert(k.to_string(), json!(value(k)));
+                    }
+                }
+                json!({"id": id, "about": "", "seconds": 1.0, "metrics": m, "notes": []})
+            })
+            .collect();
+        json!({"commit": "x", "experiments": experiments, "skipped": []})
+    }
+
+    #[test]
+    fn every_row_is_filled_from_the_report() {
+        // Values that meet every target: small ratios and fractions, large speedups.
+        let good = |k: &str| -> f64 {
+            if k.contains("naive.forgetting") {
+                0.9
+            } else if k.contains("forgetting") || k.contains("time_ratio") {
+                0.1
+            } else if k.contains("speedup") || k == "flops_saving" {
+                3.0
+            } else if k.contains("fraction") {
+                0.005
+            } else if k.starts_with("scratch.final_loss") && !k.ends_with("_sd") {
+                6.1
+            } else if k.starts_with("grown.final_loss") && !k.ends_with("_sd") {
+                6.0
+            } else if k.contains("_over_") {
+                0.99
+            } else if k.ends_with("_sd") || k.contains("ratio") {
+                0.5
+            } else {
+                0.96
+            }
+        };
+        let rows = rows(&full_report(good));
+        assert_eq!(rows.len(), CLAIMS.len());
+        for r in &rows {
+            assert!(
+                matches!(r.status, Status::Met | Status::Shown),
+                "{}: {:?} ({} {})",
+                r.text,
+                r.status,
+                r.figure,
+                r.spread
+            );
+            assert_ne!(r.figure, "—", "{}", r.text);
+        }
+        // The figures are the report's: 0.99 shows as 0.990x, 0.005 as 0.500%.
+        assert_eq!(rows[0].figure, "0.500%");
+        assert_eq!(rows[1].figure, "0.990x");
+        // A figure that misses its target is marked so.
+        let bad = full_report(|k| {
+            if k == "lora.trainable_fraction" {
+                0.02
+            } else {
+                good(k)
+            }
+        });
+        assert_eq!(super::rows(&bad)[0].status, Status::Missed);
+        let md = markdown(&super::rows(&bad));
+        assert!(
+            md.contains("| 2.000% |") && md.contains("**missed**"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn experiments_that_did_not_run_are_marked_not_run() {
+        let mut r = full_report(|_| 0.5);
+        r["skipped"] = json!([[
+            "grow.train_faster",
+            "sized for a GPU: left out of a plain CPU run"
+        ]]);
+        let exps = r["experiments"].as_array_mut().unwrap();
+        exps.retain(|e| e["id"] != "grow.train_faster" && e["id"] != "dist.lora_step");
+        // A metric the row needs, missing from an experiment that ran.
+        let peft = exps
+            .iter_mut()
+            .find(|e| e["id"] == "peft.vs_python")
+            .unwrap();
+        peft["metrics"]
+            .as_object_mut()
+            .unwrap()
+            .remove("step_ratio_rust_over_python");
+        let rows = rows(&r);
+        for row in &rows {
+            match row.experiment {
+                "grow.train_faster" => assert_eq!(
+                    row.status,
+                    Status::NotRun("sized for a GPU: left out of a plain CPU run".into())
+                ),
+                "dist.lora_step" => {
+                    assert_eq!(
+                        row.status,
+                        Status::NotRun("not selected in this run".into())
+                    )
+                }
+                "peft.vs_python" => assert_eq!(
+                    row.status,
+                    Status::MissingMetric("step_ratio_rust_over_python".into())
+                ),
+                _ => assert!(!matches!(
+                    row.status,
+                    Status::NotRun(_) | Status::MissingMetric(_)
+                )),
+            }
+            if matches!(row.status, Status::NotRun(_) | Status::MissingMetric(_)) {
+                assert_eq!(row.figure, "—", "nothing filled for {}", row.text);
+            }
+        }
+        assert!(markdown(&rows).contains("not run: sized for a GPU"));
+    }
+
+    #[test]
+    fn every_kept_report_has_the_metrics_its_rows_read() {
+        // The metric names the rows read are the experiments' real ones: every report
+        // kept in benches/reports fills the rows of the experiments it holds.
+        let dir = reuse_testkit::workspace_dir().join("benches/reports");
+        let mut checked = std::collections::BTreeSet::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let r: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            if r["experiments"].is_null() {
+                continue; // a reference script's output, not a bench report
+            }
+            for row in rows(&r) {
+                if let Status::MissingMetric(k) = &row.status {
+                    panic!("{}: {}: `{k}` missing", p.display(), row.text);
+                }
+                assert!(!row.figure.contains("NaN"), "{}: {}", p.display(), row.text);
+                if !matches!(row.status, Status::NotRun(_)) {
+                    checked.insert(row.experiment);
+                }
+            }
+        }
+        // The kept reports cover most of the claims' experiments.
+        for id in [
+            "continual.split_digits",
+            "continual.permuted_digits",
+            "continual.minilm_sections",
+            "distill.minilm_sections",
+            "distill.digits_mlp",
+            "grow.train_faster",
+            "quant.distill_plus_quant",
+            "dist.lora_step",
+        ] {
+            assert!(checked.contains(id), "{id}");
+        }
+    }
+
+    #[test]
+    fn a_grown_run_that_never_reached_scratch_is_a_missed_claim() {
+        let p = reuse_testkit::workspace_dir()
+            .join("benches/reports/2026-11-28-h200-grow-train-faster.json");
+        let r: Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+        let rows = rows(&r);
+        let grow: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.experiment == "grow.train_faster")
+            .collect();
+        assert_eq!(grow[0].figure, "not reached");
+        assert!(grow[0].spread.contains("in 1 run"), "{}", grow[0].spread);
+        assert_eq!(grow[0].status, Status::Missed);
+        assert_eq!(grow[1].status, Status::Missed); // 4.496 against scratch's 4.290
+    }
+
+    #[test]
+    fn kept_reports_fill_their_rows() {
+        // A real report: the CPU grow.train_faster run kept in benches/reports.
+        let p = reuse_testkit::workspace_dir()
+            .join("benches/reports/2026-11-28-cpu-grow-train-faster.json");
+        let r: Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+        let rows = rows(&r);
+        let grow: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.experiment == "grow.train_faster")
+            .collect();
+        assert_eq!(grow.len(), 2);
+        assert_eq!(grow[0].figure, "0.403");
+        assert_eq!(grow[0].status, Status::Met);
+        assert_eq!(grow[1].figure, "6.041");
+        assert_eq!(grow[1].status, Status::Met);
+        // Everything else did not run in that report.
+        assert!(rows
+            .iter()
+            .filter(|r| r.experiment != "grow.train_faster")
+            .all(|r| matches!(r.status, Status::NotRun(_))));
+    }
+}
