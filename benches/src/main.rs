@@ -121,6 +121,16 @@ fn main() -> Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    // Micro-benchmarks `cargo xtask bench` ran just before this run (never older ones).
+    if let Some(since) = std::env::var("REUSE_CRITERION_SINCE")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(|d| ctx.root.join(d))
+            .unwrap_or_else(|| ctx.root.join("target"));
+        report.micro_benchmarks = Some(report::micro_benches(&target.join("criterion"), since));
+    }
     // Quick (smoke-test) reports go beside the full one, never over it.
     let dir = ctx.report_dir();
     report.write(&dir)?;

@@ -21,6 +21,69 @@ pub struct ExperimentResult {
     pub notes: Vec<String>,
 }
 
+/// One criterion micro-benchmark's result, read from `target/criterion`.
+#[derive(Serialize, Debug, Clone)]
+pub struct MicroBench {
+    /// `group/function`.
+    pub id: String,
+    /// Median time per iteration, ns.
+    pub median_ns: f64,
+    /// Its 95% confidence interval, ns.
+    pub low_ns: f64,
+    pub high_ns: f64,
+    /// Samples criterion took.
+    pub samples: usize,
+}
+
+/// The micro-benchmarks criterion wrote under `dir` at or after `since` (Unix seconds):
+/// the ones `cargo xtask bench` ran just before this run, never older ones.
+pub fn micro_benches(dir: &Path, since: u64) -> Vec<MicroBench> {
+    let mut out = Vec::new();
+    let Ok(groups) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for g in groups.flatten() {
+        let Ok(fns) = std::fs::read_dir(g.path()) else {
+            continue;
+        };
+        for f in fns.flatten() {
+            let est = f.path().join("new/estimates.json");
+            let fresh = std::fs::metadata(&est)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .is_some_and(|t| t.as_secs() >= since);
+            if !fresh {
+                continue;
+            }
+            let read = |p: &Path| -> Option<serde_json::Value> {
+                serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+            };
+            let (Some(e), Some(s)) = (read(&est), read(&f.path().join("new/sample.json"))) else {
+                continue;
+            };
+            let med = &e["median"];
+            out.push(MicroBench {
+                id: format!(
+                    "{}/{}",
+                    g.file_name().to_string_lossy(),
+                    f.file_name().to_string_lossy()
+                ),
+                median_ns: med["point_estimate"].as_f64().unwrap_or(f64::NAN),
+                low_ns: med["confidence_interval"]["lower_bound"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+                high_ns: med["confidence_interval"]["upper_bound"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+                samples: s["times"].as_array().map_or(0, Vec::len),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
 /// The whole run.
 #[derive(Serialize)]
 pub struct Report {
@@ -41,6 +104,9 @@ pub struct Report {
     /// Experiments this run left out, with the reason: nothing of theirs is filled from
     /// an earlier run.
     pub skipped: Vec<(String, String)>,
+    /// Criterion micro-benchmarks run just before this run (`cargo xtask bench` runs
+    /// them); `None` when none ran.
+    pub micro_benchmarks: Option<Vec<MicroBench>>,
 }
 
 fn torch_version() -> String {
@@ -100,6 +166,18 @@ fn utc_now() -> String {
     )
 }
 
+fn human_ns(ns: f64) -> String {
+    if ns >= 1e9 {
+        format!("{:.3} s", ns / 1e9)
+    } else if ns >= 1e6 {
+        format!("{:.3} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.3} µs", ns / 1e3)
+    } else {
+        format!("{ns:.1} ns")
+    }
+}
+
 /// `k=v` pairs for the progress line.
 pub fn summary(m: &BTreeMap<String, f64>) -> String {
     m.iter()
@@ -133,6 +211,7 @@ impl Report {
             quick,
             experiments: Vec::new(),
             skipped: Vec::new(),
+            micro_benchmarks: None,
         }
     }
 
@@ -171,6 +250,30 @@ impl Report {
                 md.push_str(&format!("\n- {id}: {why}"));
             }
             md.push('\n');
+        }
+        md.push_str("\n## Micro-benchmarks (criterion)\n\n");
+        match &self.micro_benchmarks {
+            Some(v) if !v.is_empty() => {
+                md.push_str(
+                    "`cargo bench --bench hot --bench ewc`, run by `cargo xtask bench` just \
+                     before the experiments (benches/benches/*.rs say what each measures).\n\n\
+                     | benchmark | median | 95% interval | samples |\n|---|---|---|---|\n",
+                );
+                for b in v {
+                    md.push_str(&format!(
+                        "| {} | {} | {} - {} | {} |\n",
+                        b.id,
+                        human_ns(b.median_ns),
+                        human_ns(b.low_ns),
+                        human_ns(b.high_ns),
+                        b.samples
+                    ));
+                }
+            }
+            _ => md.push_str(
+                "Not run in this run (`cargo xtask bench` runs them before a full run; \
+                 `cargo bench -p reuse-benches` by hand).\n",
+            ),
         }
         for e in &self.experiments {
             md.push_str(&format!(

@@ -56,7 +56,31 @@ pub struct BenchArgs {
 
 pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
     setup::run(root)?;
+    // A full run starts with the criterion micro-benchmarks; the report lists those
+    // written from now on, never older ones.
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let full = args.only.is_none() && !args.quick;
+    if full {
+        let mut b = cargo(root);
+        b.args([
+            "bench",
+            "-p",
+            "reuse-benches",
+            "--bench",
+            "hot",
+            "--bench",
+            "ewc",
+            "--",
+            "--noplot",
+        ]);
+        cmd::step(&mut b)?;
+    }
     let mut c = cargo(root);
+    if full {
+        c.env("REUSE_CRITERION_SINCE", since.to_string());
+    }
     c.args([
         "run",
         "--release",
