@@ -11,6 +11,7 @@
 
 mod claims;
 mod experiments;
+mod plots;
 mod report;
 
 use std::time::Instant;

@@ -107,6 +107,10 @@ pub struct Report {
     /// Criterion micro-benchmarks run just before this run (`cargo xtask bench` runs
     /// them); `None` when none ran.
     pub micro_benchmarks: Option<Vec<MicroBench>>,
+    /// When the run started: images in the report folder older than this are not
+    /// this run's.
+    #[serde(skip)]
+    pub started: SystemTime,
 }
 
 fn torch_version() -> String {
@@ -212,6 +216,7 @@ impl Report {
             experiments: Vec::new(),
             skipped: Vec::new(),
             micro_benchmarks: None,
+            started: SystemTime::now(),
         }
     }
 
@@ -250,6 +255,40 @@ impl Report {
                 md.push_str(&format!("\n- {id}: {why}"));
             }
             md.push('\n');
+        }
+        md.push_str("\n## Plots\n\n");
+        let (drawn, failed) = crate::plots::draw_all(&serde_json::to_value(self)?, dir);
+        let mut made: Vec<String> = Vec::new();
+        for (p, caption) in &drawn {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            let name = name.unwrap_or_default();
+            md.push_str(&format!("- [{name}]({name}): {caption}\n"));
+            made.push(name);
+        }
+        // Images the experiments drew themselves in this run (heat maps, loss curves).
+        let mut own: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        e.path().extension().is_some_and(|x| x == "png")
+                            && e.metadata()
+                                .and_then(|m| m.modified())
+                                .is_ok_and(|t| t >= self.started)
+                    })
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !made.contains(n))
+                    .collect()
+            })
+            .unwrap_or_default();
+        own.sort();
+        for name in &own {
+            md.push_str(&format!("- [{name}]({name}): drawn by its experiment\n"));
+        }
+        for f in &failed {
+            md.push_str(&format!("- could not be drawn: {f}\n"));
+        }
+        if drawn.is_empty() && own.is_empty() && failed.is_empty() {
+            md.push_str("None: no experiment with a plot ran.\n");
         }
         md.push_str("\n## Micro-benchmarks (criterion)\n\n");
         match &self.micro_benchmarks {
