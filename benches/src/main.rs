@@ -36,6 +36,9 @@ struct Args {
     /// List the experiments and exit.
     #[arg(long)]
     list: bool,
+    /// Seeds of the repeated runs: 0..N (default 3; spreads need at least 2).
+    #[arg(long, default_value_t = 3)]
+    seeds: usize,
     /// Smoke-test sizes (few steps, small splits, few rounds): checks that the
     /// experiments run end to end in minutes; the figures mean nothing and the report
     /// is marked quick.
@@ -86,8 +89,9 @@ fn main() -> Result<()> {
     let (chosen, skipped): (Vec<_>, Vec<_>) = chosen.into_iter().partition(|e| {
         !(plain && ((e.gpu_sized && !device.is_cuda()) || (args.quick && !e.quick)))
     });
-    let ctx = Ctx::new(device, args.quick)?;
+    let ctx = Ctx::with_seeds(device, args.quick, args.seeds)?;
     let mut report = Report::new(device, &ctx.root, args.quick);
+    report.seeds = ctx.seeds.clone();
     report.skipped = skipped
         .iter()
         .map(|e| {

@@ -100,6 +100,8 @@ pub struct Report {
     pub torch: String,
     /// Smoke-test sizes (`--quick`): the figures mean nothing.
     pub quick: bool,
+    /// Seeds of the repeated runs (`--seeds`).
+    pub seeds: Vec<u64>,
     pub experiments: Vec<ExperimentResult>,
     /// Experiments this run left out, with the reason: nothing of theirs is filled from
     /// an earlier run.
@@ -213,6 +215,7 @@ impl Report {
             threads: tch::get_num_threads(),
             torch: torch_version(),
             quick,
+            seeds: vec![0, 1, 2],
             experiments: Vec::new(),
             skipped: Vec::new(),
             micro_benchmarks: None,
@@ -225,7 +228,7 @@ impl Report {
         let json = serde_json::to_string_pretty(self)?;
         reuse_core::checkpoint::write_atomic(&dir.join("report.json"), json.as_bytes())?;
         let mut md = format!(
-            "# reuse benchmark report\n\ncommit: {}{}  \ndate: {}  \ndevice: {} ({} threads)  \ntorch: {}\n",
+            "# reuse benchmark report\n\ncommit: {}{}  \ndate: {}  \ndevice: {} ({} threads)  \ntorch: {}  \nseeds: {:?}\n",
             self.commit,
             if self.dirty {
                 " (with uncommitted changes)"
@@ -235,7 +238,8 @@ impl Report {
             self.date,
             self.device,
             self.threads,
-            self.torch
+            self.torch,
+            self.seeds
         );
         if self.quick {
             md.push_str(

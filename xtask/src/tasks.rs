@@ -49,6 +49,9 @@ pub struct BenchArgs {
     /// mean nothing and the report is marked quick.
     #[arg(long)]
     quick: bool,
+    /// Seeds of the repeated runs: 0..N (default 3).
+    #[arg(long)]
+    seeds: Option<usize>,
     /// Further arguments passed to reuse-bench as they are (after `--`).
     #[arg(last = true)]
     rest: Vec<String>,
@@ -98,6 +101,9 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
     }
     if args.quick {
         c.arg("--quick");
+    }
+    if let Some(n) = args.seeds {
+        c.args(["--seeds", &n.to_string()]);
     }
     c.args(&args.rest);
     cmd::step(&mut c)?;

@@ -28,7 +28,6 @@ use tch::{Device, Tensor};
 
 use super::{mean, sample_sd, say, Ctx, Metrics, Outcome};
 
-const SEEDS: [u64; 3] = [0, 1, 2];
 const MEMORY: usize = 200;
 
 /// A method and its hyperparameters.
@@ -504,12 +503,13 @@ fn scenarios_experiment(
     kinds: &[Kind],
     name: &str,
 ) -> Result<Outcome> {
+    let seeds = &ctx.seeds;
     let s = split()?;
     let p = Protocol {
         epochs: ctx.size(5, 1),
         device: ctx.device,
     };
-    let seeds: &[u64] = if ctx.quick { &SEEDS[..1] } else { &SEEDS };
+    let seeds: &[u64] = if ctx.quick { &seeds[..1] } else { seeds };
     let mut m = Metrics::new();
     let mut notes = vec![format!(
         "Protocol (shared with Avalanche): digits values / 16; stratified 75/25 train/test \
@@ -903,8 +903,9 @@ fn peft_reference(ctx: &Ctx, method: &str, seed: u64, lambda: f64) -> Result<ser
 }
 
 pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    let seeds = &ctx.seeds;
     let d = lm_data(ctx)?;
-    let seeds: &[u64] = if ctx.quick { &SEEDS[..1] } else { &SEEDS };
+    let seeds: &[u64] = if ctx.quick { &seeds[..1] } else { seeds };
     let mut m = Metrics::new();
     let mut notes = vec![format!(
         "all-MiniLM-L6-v2 with mean pooling and an 8-way head on the Debian sections task as \

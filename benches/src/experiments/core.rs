@@ -16,15 +16,14 @@ use tch::Kind;
 
 use super::{insert_spread, mean, sample_sd, Ctx, Metrics, Outcome};
 
-const DIGITS_SEEDS: [u64; 3] = [0, 1, 2];
-
 /// An MLP (64-128-10, ReLU) trained with AdamW on the digits fixture, seeds 0, 1, 2.
 pub fn digits_mlp(ctx: &Ctx, _bar: &ProgressBar) -> Result<Outcome> {
+    let seeds = &ctx.seeds;
     let d = load_digits(&fixtures_dir().join("digits/digits.csv.gz"))?;
     let epochs = ctx.size(25, 2);
     let (mut accs, mut secs) = (Vec::new(), Vec::new());
     let mut params = 0;
-    for seed in DIGITS_SEEDS {
+    for seed in seeds.iter().copied() {
         tch::manual_seed(seed as i64);
         let net = Mlp::new(&[64, 128, 10], Activation::Relu, ctx.device)?;
         let mut t = Trainer::new(TrainConfig {
@@ -43,7 +42,7 @@ pub fn digits_mlp(ctx: &Ctx, _bar: &ProgressBar) -> Result<Outcome> {
     let mut m = Metrics::from([
         ("test_accuracy".into(), mean(&accs)),
         ("test_accuracy_sd".into(), sample_sd(&accs)),
-        ("seeds".into(), DIGITS_SEEDS.len() as f64),
+        ("seeds".into(), seeds.len() as f64),
         ("epochs".into(), epochs as f64),
         ("params".into(), params as f64),
     ]);
@@ -52,7 +51,7 @@ pub fn digits_mlp(ctx: &Ctx, _bar: &ProgressBar) -> Result<Outcome> {
         metrics: m,
         notes: vec![
             format!(
-                "Seeds {DIGITS_SEEDS:?} (initialisation and data order); `test_accuracy` is \
+                "Seeds {seeds:?} (initialisation and data order); `test_accuracy` is \
                  their mean, `test_accuracy_sd` the sample sd; `train_seconds_*` is one whole fit \
                  per seed ({epochs} epochs)."
             ),

@@ -21,8 +21,6 @@ use tch::{Device, Kind, Tensor};
 
 use super::{insert_spread, mean, median, sample_sd, Ctx, Metrics, Outcome};
 
-const SEEDS: [u64; 3] = [0, 1, 2];
-
 fn summary(m: &mut Metrics, name: &str, v: &[f64]) {
     m.insert(format!("{name}.test_accuracy"), mean(v));
     m.insert(format!("{name}.test_accuracy_sd"), sample_sd(v));
@@ -31,6 +29,7 @@ fn summary(m: &mut Metrics, name: &str, v: &[f64]) {
 /// Digits: teacher 64-512-512-10, student 64-64-10 (1.6% of its parameters). KD's
 /// temperature and alpha are chosen on a dev split cut from the training images.
 pub fn digits_mlp(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    let seeds = &ctx.seeds;
     let d = load_digits(&fixtures_dir().join("digits/digits.csv.gz"))?;
     // The last 20% of the training images are the dev split for the KD grid.
     let n = d.train.len() as i64;
@@ -93,7 +92,7 @@ pub fn digits_mlp(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     super::say(bar, format!("  digits KD grid on dev: {}", seen.join(", ")));
     let (mut ta, mut ha, mut ka) = (vec![], vec![], vec![]);
     let (mut tp, mut sp) = (0, 0);
-    for seed in SEEDS {
+    for seed in seeds.iter().copied() {
         let owned;
         let t: &Mlp = if seed == 0 {
             &t0
@@ -119,7 +118,7 @@ pub fn digits_mlp(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     m.insert("student_params".into(), sp as f64);
     m.insert("temperature".into(), temp);
     m.insert("alpha".into(), alpha);
-    m.insert("seeds".into(), SEEDS.len() as f64);
+    m.insert("seeds".into(), seeds.len() as f64);
     m.insert("epochs".into(), epochs as f64);
     Ok(Outcome {
         metrics: m,
@@ -133,7 +132,7 @@ pub fn digits_mlp(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                 seen.join(", ")
             ),
             format!(
-                "Seeds {SEEDS:?}: each seed trains its own teacher, hard-label student and KD \
+                "Seeds {seeds:?}: each seed trains its own teacher, hard-label student and KD \
                  student (from that seed's teacher); accuracies on the 360 test images are \
                  means and sample sds over the seeds."
             ),
@@ -187,6 +186,7 @@ pub(super) const BATCH: usize = 32;
 /// from the live teacher on the labelled set plus the unlabelled eight-section
 /// synopses, (c) as (b) from a top-4 cache.
 pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    let seeds = &ctx.seeds;
     let dir = minilm_dir()?;
     let (splits, pool_texts) = sections_and_pool(ctx)?;
     let n_classes = splits.classes.len() as i64;
@@ -281,7 +281,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let (mut hard, mut live, mut cached) = (vec![], vec![], vec![]);
     let (mut live_epoch_s, mut cached_epoch_s) = (vec![], vec![]);
     let (mut live_step_ms, mut cached_step_ms) = (vec![], vec![]);
-    for seed in SEEDS {
+    for seed in seeds.iter().copied() {
         bar.set_message(format!("distill.minilm_sections seed {seed}"));
         let s = student_of(seed)?;
         Trainer::new(warm(cfg(s_lr, seed), &train)).fit(&s, &train, None, &mut [])?;
@@ -389,7 +389,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     m.insert("student_lr".into(), s_lr);
     m.insert("teacher_lr".into(), t_lr);
     m.insert("epochs".into(), epochs as f64);
-    m.insert("seeds".into(), SEEDS.len() as f64);
+    m.insert("seeds".into(), seeds.len() as f64);
     m.insert("train_examples".into(), train.len() as f64);
     m.insert("pool_examples".into(), pool_texts.len() as f64);
     Ok(Outcome {
@@ -413,7 +413,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                  forward KL with T², alpha * CE + (1 - alpha) * KD; student_cached reads the \
                  teacher's top-4 log-probabilities (f16) from a cache built once ({:.1} s), \
                  the missing tail renormalised away. Same epochs, batch and schedule for \
-                 all. Accuracies: means and sample sds over seeds {SEEDS:?} on the {} test \
+                 all. Accuracies: means and sample sds over seeds {seeds:?} on the {} test \
                  texts.",
                 seen.join(", "),
                 pool_texts.len(),
@@ -515,6 +515,7 @@ pub(super) fn row_cosines(a: &Tensor, b: &Tensor) -> Tensor {
 /// teacher's embeddings on the synopses: cosine to the teacher in and out of domain, a
 /// linear probe on the sections task, speed.
 pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    let seeds = &ctx.seeds;
     use reuse_distill::embed::{distill_embeddings, EmbedDistillConfig, EmbedLoss};
     let dir = minilm_dir()?;
     let texts = all_synopses()?;
@@ -599,7 +600,7 @@ pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let mut speed = vec![];
     let mut student_params = 0;
     let mut teacher_params = 0;
-    for seed in SEEDS {
+    for seed in seeds.iter().copied() {
         bar.set_message(format!("distill.minilm_embeddings seed {seed}"));
         let cfg = EmbedDistillConfig {
             loss,
@@ -669,7 +670,7 @@ pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         student_params as f64 / teacher_params as f64,
     );
     m.insert("lr".into(), lr);
-    m.insert("seeds".into(), SEEDS.len() as f64);
+    m.insert("seeds".into(), seeds.len() as f64);
     Ok(Outcome {
         metrics: m,
         notes: vec![
@@ -690,7 +691,7 @@ pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             format!(
                 "Cosine to the teacher's embedding of the same text: in domain on the {} \
                  sections test texts, out of domain on the {} AppStream sentences of \
-                 fixtures/appstream; means over seeds {SEEDS:?} of each run's mean and min.",
+                 fixtures/appstream; means over seeds {seeds:?} of each run's mean and min.",
                 te_t.len(),
                 ood_t.len()
             ),

@@ -687,7 +687,11 @@ pub fn train_faster(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let corpus = load_corpus(ctx.size(512, 64))?;
     let runs = Runs::new(&corpus, ctx, bar);
     let recipe = recipe(ctx, GROW_AT);
-    let seeds: &[u64] = if ctx.quick { &[0] } else { &[0, 1, 2] };
+    let seeds: &[u64] = if ctx.quick {
+        &ctx.seeds[..1]
+    } else {
+        &ctx.seeds
+    };
     let (small, big) = (runs.small.clone(), runs.big.clone());
     let mut m = Metrics::new();
     // The sizes that ran, so a report says which (CPU and CUDA sizes differ).

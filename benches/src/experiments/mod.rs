@@ -25,15 +25,25 @@ pub struct Ctx {
     /// Smoke-test sizes (few steps, small splits): checks that an experiment runs end
     /// to end; its figures mean nothing and the report says it was quick.
     pub quick: bool,
+    /// Seeds of the repeated runs (`--seeds N`: 0..N; default 0, 1, 2).
+    pub seeds: Vec<u64>,
 }
 
 impl Ctx {
     pub fn new(device: Device, quick: bool) -> Result<Self> {
+        Self::with_seeds(device, quick, 3)
+    }
+
+    pub fn with_seeds(device: Device, quick: bool, seeds: usize) -> Result<Self> {
+        if seeds == 0 {
+            anyhow::bail!("--seeds must be at least 1");
+        }
         let root = reuse_testkit::workspace_dir().canonicalize()?;
         Ok(Self {
             device,
             root,
             quick,
+            seeds: (0..seeds as u64).collect(),
         })
     }
 
@@ -135,7 +145,7 @@ pub struct Experiment {
 pub const EXPERIMENTS: &[Experiment] = &[
     Experiment {
         id: "core.digits_mlp",
-        about: "MLP on scikit-learn digits, 3 seeds: test accuracy, training time, parameters",
+        about: "MLP on scikit-learn digits, 3 seeds by default: test accuracy, training time, parameters",
         run: core::digits_mlp,
         default: true,
         gpu_sized: false,
@@ -151,7 +161,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
     },
     Experiment {
         id: "peft.minilm_sections",
-        about: "MiniLM on Debian sections, same budget, lr chosen on dev, 3 seeds: full fine-tune, head only, LoRA (r=4 q,v,FFN; r=8 q,v), Pfeiffer",
+        about: "MiniLM on Debian sections, same budget, lr chosen on dev, 3 seeds by default: full fine-tune, head only, LoRA (r=4 q,v,FFN; r=8 q,v), Pfeiffer",
         run: peft::minilm_sections,
         default: true,
         gpu_sized: false,
@@ -175,7 +185,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
     },
     Experiment {
         id: "distill.digits_mlp",
-        about: "digits: wide MLP teacher, a student of 1.6% its size, hard labels vs KD (T, alpha chosen on dev), 3 seeds",
+        about: "digits: wide MLP teacher, a student of 1.6% its size, hard labels vs KD (T, alpha chosen on dev), 3 seeds by default",
         run: distill::digits_mlp,
         default: true,
         gpu_sized: false,
@@ -231,7 +241,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
     },
     Experiment {
         id: "grow.train_faster",
-        about: "masked-LM pretraining on the synopses: 2-layer hidden-128 BERT grown exactly to 4 layers / hidden 256 mid-run vs the big model from scratch, same recipe; FLOPs to the scratch loss, 3 seeds",
+        about: "masked-LM pretraining on the synopses: 2-layer hidden-128 BERT grown exactly to 4 layers / hidden 256 mid-run vs the big model from scratch, same recipe; FLOPs to the scratch loss, 3 seeds by default",
         run: grow::train_faster,
         default: true,
         gpu_sized: true,

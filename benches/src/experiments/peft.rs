@@ -24,8 +24,6 @@ use super::{insert_spread, mean, median, sample_sd, Ctx, Metrics, Outcome};
 pub(super) const STEPS: usize = 300;
 pub(super) const BATCH: usize = 16;
 pub(super) const MAX_LEN: usize = 32;
-/// Seeds of the reported runs; seed 0 is also the seed of the lr grid.
-const SEEDS: [u64; 3] = [0, 1, 2];
 /// Learning-rate grids, ascending (a tie on dev accuracy goes to the smaller lr): half
 /// decades around each method's usual value.
 ///
@@ -151,6 +149,7 @@ const SWEEP: [(&str, &[f64]); 7] = [
 /// i-th); metric `<method>.<lr>.seed<s>.dev_accuracy` per run, and one `sweep` line each
 /// on the log.
 pub fn dev_sweep(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    let seeds = &ctx.seeds;
     let (shard, shards) = match std::env::var("REUSE_SWEEP_SHARD") {
         Ok(v) => {
             let (i, n) = v
@@ -173,7 +172,7 @@ pub fn dev_sweep(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let mut jobs = Vec::new();
     for (method, grid) in SWEEP {
         for &lr in grid {
-            for &seed in &SEEDS {
+            for &seed in seeds.iter() {
                 jobs.push((method, lr, seed));
             }
         }
@@ -211,7 +210,7 @@ pub fn dev_sweep(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         metrics: m,
         notes: vec![format!(
             "Dev split only ({} examples); same budget as peft.minilm_sections ({steps} \
-             steps, batch {BATCH}); seeds {SEEDS:?}; shard {shard}/{shards}.",
+             steps, batch {BATCH}); seeds {seeds:?}; shard {shard}/{shards}.",
             splits.dev.labels.len()
         )],
     })
@@ -229,6 +228,7 @@ struct Run {
 /// method is reported over seeds 0, 1, 2 at that lr (the seed-0 run is the grid's).
 /// Test accuracy is computed only for the chosen lr.
 pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    let seeds = &ctx.seeds;
     let dir = minilm_dir()?;
     let mut splits = sections()?;
     splits.dev.texts.truncate(ctx.size(usize::MAX, 64));
@@ -272,7 +272,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         let mut seen = Vec::new();
         for &lr in grid {
             bar.set_message(format!("peft.minilm_sections {method} grid lr {lr:e}"));
-            let run = fit(method, lr, SEEDS[0])?;
+            let run = fit(method, lr, seeds[0])?;
             super::say(
                 bar,
                 format!("  {method:9} grid lr {lr:e}: dev acc {:.4}", run.dev),
@@ -293,7 +293,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         let params = run0.model.params();
         let (trainable, total) = (params.count_trainable(), params.count());
         drop((params, run0));
-        for &seed in &SEEDS[1..] {
+        for &seed in &seeds[1..] {
             bar.set_message(format!("peft.minilm_sections {method} seed {seed}"));
             reset_peak_rss();
             let run = fit(method, lr, seed)?;
@@ -305,7 +305,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         super::say(
             bar,
             format!(
-                "  {method:9} lr {lr:e}: test acc {:.4} ± {:.4} (seeds {SEEDS:?}), trainable {trainable} of {total}",
+                "  {method:9} lr {lr:e}: test acc {:.4} ± {:.4} (seeds {seeds:?}), trainable {trainable} of {total}",
                 mean(&tests),
                 sample_sd(&tests)
             ),
@@ -331,7 +331,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             m[&format!("{method}.test_accuracy")] / m["full.test_accuracy"],
         );
     }
-    m.insert("seeds".into(), SEEDS.len() as f64);
+    m.insert("seeds".into(), seeds.len() as f64);
     m.insert("steps".into(), steps as f64);
     m.insert("batch_size".into(), BATCH as f64);
     m.insert("max_len".into(), MAX_LEN as f64);
@@ -350,7 +350,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             splits.test.labels.len()
         ),
         format!(
-            "Each method then trains at its lr for seeds {SEEDS:?} (head/adapter init, \
+            "Each method then trains at its lr for seeds {seeds:?} (head/adapter init, \
              dropout, data order; seed 0 is the grid's run): `<method>.test_accuracy` and \
              `.dev_accuracy` are means over the seeds, `*_sd` sample sds; \
              `*_over_full_accuracy` divide those means."

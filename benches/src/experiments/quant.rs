@@ -288,6 +288,7 @@ fn tempfile_dir(ctx: &Ctx) -> Result<std::path::PathBuf> {
 /// the embedding tables, groups of 64 with zero points). Size against the f32 teacher
 /// and test accuracy relative to it, 3 seeds.
 pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    let seeds = &ctx.seeds;
     use super::distill::{sections_and_pool, synopses, BATCH as KD_BATCH, MAX_LEN};
     use reuse_core::data::BatchSource;
     use reuse_core::models::sentence::tokenize;
@@ -433,7 +434,7 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
 
     let (mut acc_f32, mut acc_trim, mut acc_q) = (vec![], vec![], vec![]);
     let (mut bytes_f32, mut bytes_trim, mut bytes_q) = (0.0, 0.0, 0.0);
-    for seed in SEEDS {
+    for seed in seeds.iter().copied() {
         bar.set_message(format!("quant.distill_plus_quant seed {seed}"));
         let mut s = student_of(seed)?;
         let mut d = Distiller::new(TeacherSource::Cached(&cache), KdConfig::new(2.0), 0.5)?;
@@ -535,14 +536,14 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     m.insert("vocab_kept".into(), plan.len() as f64);
     m.insert("vocab_before".into(), plan.old_size() as f64);
     m.insert("student_lr".into(), s_lr);
-    m.insert("seeds".into(), SEEDS.len() as f64);
+    m.insert("seeds".into(), seeds.len() as f64);
     let notes = vec![
         format!(
             "Teacher: all-MiniLM-L6-v2 + a linear head, fully fine-tuned on the {} train texts of the Debian sections ({epochs} epochs, batch {KD_BATCH}, max length {MAX_LEN}, AdamW lr {t_lr:e}, weight decay 0.01, linear schedule with 10% warm-up), seed 0; its size is its whole f32 state (encoder, unused pooler included, and head) as safetensors.",
             train.len()
         ),
         format!(
-            "Student: embeddings and layers {layers:?} of the fine-tuned teacher, its head copied, the unused pooler dropped; KD (forward KL with T², T = 2, alpha = 0.5) from the teacher's top-4 cache over the train texts plus the {} unlabelled eight-section synopses, as distill.minilm_sections. Student lr chosen on the {} dev texts at seed 0 with hard labels from {{{}}}: {s_lr:e}. Seeds {SEEDS:?}; accuracies on the {} test texts (mean, sample sd).",
+            "Student: embeddings and layers {layers:?} of the fine-tuned teacher, its head copied, the unused pooler dropped; KD (forward KL with T², T = 2, alpha = 0.5) from the teacher's top-4 cache over the train texts plus the {} unlabelled eight-section synopses, as distill.minilm_sections. Student lr chosen on the {} dev texts at seed 0 with hard labels from {{{}}}: {s_lr:e}. Seeds {seeds:?}; accuracies on the {} test texts (mean, sample sd).",
             pool_texts.len(),
             dev.len(),
             seen.join(", "),
@@ -561,8 +562,6 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     ];
     Ok(Outcome { metrics: m, notes })
 }
-
-const SEEDS: [u64; 3] = [0, 1, 2];
 
 /// The environment variable that turns `reuse-bench` into one `quant.qlora` training
 /// run (a child process, so each run's peak memory is its own).
@@ -714,6 +713,7 @@ pub fn qlora_child(spec: &str) -> Result<()> {
 /// same steps, batch and lr, seeds 0-2; test accuracy and each run's peak memory (a child
 /// process per run, f32 and int4 alternating).
 pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    let seeds = &ctx.seeds;
     reuse_quant::register();
     let src = minilm_dir()?;
     let splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
@@ -737,7 +737,7 @@ pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let lr = 3e-3;
     let exe = std::env::current_exe()?;
     let mut results: Vec<(&str, Vec<QloraResult>)> = vec![("f32", vec![]), ("int4", vec![])];
-    for seed in SEEDS {
+    for seed in seeds.iter().copied() {
         for k in 0..2 {
             // Alternate which base goes first, so drift in the machine hits both alike.
             let i = (k + seed as usize) % 2;
@@ -835,7 +835,7 @@ pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     m.insert("f32_file_mb".into(), r.bytes_before as f64 / 1e6);
     let notes = vec![
         format!(
-            "LoRA r=4 (alpha 8) on query, value and both FFN linears of all-MiniLM-L6-v2, plus a linear head, trained on the {} train texts of the Debian sections: {} steps, batch {}, max length {}, AdamW lr {lr:e} (the best dev lr for this LoRA in peft.dev_sweep, benches/sweeps/peft_dev_sweep.md; the int4 base reuses it, as the QLoRA paper reuses LoRA's), weight decay 0.01, linear schedule with 10% warm-up. Seeds {SEEDS:?}; accuracies on the test split; accuracy_gap = f32 - int4 per seed.",
+            "LoRA r=4 (alpha 8) on query, value and both FFN linears of all-MiniLM-L6-v2, plus a linear head, trained on the {} train texts of the Debian sections: {} steps, batch {}, max length {}, AdamW lr {lr:e} (the best dev lr for this LoRA in peft.dev_sweep, benches/sweeps/peft_dev_sweep.md; the int4 base reuses it, as the QLoRA paper reuses LoRA's), weight decay 0.01, linear schedule with 10% warm-up. Seeds {seeds:?}; accuracies on the test split; accuracy_gap = f32 - int4 per seed.",
             splits.train.texts.len(),
             ctx.size(super::peft::STEPS, 6),
             super::peft::BATCH,
