@@ -187,8 +187,8 @@ pub fn lora_step(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     ck.save(&batch)?;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rounds = ctx.size(3, 1);
-    let steps = ctx.size(8, 2);
-    let warmup = ctx.size(3, 1);
+    let steps = ctx.size(6, 2);
+    let warmup = ctx.size(2, 1);
     let exe = std::env::current_exe()?;
     let out = work.join("result.json");
 

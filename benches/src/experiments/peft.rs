@@ -33,7 +33,10 @@ pub(super) const MAX_LEN: usize = 32;
 /// accuracy under 1% of the weights (r=4 on query, value and both FFN linears).
 /// `lora_qv_r8` (the LoRA paper's r=8 on query and value) is kept beside it.
 const METHODS: [(&str, &[f64]); 5] = [
-    ("full", &[1e-4, 2e-4, 3e-4, 5e-4]),
+    // 1e-4 left out to keep the full CPU bench under 45 minutes (a full fine-tuning run
+    // is the slowest, ~130 s): the sweep's best dev lrs, 2e-4 and 3e-4 (tied), stay
+    // bracketed.
+    ("full", &[2e-4, 3e-4, 5e-4]),
     ("head", &[3e-3, 1e-2, 3e-2]),
     ("lora", &[2e-3, 3e-3, 5e-3]),
     ("lora_qv_r8", &[2e-3, 3e-3, 5e-3]),
