@@ -13,6 +13,18 @@ use crate::fsutil;
 const BEGIN: &str = "<!-- bench:begin -->";
 const END: &str = "<!-- bench:end -->";
 const WIDTH: usize = 88;
+/// The plot the README shows, and where its copy is committed.
+const PLOT: &str = "plot_peft_methods.png";
+const PLOT_DEST: &str = "docs/bench/plot_peft_methods.png";
+
+/// The body of the Markdown section whose heading line is `heading`, up to the next
+/// heading of the same level.
+fn section<'a>(md: &'a str, heading: &str) -> Option<&'a str> {
+    let start = md.find(&format!("{heading}\n"))? + heading.len() + 1;
+    let rest = &md[start..];
+    let end = rest.find("\n## ").map_or(rest.len(), |i| i + 1);
+    Some(&rest[..end])
+}
 
 #[derive(Args)]
 pub struct FiguresArgs {
@@ -60,10 +72,37 @@ pub fn run(root: &Path, target: &Path, args: &FiguresArgs) -> Result<()> {
             report_path.display()
         );
     }
-    let block = block(&r)?;
+    let mut block = block(&r)?;
+    // The report's claims table, and one of its plots, as the run wrote them.
+    let md_path = report_path.with_file_name("REPORT.md");
+    let md = std::fs::read_to_string(&md_path).with_context(|| {
+        format!(
+            "cannot read {} (written with report.json)",
+            md_path.display()
+        )
+    })?;
+    let claims = section(&md, "## Claims")
+        .with_context(|| format!("{} has no `## Claims` section", md_path.display()))?;
+    block.push_str(&format!(
+        "\n\nThe claims table of that run (its REPORT.md):\n\n{}",
+        claims.trim()
+    ));
+    let plot = report_path.with_file_name(PLOT);
+    if plot.exists() {
+        block.push_str(&format!(
+            "\n\n![PEFT methods on MiniLM: test accuracy and trainable share]({PLOT_DEST})"
+        ));
+    }
     if args.print {
         println!("{block}");
         return Ok(());
+    }
+    if plot.exists() {
+        let dest = root.join(PLOT_DEST);
+        std::fs::create_dir_all(dest.parent().expect("a folder"))?;
+        let bytes =
+            std::fs::read(&plot).with_context(|| format!("cannot read {}", plot.display()))?;
+        fsutil::write_atomic(&dest, &bytes)?;
     }
     let readme = root.join(&args.readme);
     let text = std::fs::read_to_string(&readme)
@@ -264,6 +303,14 @@ mod tests {
         assert!(replace_block("no markers", "x").is_err());
         let two = format!("{BEGIN}\n{END}\n{BEGIN}\n{END}\n");
         assert!(replace_block(&two, "x").is_err());
+    }
+
+    #[test]
+    fn finds_a_section_up_to_the_next_heading() {
+        let md = "# r\n\n## Claims\n\n| a |\n|---|\n\n## Plots\n\n- x\n";
+        assert_eq!(section(md, "## Claims").unwrap().trim(), "| a |\n|---|");
+        assert_eq!(section(md, "## Plots").unwrap().trim(), "- x");
+        assert!(section(md, "## Other").is_none());
     }
 
     #[test]
