@@ -59,6 +59,48 @@ fn at_least(a: f64, sa: f64, b: f64, sb: f64) -> bool {
     a >= b - sa.max(sb)
 }
 
+/// Forgetting of method `m` (`scenario.method`) below the naive baseline's.
+fn forgetting_below_naive(g: &Get, m: &str) -> (String, String, Option<bool>) {
+    let scenario = m.split('.').next().unwrap_or(m);
+    let f = g(&format!("{m}.forgetting"));
+    let n = g(&format!("{scenario}.naive.forgetting"));
+    (
+        format!("{f:.3}"),
+        format!(
+            "sd {:.3}; naive forgets {n:.3}",
+            g(&format!("{m}.forgetting_sd"))
+        ),
+        Some(f < n),
+    )
+}
+
+/// Average accuracy of `m` at least Avalanche's for the same method and scenario.
+fn at_least_avalanche(g: &Get, m: &str) -> (String, String, Option<bool>) {
+    let (a, sa) = (
+        g(&format!("{m}.avg_accuracy")),
+        g(&format!("{m}.avg_accuracy_sd")),
+    );
+    let (b, sb) = (
+        g(&format!("avalanche.{m}.avg_accuracy")),
+        g(&format!("avalanche.{m}.avg_accuracy_sd")),
+    );
+    (
+        format!("{a:.4}"),
+        format!("sd {sa:.4}; Avalanche {}", pm(b, sb)),
+        Some(at_least(a, sa, b, sb)),
+    )
+}
+
+/// `m`'s time over Avalanche's, at most a quarter.
+fn quarter_of_avalanche_time(g: &Get, m: &str) -> (String, String, Option<bool>) {
+    let r = g(&format!("{m}.time_ratio"));
+    (
+        format!("{r:.2}x"),
+        "mean seconds over seeds, both sides".into(),
+        Some(r <= 0.25),
+    )
+}
+
 pub const CLAIMS: &[Claim] = &[
     Claim {
         text: "LoRA trains under 1% of the weights",
@@ -202,18 +244,7 @@ pub const CLAIMS: &[Claim] = &[
             "class_il.replay.forgetting_sd",
             "class_il.naive.forgetting",
         ],
-        eval: |g| {
-            let f = g("class_il.replay.forgetting");
-            let n = g("class_il.naive.forgetting");
-            (
-                format!("{f:.3}"),
-                format!(
-                    "sd {:.3}; naive forgets {n:.3}",
-                    g("class_il.replay.forgetting_sd")
-                ),
-                Some(f < n),
-            )
-        },
+        eval: |g| forgetting_below_naive(g, "class_il.replay"),
     },
     Claim {
         text: "... at least as well as Avalanche on the same protocol",
@@ -225,35 +256,14 @@ pub const CLAIMS: &[Claim] = &[
             "avalanche.class_il.replay.avg_accuracy",
             "avalanche.class_il.replay.avg_accuracy_sd",
         ],
-        eval: |g| {
-            let (a, sa) = (
-                g("class_il.replay.avg_accuracy"),
-                g("class_il.replay.avg_accuracy_sd"),
-            );
-            let (b, sb) = (
-                g("avalanche.class_il.replay.avg_accuracy"),
-                g("avalanche.class_il.replay.avg_accuracy_sd"),
-            );
-            (
-                format!("{a:.4}"),
-                format!("sd {sa:.4}; Avalanche {}", pm(b, sb)),
-                Some(at_least(a, sa, b, sb)),
-            )
-        },
+        eval: |g| at_least_avalanche(g, "class_il.replay"),
     },
     Claim {
         text: "... in <= 0.25x Avalanche's time",
         experiment: "continual.split_digits",
         target: "<= 0.25x",
         keys: &["class_il.replay.time_ratio"],
-        eval: |g| {
-            let r = g("class_il.replay.time_ratio");
-            (
-                format!("{r:.2}x"),
-                "mean seconds over seeds, both sides".into(),
-                Some(r <= 0.25),
-            )
-        },
+        eval: |g| quarter_of_avalanche_time(g, "class_il.replay"),
     },
     Claim {
         text: "EWC avoids catastrophic forgetting (permuted digits, domain-incremental)",
@@ -264,18 +274,7 @@ pub const CLAIMS: &[Claim] = &[
             "permuted.ewc.forgetting_sd",
             "permuted.naive.forgetting",
         ],
-        eval: |g| {
-            let f = g("permuted.ewc.forgetting");
-            let n = g("permuted.naive.forgetting");
-            (
-                format!("{f:.3}"),
-                format!(
-                    "sd {:.3}; naive forgets {n:.3}",
-                    g("permuted.ewc.forgetting_sd")
-                ),
-                Some(f < n),
-            )
-        },
+        eval: |g| forgetting_below_naive(g, "permuted.ewc"),
     },
     Claim {
         text: "... at least as well as Avalanche on the same protocol",
@@ -287,35 +286,14 @@ pub const CLAIMS: &[Claim] = &[
             "avalanche.permuted.ewc.avg_accuracy",
             "avalanche.permuted.ewc.avg_accuracy_sd",
         ],
-        eval: |g| {
-            let (a, sa) = (
-                g("permuted.ewc.avg_accuracy"),
-                g("permuted.ewc.avg_accuracy_sd"),
-            );
-            let (b, sb) = (
-                g("avalanche.permuted.ewc.avg_accuracy"),
-                g("avalanche.permuted.ewc.avg_accuracy_sd"),
-            );
-            (
-                format!("{a:.4}"),
-                format!("sd {sa:.4}; Avalanche {}", pm(b, sb)),
-                Some(at_least(a, sa, b, sb)),
-            )
-        },
+        eval: |g| at_least_avalanche(g, "permuted.ewc"),
     },
     Claim {
         text: "... in <= 0.25x Avalanche's time",
         experiment: "continual.permuted_digits",
         target: "<= 0.25x",
         keys: &["permuted.ewc.time_ratio"],
-        eval: |g| {
-            let r = g("permuted.ewc.time_ratio");
-            (
-                format!("{r:.2}x"),
-                "mean seconds over seeds, both sides".into(),
-                Some(r <= 0.25),
-            )
-        },
+        eval: |g| quarter_of_avalanche_time(g, "permuted.ewc"),
     },
     Claim {
         text: "A grown model reaches the scratch model's loss with >= 30% less compute",

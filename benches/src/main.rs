@@ -103,11 +103,17 @@ fn main() -> Result<()> {
             (e.id.to_string(), why.to_string())
         })
         .collect();
-    let bar = ProgressBar::new(chosen.len() as u64);
+    // One bar over the whole run, each experiment weighted by its typical duration, so
+    // that the ETA means something; experiments print their own progress lines above it.
+    let weight = |e: &experiments::Experiment| u64::from(e.cpu_seconds.max(1));
+    let total: u64 = chosen.iter().map(|e| weight(e)).sum();
+    let bar = ProgressBar::new(total);
     bar.set_style(ProgressStyle::with_template(
-        "[{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+        "[{elapsed_precise}] {bar:30} {percent}% experiment {prefix}: {msg} (ETA {eta})",
     )?);
-    for e in chosen {
+    let n = chosen.len();
+    for (i, e) in chosen.into_iter().enumerate() {
+        bar.set_prefix(format!("{}/{n}", i + 1));
         bar.set_message(e.id);
         let start = Instant::now();
         let experiments::Outcome { metrics, notes } = (e.run)(&ctx, &bar)?;
@@ -123,7 +129,7 @@ fn main() -> Result<()> {
             metrics,
             notes,
         });
-        bar.inc(1);
+        bar.inc(weight(e));
     }
     bar.finish_and_clear();
     // Micro-benchmarks `cargo xtask bench` ran just before this run (never older ones).

@@ -269,21 +269,31 @@ impl Report {
             md.push_str(&format!("- [{name}]({name}): {caption}\n"));
             made.push(name);
         }
-        // Images the experiments drew themselves in this run (heat maps, loss curves).
-        let mut own: Vec<String> = std::fs::read_dir(dir)
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| {
-                        e.path().extension().is_some_and(|x| x == "png")
-                            && e.metadata()
-                                .and_then(|m| m.modified())
-                                .is_ok_and(|t| t >= self.started)
-                    })
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| !made.contains(n))
-                    .collect()
-            })
-            .unwrap_or_default();
+        // Images the experiments drew themselves in this run (heat maps, loss curves),
+        // in the report folder or one folder down.
+        let fresh_pngs = |d: &Path, prefix: &str| -> Vec<String> {
+            std::fs::read_dir(d)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| {
+                            e.path().extension().is_some_and(|x| x == "png")
+                                && e.metadata()
+                                    .and_then(|m| m.modified())
+                                    .is_ok_and(|t| t >= self.started)
+                        })
+                        .map(|e| format!("{prefix}{}", e.file_name().to_string_lossy()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut own: Vec<String> = fresh_pngs(dir, "");
+        if let Ok(d) = std::fs::read_dir(dir) {
+            for sub in d.flatten().filter(|e| e.path().is_dir()) {
+                let name = sub.file_name().to_string_lossy().into_owned();
+                own.extend(fresh_pngs(&sub.path(), &format!("{name}/")));
+            }
+        }
+        own.retain(|n| !made.contains(n));
         own.sort();
         for name in &own {
             md.push_str(&format!("- [{name}]({name}): drawn by its experiment\n"));
@@ -319,14 +329,17 @@ impl Report {
             ),
         }
         for e in &self.experiments {
+            // What it trains, on which model and data, the budget and how the settings
+            // were chosen, and which peer ran beside it: the experiment's own notes, as
+            // one paragraph under its one-line summary, then its table.
             md.push_str(&format!(
-                "\n## {} ({:.1} s)\n\n{}\n",
-                e.id, e.seconds, e.about
+                "\n## {} ({:.1} s)\n\n**{}.** {}\n",
+                e.id,
+                e.seconds,
+                e.about,
+                e.notes.join(" ")
             ));
-            for n in &e.notes {
-                md.push_str(&format!("\n- {n}"));
-            }
-            md.push_str("\n\n| metric | value |\n|---|---|\n");
+            md.push_str("\n| metric | value |\n|---|---|\n");
             for (k, v) in &e.metrics {
                 md.push_str(&format!("| {k} | {} |\n", fmt(*v)));
             }

@@ -140,6 +140,9 @@ pub struct Experiment {
     /// Part of `--quick` (at its quick sizes); `false` for experiments whose quick size
     /// would say nothing (`--only` runs them anyway).
     pub quick: bool,
+    /// Roughly how long a full-size run takes on the 2-core development CPU, in seconds
+    /// (measured there): weights for the overall progress bar's ETA, nothing else.
+    pub cpu_seconds: u32,
 }
 
 pub const EXPERIMENTS: &[Experiment] = &[
@@ -150,6 +153,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: false,
         quick: true,
+        cpu_seconds: 2,
     },
     Experiment {
         id: "core.minilm_embed",
@@ -158,6 +162,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: false,
         quick: true,
+        cpu_seconds: 40,
     },
     Experiment {
         id: "peft.minilm_sections",
@@ -166,6 +171,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: false,
         quick: true,
+        cpu_seconds: 1250,
     },
     Experiment {
         id: "peft.inference_overhead",
@@ -174,6 +180,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: false,
         quick: true,
+        cpu_seconds: 14,
     },
     Experiment {
         id: "peft.vs_python",
@@ -182,6 +189,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: false,
         quick: true,
+        cpu_seconds: 26,
     },
     Experiment {
         id: "distill.digits_mlp",
@@ -190,6 +198,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: false,
         quick: true,
+        cpu_seconds: 25,
     },
     Experiment {
         id: "distill.minilm_sections",
@@ -198,6 +207,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: true,
         quick: true,
+        cpu_seconds: 1500,
     },
     Experiment {
         id: "distill.minilm_embeddings",
@@ -206,6 +216,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: true,
         quick: true,
+        cpu_seconds: 1500,
     },
     Experiment {
         id: "continual.split_digits",
@@ -214,6 +225,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: false,
         quick: true,
+        cpu_seconds: 170,
     },
     Experiment {
         id: "continual.permuted_digits",
@@ -222,6 +234,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: false,
         quick: true,
+        cpu_seconds: 275,
     },
     Experiment {
         id: "continual.minilm_sections",
@@ -230,6 +243,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: true,
         quick: true,
+        cpu_seconds: 1360,
     },
     Experiment {
         id: "grow.minilm_preserve",
@@ -238,6 +252,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: false,
         quick: true,
+        cpu_seconds: 16,
     },
     Experiment {
         id: "grow.train_faster",
@@ -246,6 +261,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: true,
         quick: false,
+        cpu_seconds: 4224,
     },
     Experiment {
         id: "grow.train_faster_dev",
@@ -254,6 +270,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: false,
         gpu_sized: false,
         quick: true,
+        cpu_seconds: 2500,
     },
     Experiment {
         id: "quant.minilm",
@@ -262,6 +279,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: false,
         quick: true,
+        cpu_seconds: 68,
     },
     Experiment {
         id: "quant.qlora",
@@ -270,6 +288,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: false,
         quick: true,
+        cpu_seconds: 318,
     },
     Experiment {
         id: "quant.distill_plus_quant",
@@ -279,6 +298,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         // 17 min on the 2-core CPU (teacher fine-tuning, KD over 7.4k texts, 3 seeds).
         gpu_sized: true,
         quick: true,
+        cpu_seconds: 1080,
     },
     Experiment {
         id: "dist.lora_step",
@@ -287,6 +307,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: false,
         quick: true,
+        cpu_seconds: 150,
     },
     Experiment {
         id: "peft.dev_sweep",
@@ -295,5 +316,6 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: false,
         gpu_sized: false,
         quick: true,
+        cpu_seconds: 5000,
     },
 ];
