@@ -325,13 +325,16 @@ fn cache(a: CacheArgs) -> Result<()> {
         move |p: reuse_distill::cache::BuildProgress<'_>| {
             let what = if p.reused { "kept" } else { "written" };
             let who = rank.map_or(String::new(), |r| format!("rank {r}: "));
-            eprintln!(
-                "{who}shard {}/{} {what} (examples {}..{})",
+            // One write per line, so that ranks sharing a terminal or pipe never
+            // interleave inside a line.
+            let line = format!(
+                "{who}shard {}/{} {what} (examples {}..{})\n",
                 p.index + 1,
                 p.total,
                 p.shard.start,
                 p.shard.end
             );
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         }
     };
     // Launched as several ranks (torchrun, `reuse launch`): each runs the teacher over

@@ -90,7 +90,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            // One write, so that ranks of a launch sharing stderr never split a line.
+            let line = format!("error: {}\n", format!("{e:#}").replace('\n', " "));
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             ExitCode::FAILURE
         }
     }
