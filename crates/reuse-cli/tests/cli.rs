@@ -1,17 +1,13 @@
 //! The `reuse` binary end to end: inspect, embed, and one-line errors.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use reuse_core::Checkpoint;
 use tch::{Device, Kind, Tensor};
 
-fn reuse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reuse"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod common;
+use common::reuse;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")

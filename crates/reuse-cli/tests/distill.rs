@@ -14,21 +14,8 @@ use reuse_distill::{dataset_fingerprint, Teacher, TeacherCache};
 use reuse_peft::{LoraConfig, LoraModel};
 use tch::{Device, Kind};
 
-fn reuse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reuse"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
+mod common;
+use common::{ok, reuse};
 
 fn one_line_error(o: &Output, needles: &[&str]) {
     assert!(!o.status.success());

@@ -3,27 +3,14 @@
 //! gives; bad layer lists and occupied output folders are one-line errors that write
 //! nothing.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use reuse_core::Checkpoint;
 use reuse_testkit::minilm_dir;
-use tch::{Device, Tensor};
+use tch::Device;
 
-fn reuse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reuse"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn ok(o: &Output) {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
+mod common;
+use common::{max_diff, ok, reuse, root};
 
 fn assert_one_line_error(o: &Output, needles: &[&str]) {
     assert!(!o.status.success());
@@ -33,10 +20,6 @@ fn assert_one_line_error(o: &Output, needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "{n:?} not in: {err}");
     }
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 fn synopses() -> String {

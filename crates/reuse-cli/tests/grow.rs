@@ -12,20 +12,8 @@ use reuse_core::Checkpoint;
 use reuse_testkit::minilm_dir;
 use tch::{Device, Kind, Tensor};
 
-fn reuse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reuse"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn ok(o: &Output) {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
+mod common;
+use common::{max_diff, ok, reuse, root};
 
 fn texts() -> PathBuf {
     root().join("fixtures/minilm/texts.txt")
@@ -84,10 +72,6 @@ fn grow(args: &[&str], src: &Path, out: &Path) -> serde_json::Value {
     let o = reuse(&all);
     ok(&o);
     serde_json::from_slice(&o.stdout).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 fn loads_cleanly(py: &Checkpoint, layers: i64) {

@@ -3,27 +3,14 @@
 //! PEFT loads it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use reuse_core::Checkpoint;
 use reuse_testkit::minilm_dir;
 use tch::{Device, Tensor};
 
-fn reuse_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_reuse")
-}
-
-fn reuse(args: &[&str]) -> Output {
-    Command::new(reuse_bin()).args(args).output().unwrap()
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn ok(o: &Output) {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
+mod common;
+use common::{ok, reuse, reuse_bin, root};
 
 /// MiniLM with dropout off (so one process and two compute the same thing; with dropout
 /// each rank draws its own masks, as in PyTorch DDP): its config.json edited, the other

@@ -9,16 +9,8 @@ use reuse_core::Checkpoint;
 use reuse_testkit::minilm_dir;
 use tch::{Device, Tensor};
 
-fn reuse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reuse"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::{max_diff, ok, reuse, root};
 
 fn peft_ref() -> Checkpoint {
     Checkpoint::load(
@@ -33,14 +25,6 @@ fn texts(r: &Checkpoint) -> Vec<String> {
         .split('\n')
         .map(String::from)
         .collect()
-}
-
-fn ok(o: &Output) {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 #[test]

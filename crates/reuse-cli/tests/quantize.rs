@@ -3,27 +3,14 @@
 //! requests are one-line errors that write nothing.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use reuse_core::Checkpoint;
 use reuse_testkit::minilm_dir;
 use tch::{Device, Kind, Tensor};
 
-fn reuse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reuse"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+mod common;
+use common::{ok, reuse, root};
 
 fn texts() -> PathBuf {
     root().join("fixtures/minilm/texts.txt")

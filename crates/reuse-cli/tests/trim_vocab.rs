@@ -4,31 +4,15 @@
 //! sentences of the corpus's words as before and text outside it differently, and bad input is a one-line error that writes nothing.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use reuse_core::Checkpoint;
 use reuse_testkit::minilm_dir;
 use tch::{Device, Tensor};
 
-fn reuse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reuse"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn ok(o: &Output) {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
-}
+mod common;
+use common::{max_diff, ok, reuse, root};
 
 /// The first `n` synopses of the fixture.
 fn synopses(n: usize) -> Vec<String> {
