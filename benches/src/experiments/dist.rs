@@ -164,9 +164,10 @@ struct TorchResult {
 /// reuse on 1 process (2 threads) and 2 processes (1 thread each, 16 examples each)
 /// against PyTorch DDP on Gloo, same global batch of 32 x 64 tokens.
 pub fn lora_step(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
-    let Some(py) = ctx.python() else {
+    // torchrun is the .venv's, and runs its python.
+    if ctx.python().is_none() {
         bail!("no .venv python: run `cargo xtask setup`");
-    };
+    }
     let torchrun = ctx.root.join(".venv/bin/torchrun");
     if !torchrun.exists() {
         bail!("no {}: run `cargo xtask setup`", torchrun.display());
@@ -259,7 +260,6 @@ pub fn lora_step(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                     .join(" | ")
             );
         }
-        let _ = &py;
         read_json(&out)
     };
 
