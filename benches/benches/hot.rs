@@ -9,6 +9,9 @@
 //!   256 examples, exact (per-sample, through captured linears) and empirical (batched).
 //! * `quant_matmul`: `x W^T` with x `[512, 384]` and W `[1536, 384]` (MiniLM's FFN
 //!   up-projection) in f32, int8 per channel and int4 in groups of 64.
+//! * `adamw_step`: one AdamW update of MiniLM's word-embedding table (30,522 x 384)
+//!   through libtorch's fused kernel (a contiguous parameter) against the same rule in
+//!   tensor ops (the path a non-contiguous parameter takes: the table's transpose).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -126,5 +129,21 @@ fn quant(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, lora_forward, kd, fisher, quant);
+fn adamw(c: &mut Criterion) {
+    tch::manual_seed(0);
+    let table = Tensor::randn([30_522, 384], (Kind::Float, Device::Cpu));
+    let fused = table.copy().set_requires_grad(true);
+    let strided = table.t_copy().t_().set_requires_grad(true);
+    assert!(!strided.is_contiguous());
+    let mut g = short(c, "adamw_step");
+    for (name, p) in [("fused", &fused), ("tensor_ops", &strided)] {
+        let params = reuse_core::Params::new(vec![("w".into(), p.shallow_clone())]);
+        (p * 1e-3).sum(Kind::Float).backward();
+        let mut opt = reuse_core::Optimizer::new(reuse_core::OptimizerKind::default(), 0.01);
+        g.bench_function(name, |b| b.iter(|| opt.step(&params, 1e-4).unwrap()));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, lora_forward, kd, fisher, quant, adamw);
 criterion_main!(benches);

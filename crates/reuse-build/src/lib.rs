@@ -10,6 +10,10 @@
 //!   linker drops it and `tch::Cuda::is_available()` is false on a GPU machine. When the
 //!   library exists we link it with `--no-as-needed`.
 //!
+//! A third, [`compile_cpp`], builds a package's C++ shim (a few `extern "C"` functions
+//! over libtorch's C++ API that `tch` does not expose) against the same libtorch, with
+//! the flags the torch wheel needs.
+//!
 //! libtorch is found through `LIBTORCH` (set for the whole workspace in
 //! `.cargo/config.toml` to `.venv/libtorch`, a link that `cargo xtask setup` makes).
 //!
@@ -45,4 +49,29 @@ pub fn link_libtorch() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+}
+
+/// Compiles the C++ `files` (paths relative to the package) against libtorch's headers
+/// into the static library `lib` and links it, re-running when `watch` changes.
+/// `extra` adds what one shim needs beyond that (include folders, defines).
+///
+/// # Panics
+/// When `LIBTORCH` is not set (the build cannot go on without it) or the compiler fails.
+pub fn compile_cpp(lib: &str, files: &[&str], watch: &str, extra: impl FnOnce(&mut cc::Build)) {
+    println!("cargo:rerun-if-changed={watch}");
+    let Some(torch) = libtorch_dir() else {
+        panic!("LIBTORCH is not set; run `cargo xtask setup` to install torch 2.11.0 into .venv");
+    };
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .files(files)
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false);
+    extra(&mut b);
+    b.compile(lib);
 }
