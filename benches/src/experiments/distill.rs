@@ -237,28 +237,40 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         ),
     );
     let layers = [0usize, 5];
-    let student_of = |seed: u64| -> Result<BertClassifier> {
+    // `frozen`: the word-embedding table (11.7M of the student's 15.6M values), copied
+    // from the teacher, is not trained.
+    let student_of = |seed: u64, frozen: bool| -> Result<BertClassifier> {
         tch::manual_seed(seed as i64);
-        with_teachers_head(cut_layers(&teacher.bert, &layers)?, &teacher)
+        let s = with_teachers_head(cut_layers(&teacher.bert, &layers)?, &teacher)?;
+        if frozen {
+            s.params()
+                .select_glob("embeddings.word_embeddings.*")?
+                .freeze();
+        }
+        Ok(s)
     };
 
-    // The students' lr: chosen on dev at seed 0 with hard labels; KD reuses it.
-    let mut best = (f64::MIN, 0.0);
+    // The students' lr, and whether they train the word embeddings: chosen on dev at
+    // seed 0 with hard labels; KD reuses both.
+    let mut best = (f64::MIN, 0.0, false);
     let mut seen = Vec::new();
-    for lr in [1e-4, 3e-4, 1e-3] {
-        let s = student_of(0)?;
-        Trainer::new(warm(cfg(lr, 0), &train)).fit(&s, &train, None, &mut [])?;
-        let acc = accuracy(&s, &dev, 64, ctx.device)?;
-        seen.push(format!("{lr:e}: {acc:.4}"));
-        if acc > best.0 {
-            best = (acc, lr);
+    for frozen in [false, true] {
+        for lr in [1e-4, 3e-4, 1e-3] {
+            let s = student_of(0, frozen)?;
+            Trainer::new(warm(cfg(lr, 0), &train)).fit(&s, &train, None, &mut [])?;
+            let acc = accuracy(&s, &dev, 64, ctx.device)?;
+            let what = if frozen { "frozen" } else { "trained" };
+            seen.push(format!("{lr:e} embeddings {what}: {acc:.4}"));
+            if acc > best.0 {
+                best = (acc, lr, frozen);
+            }
         }
     }
-    let s_lr = best.1;
+    let (_, s_lr, frozen) = best;
     super::say(
         bar,
         format!(
-            "  student lr grid on dev (hard labels): {}",
+            "  student grid on dev (hard labels): {}",
             seen.join(", ")
         ),
     );
@@ -283,7 +295,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let (mut live_step_ms, mut cached_step_ms) = (vec![], vec![]);
     for seed in seeds.iter().copied() {
         bar.set_message(format!("distill.minilm_sections seed {seed}"));
-        let s = student_of(seed)?;
+        let s = student_of(seed, frozen)?;
         Trainer::new(warm(cfg(s_lr, seed), &train)).fit(&s, &train, None, &mut [])?;
         hard.push(accuracy(&s, &test, 64, ctx.device)?);
 
@@ -301,7 +313,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                 &mut cached_step_ms,
             ),
         ] {
-            let s = student_of(seed)?;
+            let s = student_of(seed, frozen)?;
             let mut d = Distiller::new(source, kd, alpha)?;
             let mut tr = Trainer::new(warm(cfg(s_lr, seed), &train_pool));
             tr.begin_task(0, &s, &train_pool, &mut [&mut d])?;
@@ -322,7 +334,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     }
 
     // Inference: teacher and student forwards on the same batch, interleaved rounds.
-    let student = student_of(0)?;
+    let student = student_of(0, frozen)?;
     let b = test.batch(
         &(0..(test.len() as i64).min(64)).collect::<Vec<_>>(),
         ctx.device,
@@ -387,6 +399,10 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     m.insert("cache_bytes_per_example".into(), cache.bytes_per_example());
     m.insert("cache_build_seconds".into(), cache_build_s);
     m.insert("student_lr".into(), s_lr);
+    m.insert(
+        "student_word_embeddings_frozen".into(),
+        f64::from(u8::from(frozen)),
+    );
     m.insert("teacher_lr".into(), t_lr);
     m.insert("epochs".into(), epochs as f64);
     m.insert("seeds".into(), seeds.len() as f64);
@@ -405,8 +421,9 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             ),
             format!(
                 "Students: embeddings and layers {layers:?} of the fine-tuned teacher, its \
-                 head copied. Their lr was chosen on dev at seed 0 with hard labels from {{{}}}: \
-                 {s_lr:e}; KD reuses it, with T = 2 and alpha = 0.5 as the issue's PyTorch \
+                 head copied. Their lr, and whether the word-embedding table (copied from \
+                 the teacher) trains, were chosen on dev at seed 0 with hard labels from \
+                 {{{}}}: {s_lr:e}, embeddings {}; KD reuses both, with T = 2 and alpha = 0.5 as the issue's PyTorch \
                  reference (not tuned here). student_hard trains on the labelled train split; \
                  student_kd and student_cached on it plus the {} eight-section synopses of \
                  fixtures/debian_synopses (labelled -100: the teacher alone labels them), \
@@ -416,6 +433,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                  all. Accuracies: means and sample sds over seeds {seeds:?} on the {} test \
                  texts.",
                 seen.join(", "),
+                if frozen { "frozen" } else { "trained" },
                 pool_texts.len(),
                 cache_build_s,
                 test.len()
@@ -511,9 +529,9 @@ pub(super) fn row_cosines(a: &Tensor, b: &Tensor) -> Tensor {
     Tensor::cosine_similarity(&a.to_kind(Kind::Float), &b.to_kind(Kind::Float), -1, 1e-8)
 }
 
-/// A 3-layer sentence-embedding student (layers 0, 2, 4 of MiniLM) trained to match the
-/// teacher's embeddings on the synopses: cosine to the teacher in and out of domain, a
-/// linear probe on the sections task, speed.
+/// A 3-layer sentence-embedding student (3 of MiniLM's 6 layers, chosen on held-out
+/// text) trained to match the teacher's embeddings on the synopses: cosine to the
+/// teacher in and out of domain, a linear probe on the sections task, speed.
 pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let seeds = &ctx.seeds;
     use reuse_distill::embed::{distill_embeddings, EmbedDistillConfig, EmbedLoss};
@@ -532,13 +550,19 @@ pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     } else {
         12_000
     };
-    // The recipe (loss, lr) is chosen on the held-out 5% of the distillation text at
-    // seed 0 (that held-out text is the dev split here), from a small grid.
-    let grid: &[(EmbedLoss, f64)] = &[
-        (EmbedLoss::NormalizedMse, 5e-4),
-        (EmbedLoss::Cosine, 5e-4),
-        (EmbedLoss::Cosine, 1e-3),
+    // The recipe (which 3 layers, lr) is chosen on the held-out 5% of the distillation
+    // text at seed 0 (that held-out text is the dev split here), from a small grid. The
+    // loss is the cosine: on an H200 at every synopsis it beat normalised MSE at the same
+    // lr on that held-out text (0.9181 against 0.9174 at 5e-4), and 1e-3 beat 5e-4
+    // (0.9290), the edge of that grid, so this grid goes up from there.
+    let grid: &[(&[usize], f64)] = &[
+        (&[0, 2, 4], 1e-3),
+        (&[0, 2, 4], 2e-3),
+        (&[0, 2, 4], 4e-3),
+        (&[1, 3, 5], 2e-3),
+        (&[0, 2, 5], 2e-3),
     ];
+    let loss = EmbedLoss::Cosine;
     let base = EmbedDistillConfig {
         layers: vec![0, 2, 4],
         epochs: 1,
@@ -548,11 +572,12 @@ pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         max_texts: Some(max_texts),
         ..Default::default()
     };
-    let mut best: Option<(f64, EmbedLoss, f64)> = None;
+    let mut best: Option<(f64, &[usize], f64)> = None;
     let mut seen = Vec::new();
-    for &(loss, lr) in grid {
-        bar.set_message(format!("distill.minilm_embeddings grid {loss:?} {lr:e}"));
+    for &(layers, lr) in grid {
+        bar.set_message(format!("distill.minilm_embeddings grid {layers:?} {lr:e}"));
         let cfg = EmbedDistillConfig {
+            layers: layers.to_vec(),
             loss,
             lr,
             seed: 0,
@@ -560,12 +585,12 @@ pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         };
         let (_, r) = distill_embeddings(&dir, &texts, &cfg, false)?;
         let c = r.held_out_cosine.unwrap_or(f64::NAN);
-        seen.push(format!("{loss:?} lr {lr:e}: {c:.4}"));
+        seen.push(format!("layers {layers:?} lr {lr:e}: {c:.4}"));
         if best.as_ref().is_none_or(|b| c > b.0) {
-            best = Some((c, loss, lr));
+            best = Some((c, layers, lr));
         }
     }
-    let (_, loss, lr) = best.context("empty grid")?;
+    let (_, layers, lr) = best.context("empty grid")?;
     super::say(
         bar,
         format!("  embedding recipe on held-out text: {}", seen.join(", ")),
@@ -603,6 +628,7 @@ pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     for seed in seeds.iter().copied() {
         bar.set_message(format!("distill.minilm_embeddings seed {seed}"));
         let cfg = EmbedDistillConfig {
+            layers: layers.to_vec(),
             loss,
             lr,
             seed,
@@ -670,17 +696,18 @@ pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         student_params as f64 / teacher_params as f64,
     );
     m.insert("lr".into(), lr);
+    m.insert("student_layers".into(), layers.len() as f64);
     m.insert("seeds".into(), seeds.len() as f64);
     Ok(Outcome {
         metrics: m,
         notes: vec![
             format!(
-                "Student: embeddings and layers 0, 2, 4 of all-MiniLM-L6-v2, mean pooling and \
-                 normalisation as the teacher; trained 1 epoch (batch 32, AdamW, weight decay \
+                "Student: embeddings and layers {layers:?} of all-MiniLM-L6-v2, mean pooling \
+                 and normalisation as the teacher, cosine loss; trained 1 epoch (batch 32, AdamW, weight decay \
                  0.01, linear schedule, 10% warm-up) on {max_texts} synopses of \
                  fixtures/debian_synopses ({} on this device; 95% train, 5% held out), the \
-                 teacher's embeddings computed once up front. Loss and lr chosen on the \
-                 held-out 5% at seed 0: {}; chose {loss:?} at {lr:e}.",
+                 teacher's embeddings computed once up front. Layers and lr chosen on the \
+                 held-out 5% at seed 0: {}; chose layers {layers:?} at {lr:e}.",
                 if max_texts == texts.len() {
                     "all of them"
                 } else {
