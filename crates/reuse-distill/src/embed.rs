@@ -262,9 +262,38 @@ pub fn distill_embeddings(
     cfg: &EmbedDistillConfig,
     progress: bool,
 ) -> Result<(SentenceEncoder, EmbedReport)> {
+    distill_embeddings_with(teacher_dir, texts, None, cfg, progress)
+}
+
+/// [`distill_embeddings`] with the teacher's embeddings of `texts` given
+/// (`teacher_embeddings[i]` is the teacher's embedding of `texts[i]`, as
+/// [`SentenceEncoder::encode`] gives it): the teacher then embeds nothing, so runs that
+/// share a text set (a hyper-parameter grid, several seeds) pay for its pass once.
+/// `None` embeds them here, as [`distill_embeddings`] does.
+///
+/// # Errors
+/// Those of [`distill_embeddings`], and embeddings that are not `[texts.len(), hidden]`.
+pub fn distill_embeddings_with(
+    teacher_dir: &Path,
+    texts: &[String],
+    teacher_embeddings: Option<&Tensor>,
+    cfg: &EmbedDistillConfig,
+    progress: bool,
+) -> Result<(SentenceEncoder, EmbedReport)> {
     check_config(cfg)?;
     let teacher = SentenceEncoder::load(teacher_dir, cfg.device, Kind::Float)?;
     let student = cut_layers(&teacher.bert, &cfg.layers)?;
+    if let Some(e) = teacher_embeddings {
+        let want = vec![texts.len() as i64, teacher.bert.config.hidden_size];
+        if e.size() != want {
+            return Err(Error::ShapeMismatch {
+                path: None,
+                tensor: "teacher embeddings".into(),
+                expected: want,
+                found: e.size(),
+            });
+        }
+    }
 
     // A seeded sample, then the held-out share from its front.
     let order = epoch_batches(texts.len(), texts.len().max(1), Some(cfg.seed), 0)
@@ -293,11 +322,19 @@ pub fn distill_embeddings(
         ));
     }
 
-    if progress {
-        eprintln!("teacher: embedding {n} texts");
-    }
     let t0 = Instant::now();
-    let targets = teacher.encode(&sample, ENCODE_BATCH)?;
+    let targets = match teacher_embeddings {
+        Some(e) => e
+            .to_device(cfg.device)
+            .index_select(0, &Tensor::from_slice(&order[..n]).to_device(cfg.device))
+            .to_kind(Kind::Float),
+        None => {
+            if progress {
+                eprintln!("teacher: embedding {n} texts");
+            }
+            teacher.encode(&sample, ENCODE_BATCH)?
+        }
+    };
     let teacher_seconds = t0.elapsed().as_secs_f64();
     let teacher_params = teacher.bert.params().count();
     let SentenceEncoder {
