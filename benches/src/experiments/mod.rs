@@ -207,7 +207,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: true,
         quick: true,
-        cpu_seconds: 1500,
+        cpu_seconds: 1175,
     },
     Experiment {
         id: "distill.minilm_embeddings",
@@ -216,7 +216,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         gpu_sized: true,
         quick: true,
-        cpu_seconds: 1500,
+        cpu_seconds: 1670,
     },
     Experiment {
         id: "continual.split_digits",
