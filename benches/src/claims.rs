@@ -47,6 +47,8 @@ pub struct Row {
     pub spread: String,
     pub target: &'static str,
     pub status: Status,
+    /// The size its experiment ran at (`cpu`, `full`, `quick`; empty when it did not run).
+    pub size: String,
 }
 
 fn pm(v: f64, sd: f64) -> String {
@@ -480,6 +482,7 @@ pub fn rows(report: &Value) -> Vec<Row> {
                 spread,
                 target: c.target,
                 status,
+                size: String::new(),
             };
             let Some(e) = experiments
                 .iter()
@@ -503,7 +506,10 @@ pub fn rows(report: &Value) -> Vec<Row> {
                 Some(false) => Status::Missed,
                 None => Status::Shown,
             };
-            row(figure, spread, status)
+            Row {
+                size: e["size"].as_str().unwrap_or("").to_string(),
+                ..row(figure, spread, status)
+            }
         })
         .collect()
 }
@@ -521,8 +527,9 @@ pub fn markdown(rows: &[Row]) -> String {
             Status::NotRun(why) => format!("not run: {why}"),
             Status::MissingMetric(k) => format!("no figure: `{k}` missing"),
         };
+        let size = if r.size == "cpu" { " (CPU size)" } else { "" };
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | `{}` |\n",
+            "| {} | {} | {} | {} | {} | `{}`{size} |\n",
             r.text, r.figure, r.spread, r.target, result, r.experiment
         ));
     }
@@ -614,6 +621,37 @@ mod tests {
             md.contains("| 2.000% |") && md.contains("**missed**"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn rows_name_the_size_their_experiment_ran_at() {
+        let mut r = full_report(|_| 0.5);
+        for e in r["experiments"].as_array_mut().unwrap() {
+            let size = if e["id"] == "grow.train_faster" {
+                "cpu"
+            } else {
+                "full"
+            };
+            e["size"] = json!(size);
+        }
+        let rows = rows(&r);
+        for row in &rows {
+            let want = if row.experiment == "grow.train_faster" {
+                "cpu"
+            } else {
+                "full"
+            };
+            assert_eq!(row.size, want, "{}", row.text);
+        }
+        let md = markdown(&rows);
+        let lines: Vec<&str> = md.lines().filter(|l| l.contains("(CPU size)")).collect();
+        assert_eq!(
+            lines.len(),
+            rows.iter()
+                .filter(|r| r.experiment == "grow.train_faster")
+                .count()
+        );
+        assert!(lines.iter().all(|l| l.contains("`grow.train_faster`")));
     }
 
     #[test]

@@ -44,6 +44,11 @@ struct Args {
     /// is marked quick.
     #[arg(long)]
     quick: bool,
+    /// Every experiment at its full size, as on a GPU: on the CPU this runs the
+    /// GPU-sized experiments as well (hours). Without it a CPU run gives experiments
+    /// that have one their CPU size.
+    #[arg(long)]
+    full: bool,
 }
 
 fn main() -> Result<()> {
@@ -83,20 +88,25 @@ fn main() -> Result<()> {
             }
         })
         .collect();
-    // GPU-sized experiments are left out of a plain CPU run, and experiments whose
-    // quick size says nothing out of a plain `--quick` run; the report lists them.
+    if args.quick && args.full {
+        bail!("--quick and --full ask for two different sizes: give one");
+    }
+    let mut ctx = Ctx::with_seeds(device, args.quick, args.seeds)?;
+    ctx.full |= args.full;
+    // GPU-sized experiments without a CPU size are left out of a plain CPU run (unless
+    // `--full`), and experiments whose quick size says nothing out of a plain `--quick`
+    // run; the report lists them.
     let plain = args.only.is_empty();
     let (chosen, skipped): (Vec<_>, Vec<_>) = chosen.into_iter().partition(|e| {
-        !(plain && ((e.gpu_sized && !device.is_cuda()) || (args.quick && !e.quick)))
+        !(plain && ((e.gpu_sized && !e.cpu_size && !ctx.full) || (args.quick && !e.quick)))
     });
-    let ctx = Ctx::with_seeds(device, args.quick, args.seeds)?;
     let mut report = Report::new(device, &ctx.root, args.quick);
     report.seeds = ctx.seeds.clone();
     report.skipped = skipped
         .iter()
         .map(|e| {
-            let why = if e.gpu_sized && !device.is_cuda() {
-                "sized for a GPU: left out of a plain CPU run (`--only` runs it)"
+            let why = if e.gpu_sized && !ctx.full {
+                "sized for a GPU, with no CPU size: left out of a plain CPU run (`--only` or `--full` runs it)"
             } else {
                 "its quick size would say nothing: left out of `--quick` (`--only` runs it)"
             };
@@ -126,6 +136,12 @@ fn main() -> Result<()> {
             id: e.id.to_string(),
             about: e.about.to_string(),
             seconds,
+            size: if e.cpu_size || ctx.quick {
+                ctx.size_name()
+            } else {
+                "full"
+            }
+            .to_string(),
             metrics,
             notes,
         });

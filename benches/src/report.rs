@@ -17,6 +17,8 @@ pub struct ExperimentResult {
     pub id: String,
     pub about: String,
     pub seconds: f64,
+    /// The size it ran at: `quick`, `cpu` (its CPU size, smaller than full) or `full`.
+    pub size: String,
     pub metrics: BTreeMap<String, f64>,
     pub notes: Vec<String>,
 }
@@ -332,8 +334,12 @@ impl Report {
             // What it trains, on which model and data, the budget and how the settings
             // were chosen, and which peer ran beside it: the experiment's own notes, as
             // one paragraph under its one-line summary, then its table.
+            let size = match e.size.as_str() {
+                "cpu" => " *CPU size: smaller than the full size a CUDA run (or `--full`) runs; the notes say how.*",
+                _ => "",
+            };
             md.push_str(&format!(
-                "\n## {} ({:.1} s)\n\n**{}.** {}\n",
+                "\n## {} ({:.1} s)\n\n**{}.**{size} {}\n",
                 e.id,
                 e.seconds,
                 e.about,

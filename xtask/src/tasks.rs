@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// mean nothing and the report is marked quick.
     #[arg(long)]
     quick: bool,
+    /// Every experiment at its full size, as on a GPU (on the CPU: hours; without it a
+    /// CPU run gives experiments that have one their CPU size).
+    #[arg(long)]
+    full: bool,
     /// Seeds of the repeated runs: 0..N (default 3).
     #[arg(long)]
     seeds: Option<usize>,
@@ -101,6 +105,9 @@ pub fn bench(root: &Path, args: &BenchArgs) -> Result<()> {
     }
     if args.quick {
         c.arg("--quick");
+    }
+    if args.full {
+        c.arg("--full");
     }
     if let Some(n) = args.seeds {
         c.args(["--seeds", &n.to_string()]);

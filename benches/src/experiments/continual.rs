@@ -363,7 +363,98 @@ struct Chosen {
     notes: Vec<String>,
 }
 
+/// The choices `choose` made on the dev split at the full size on the 2-core CPU
+/// (benches/reports/2026-11-29-cpu-continual-digits.json, its notes list every grid
+/// point): the CPU size reuses them rather than run the grids again. The protocol is the
+/// same at both sizes; only the grids are left out.
+fn chosen_at_full_size(kind: Kind, p: &Protocol) -> Chosen {
+    let ewc = |lambda| Method::Ewc {
+        lambda,
+        kind: FisherKind::Exact,
+    };
+    let emp = |lambda| Method::Ewc {
+        lambda,
+        kind: FisherKind::Empirical,
+    };
+    let mut ours = BTreeMap::new();
+    ours.insert("naive", Method::Naive);
+    ours.insert("joint", Method::Joint);
+    ours.insert(
+        "replay",
+        Method::Replay {
+            per_batch: PerBatch::Same,
+        },
+    );
+    let mut avalanche = BTreeMap::new();
+    for m in ["naive", "replay", "joint"] {
+        avalanche.insert(m, (0.0, 0.0));
+    }
+    match kind {
+        Kind::ClassIl => {
+            ours.insert("ewc", ewc(10.0));
+            ours.insert("ewc_empirical", emp(1e3));
+            ours.insert(
+                "online_ewc",
+                Method::OnlineEwc {
+                    lambda: 10.0,
+                    gamma: 0.9,
+                },
+            );
+            avalanche.insert("ewc", (3e4, 0.9));
+            avalanche.insert("online_ewc", (1e5, 1.0));
+        }
+        Kind::TaskIl => {
+            ours.insert("ewc", ewc(1e3));
+            ours.insert(
+                "packnet",
+                Method::PackNet {
+                    ratio: 0.75,
+                    retrain_epochs: 2.min(p.epochs),
+                },
+            );
+            avalanche.insert("ewc", (100.0, 0.9));
+        }
+        Kind::Permuted => {
+            ours.insert("ewc", ewc(300.0));
+            ours.insert("ewc_empirical", emp(1e4));
+            ours.insert(
+                "online_ewc",
+                Method::OnlineEwc {
+                    lambda: 300.0,
+                    gamma: 0.9,
+                },
+            );
+            avalanche.insert("ewc", (1e4, 0.9));
+            avalanche.insert("online_ewc", (1e4, 1.0));
+        }
+    }
+    let list = ours
+        .values()
+        .map(Method::describe)
+        .chain(
+            avalanche
+                .iter()
+                .filter(|(_, (l, _))| *l > 0.0)
+                .map(|(m, (l, g))| format!("Avalanche {m} (lambda {l}, gamma {g})")),
+        )
+        .collect::<Vec<_>>()
+        .join(", ");
+    Chosen {
+        ours,
+        avalanche,
+        notes: vec![format!(
+            "CPU size, to fit the plain CPU bench: no dev grid runs here; the choices are \
+             those the full size's grids made on the dev split on this machine \
+             (benches/reports/2026-11-29-cpu-continual-digits.json lists every grid \
+             point): {list}. The protocol is the same; a CUDA run or `--full` runs the grids."
+        )],
+    }
+}
+
 fn choose(ctx: &Ctx, kind: Kind, s: &Split, p: &Protocol, bar: &ProgressBar) -> Result<Chosen> {
+    if ctx.cpu_sized() {
+        return Ok(chosen_at_full_size(kind, p));
+    }
     let scn = scenario(kind, rows(&s.all, &s.fit)?, rows(&s.all, &s.dev)?)?;
     let quick = ctx.quick;
     let exact_grid: &[f64] = if quick {
@@ -766,9 +857,18 @@ fn lm_data(ctx: &Ctx) -> Result<LmData> {
     })
 }
 
+/// Epochs per task: the protocol's 2, or 1 at the CPU size.
+fn lm_epochs(ctx: &Ctx) -> usize {
+    if ctx.cpu_sized() {
+        1
+    } else {
+        2
+    }
+}
+
 fn lm_cfg(ctx: &Ctx, seed: u64) -> TrainConfig {
     TrainConfig {
-        epochs: 2,
+        epochs: lm_epochs(ctx),
         batch_size: LM_BATCH,
         lr: 1e-3,
         weight_decay: 0.01,
@@ -876,7 +976,7 @@ fn peft_reference(ctx: &Ctx, method: &str, seed: u64, lambda: f64) -> Result<ser
     let out_path = dir.join("peft_continual_out.json");
     let spec = serde_json::json!({
         "runs": [{"method": method, "seed": seed, "ewc_lambda": lambda}],
-        "threads": tch::get_num_threads(), "epochs": 2,
+        "threads": tch::get_num_threads(), "epochs": lm_epochs(ctx),
         // PEFT's default, and ours (LoraConfig::new): no dropout on the LoRA input.
         "lora_dropout": 0.0,
         "max_train_per_task": if ctx.quick { serde_json::json!(48) } else { serde_json::Value::Null },
@@ -912,7 +1012,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
          4 class-incremental tasks ({{admin, games}}, {{graphics, mail}}, {{net, science}}, \
          {{sound, text}}), {} train / {} test texts; LoRA r 8, alpha 16 on query and value \
          (plus the head) for every method; AdamW lr 1e-3, weight decay 0.01, batch \
-         {LM_BATCH}, length {LM_MAX_LEN}, 2 epochs per task, the optimizer kept across \
+         {LM_BATCH}, length {LM_MAX_LEN}, {} epoch(s) per task, the optimizer kept across \
          tasks; one head and no task id at test time, except per_task_adapters (one LoRA \
          per task on query, value and the head, chosen by task id: task-incremental). \
          replay: a reservoir of {LM_MEMORY} texts, {LM_REPLAY_PER_BATCH} added to each \
@@ -920,15 +1020,27 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
          the evaluation after each task) on {} threads.",
         d.train.len(),
         d.test.len(),
+        lm_epochs(ctx),
         tch::get_num_threads()
     )];
+    if ctx.cpu_sized() {
+        notes.push(
+            "CPU size, to fit the plain CPU bench: 1 epoch per task instead of the \
+             protocol's 2 (both sides), and only per-task adapters, naive and replay (with \
+             PyTorch + PEFT's naive and replay beside); EWC (and its lambda grid on dev) and \
+             joint run at the full size (a CUDA run, or `--full`)."
+                .to_string(),
+        );
+    }
     // EWC's lambda on dev (seed 0), as the other choices are fixed by the protocol.
     let grid: &[f64] = if ctx.quick {
         &[1e3]
+    } else if ctx.cpu_sized() {
+        &[]
     } else {
         &[1e2, 1e3, 1e4, 1e5]
     };
-    let mut best = (f64::MIN, grid[0]);
+    let mut best = (f64::MIN, grid.first().copied().unwrap_or(0.0));
     let mut seen = Vec::new();
     for &l in grid {
         bar.set_message(format!("continual.minilm_sections dev ewc lambda {l}"));
@@ -939,18 +1051,15 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             best = (a, l);
         }
     }
+    let mut methods = vec![LmMethod::PerTaskAdapters, LmMethod::Naive, LmMethod::Replay];
     let lambda = best.1;
-    notes.push(format!(
-        "EWC lambda chosen at seed 0 by average accuracy on the dev split: {}; chose {lambda}.",
-        seen.join(", ")
-    ));
-    let methods = [
-        LmMethod::PerTaskAdapters,
-        LmMethod::Naive,
-        LmMethod::Replay,
-        LmMethod::Ewc(lambda),
-        LmMethod::Joint,
-    ];
+    if !grid.is_empty() {
+        notes.push(format!(
+            "EWC lambda chosen at seed 0 by average accuracy on the dev split: {}; chose {lambda}.",
+            seen.join(", ")
+        ));
+        methods.extend([LmMethod::Ewc(lambda), LmMethod::Joint]);
+    }
     let mut peer_notes = Vec::new();
     for method in methods {
         let id = method.id();

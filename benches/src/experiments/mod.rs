@@ -27,6 +27,14 @@ pub struct Ctx {
     pub quick: bool,
     /// Seeds of the repeated runs (`--seeds N`: 0..N; default 0, 1, 2).
     pub seeds: Vec<u64>,
+    /// Full sizes: on a CUDA device, or `--full` on the CPU. Otherwise an experiment
+    /// with a CPU size (`Experiment::cpu_size`) runs that, sized so the whole plain CPU
+    /// run fits its budget; the report names the size each experiment ran at.
+    pub full: bool,
+    /// What one experiment of this run hands a later one (a trained teacher and its
+    /// students, say), so the later one need not train them again; never kept across
+    /// runs. Keys are the producing experiment's id.
+    shared: std::cell::RefCell<BTreeMap<&'static str, Box<dyn std::any::Any>>>,
 }
 
 impl Ctx {
@@ -44,7 +52,36 @@ impl Ctx {
             root,
             quick,
             seeds: (0..seeds as u64).collect(),
+            full: device.is_cuda(),
+            shared: Default::default(),
         })
+    }
+
+    /// The CPU size: neither `--quick` nor full (CUDA or `--full`).
+    pub fn cpu_sized(&self) -> bool {
+        !self.quick && !self.full
+    }
+
+    /// `quick`, `cpu` or `full`: the size experiments with a CPU size ran at.
+    pub fn size_name(&self) -> &'static str {
+        if self.quick {
+            "quick"
+        } else if self.full {
+            "full"
+        } else {
+            "cpu"
+        }
+    }
+
+    /// Leaves `value` for a later experiment of this run (see `take_shared`).
+    pub fn share<T: 'static>(&self, from: &'static str, value: T) {
+        self.shared.borrow_mut().insert(from, Box::new(value));
+    }
+
+    /// Takes what experiment `from` left in this run, if it ran and left a `T`.
+    pub fn take_shared<T: 'static>(&self, from: &'static str) -> Option<T> {
+        let b = self.shared.borrow_mut().remove(from)?;
+        b.downcast::<T>().ok().map(|b| *b)
     }
 
     /// The `.venv` python, if set-up made one.
@@ -134,9 +171,13 @@ pub struct Experiment {
     pub run: fn(&Ctx, &ProgressBar) -> Result<Outcome>,
     /// Part of a plain `cargo xtask bench`; `false`: only when `--only` names it.
     pub default: bool,
-    /// Sized for a GPU: a plain run on the CPU skips it (and the report says so);
-    /// `--only` runs it anyway.
+    /// Sized for a GPU: on the CPU, a plain run runs its CPU size when it has one
+    /// (`cpu_size`) and skips it otherwise (the report says so); `--full` runs the full
+    /// size on the CPU too.
     pub gpu_sized: bool,
+    /// Has a smaller CPU size (`Ctx::cpu_sized`), which fills its claim rows in a plain
+    /// CPU run; the report notes which size ran.
+    pub cpu_size: bool,
     /// Part of `--quick` (at its quick sizes); `false` for experiments whose quick size
     /// would say nothing (`--only` runs them anyway).
     pub quick: bool,
@@ -152,6 +193,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: core::digits_mlp,
         default: true,
         gpu_sized: false,
+        cpu_size: false,
         quick: true,
         cpu_seconds: 2,
     },
@@ -161,6 +203,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: core::minilm_embed,
         default: true,
         gpu_sized: false,
+        cpu_size: false,
         quick: true,
         cpu_seconds: 40,
     },
@@ -170,6 +213,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: peft::minilm_sections,
         default: true,
         gpu_sized: false,
+        cpu_size: true,
         quick: true,
         cpu_seconds: 1250,
     },
@@ -179,6 +223,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: peft::inference_overhead,
         default: true,
         gpu_sized: false,
+        cpu_size: false,
         quick: true,
         cpu_seconds: 14,
     },
@@ -188,6 +233,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: peft::vs_python,
         default: true,
         gpu_sized: false,
+        cpu_size: false,
         quick: true,
         cpu_seconds: 26,
     },
@@ -197,6 +243,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: distill::digits_mlp,
         default: true,
         gpu_sized: false,
+        cpu_size: false,
         quick: true,
         cpu_seconds: 25,
     },
@@ -206,6 +253,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: distill::minilm_sections,
         default: true,
         gpu_sized: true,
+        cpu_size: true,
         quick: true,
         cpu_seconds: 1175,
     },
@@ -215,6 +263,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: distill::minilm_embeddings,
         default: true,
         gpu_sized: true,
+        cpu_size: false,
         quick: true,
         cpu_seconds: 1670,
     },
@@ -224,6 +273,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: continual::split_digits,
         default: true,
         gpu_sized: false,
+        cpu_size: true,
         quick: true,
         cpu_seconds: 170,
     },
@@ -233,6 +283,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: continual::permuted_digits,
         default: true,
         gpu_sized: false,
+        cpu_size: true,
         quick: true,
         cpu_seconds: 275,
     },
@@ -242,6 +293,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: continual::minilm_sections,
         default: true,
         gpu_sized: true,
+        cpu_size: true,
         quick: true,
         cpu_seconds: 1360,
     },
@@ -251,6 +303,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: grow::minilm_preserve,
         default: true,
         gpu_sized: false,
+        cpu_size: false,
         quick: true,
         cpu_seconds: 16,
     },
@@ -260,6 +313,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: grow::train_faster,
         default: true,
         gpu_sized: true,
+        cpu_size: false,
         quick: false,
         cpu_seconds: 4224,
     },
@@ -269,6 +323,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: grow::train_faster_dev,
         default: false,
         gpu_sized: false,
+        cpu_size: false,
         quick: true,
         cpu_seconds: 2500,
     },
@@ -278,6 +333,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: quant::minilm,
         default: true,
         gpu_sized: false,
+        cpu_size: false,
         quick: true,
         cpu_seconds: 68,
     },
@@ -287,6 +343,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: quant::qlora,
         default: true,
         gpu_sized: false,
+        cpu_size: false,
         quick: true,
         cpu_seconds: 318,
     },
@@ -297,6 +354,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         default: true,
         // 17 min on the 2-core CPU (teacher fine-tuning, KD over 7.4k texts, 3 seeds).
         gpu_sized: true,
+        cpu_size: true,
         quick: true,
         cpu_seconds: 1080,
     },
@@ -306,6 +364,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: dist::lora_step,
         default: true,
         gpu_sized: false,
+        cpu_size: false,
         quick: true,
         cpu_seconds: 150,
     },
@@ -315,6 +374,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: peft::dev_sweep,
         default: false,
         gpu_sized: false,
+        cpu_size: false,
         quick: true,
         cpu_seconds: 5000,
     },

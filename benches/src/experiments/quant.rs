@@ -292,15 +292,11 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     use super::distill::{sections_and_pool, synopses, BATCH as KD_BATCH, MAX_LEN};
     use reuse_core::data::BatchSource;
     use reuse_core::models::sentence::tokenize;
-    use reuse_core::models::{Bert, BertClassifier, TokenizedDataset, Want};
+    use reuse_core::models::{BertClassifier, TokenizedDataset, Want};
     use reuse_core::trainer::accuracy;
     use reuse_core::WeightStorage;
-    use reuse_core::{Model, Schedule, TrainConfig, Trainer};
-    use reuse_distill::cache::{build_cache, CacheConfig, TeacherCache};
-    use reuse_distill::losses::KdConfig;
-    use reuse_distill::student::cut_layers;
+    use reuse_core::{Model, Schedule, TrainConfig};
     use reuse_distill::vocab::VocabTrim;
-    use reuse_distill::{dataset_fingerprint, Distiller, Teacher, TeacherSource};
     use reuse_quant::model::{calibrate, quantize_model, Method};
     use reuse_quant::QuantizedWeight;
 
@@ -333,62 +329,51 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         ..Default::default()
     };
 
-    // The teacher: MiniLM + a linear head, fully fine-tuned (distill.minilm_sections'
-    // recipe), seed 0.
-    bar.set_message("quant.distill_plus_quant teacher");
-    tch::manual_seed(0);
-    let teacher = BertClassifier::new(Bert::load(&dir, device, Kind::Float)?, n_classes);
-    let t_lr = 2e-4;
-    let rt = Trainer::new(cfg(t_lr, 0, &train)).fit(&teacher, &train, None, &mut [])?;
-    let teacher_test = accuracy(&teacher, &test, 64, device)?;
-    super::say(
-        bar,
-        format!("  teacher: test {teacher_test:.4} ({:.0} s)", rt.seconds),
-    );
-    let layers = [0usize, 5];
-    let student_of = |seed: u64| -> Result<BertClassifier> {
-        tch::manual_seed(seed as i64);
-        let mut bert = cut_layers(&teacher.bert, &layers)?;
-        // Mean pooling never reads the pooler: a deployed student does not carry it.
-        bert.pooler = None;
-        super::distill::with_teachers_head(bert, &teacher)
-    };
-
-    // The student lr, chosen on dev at seed 0 with hard labels (as distill.minilm_sections).
-    let mut best = (f64::MIN, 0.0);
-    let mut seen = Vec::new();
-    for lr in [1e-4, 3e-4, 1e-3] {
-        let s = student_of(0)?;
-        let init = accuracy(&s, &dev, 64, device)?;
-        let r = Trainer::new(cfg(lr, 0, &train)).fit(&s, &train, None, &mut [])?;
-        let acc = accuracy(&s, &dev, 64, device)?;
-        let tail = &r.losses[r.losses.len().saturating_sub(20)..];
-        super::say(
-            bar,
-            format!(
-                "  student lr {lr:e}: dev {init:.4} at the cut, {acc:.4} after {} steps (mean loss of the last 20: {:.4})",
-                r.steps,
-                mean(tail)
-            ),
-        );
-        seen.push(format!("{lr:e}: {acc:.4}"));
-        if acc > best.0 {
-            best = (acc, lr);
+    // The teacher and the KD students: distill.minilm_sections' of this run when it ran
+    // before (the same recipe: it trains them anyway), else trained here.
+    let shared: Option<super::distill::SectionsKd> = ctx.take_shared("distill.minilm_sections");
+    let from_sections = shared.is_some();
+    let (teacher, teacher_test, t_lr, s_lr, kd_epochs, students, seen) = match shared {
+        Some(k) => {
+            super::say(
+                bar,
+                format!(
+                    "  teacher and {} KD students from distill.minilm_sections (this run)",
+                    k.students.len()
+                ),
+            );
+            (
+                k.teacher,
+                k.teacher_test,
+                k.teacher_lr,
+                k.student_lr,
+                k.kd_epochs,
+                k.students,
+                vec!["distill.minilm_sections' choice in this run".to_string()],
+            )
         }
+        None => {
+            let (teacher, teacher_test, s_lr, students, seen) = train_teacher_and_students(
+                ctx,
+                bar,
+                &dir,
+                n_classes,
+                &train,
+                &dev,
+                &test,
+                &train_pool,
+                &cfg,
+            )?;
+            (teacher, teacher_test, 2e-4, s_lr, epochs, students, seen)
+        }
+    };
+    if students.len() != seeds.len() {
+        anyhow::bail!(
+            "quant.distill_plus_quant: {} students for {} seeds",
+            students.len(),
+            seeds.len()
+        );
     }
-    let s_lr = best.1;
-    super::say(bar, format!("  student lr on dev: {}", seen.join(", ")));
-
-    // The teacher's top-4 cache over the labelled set plus the pool.
-    let cache_dir = ctx.report_dir().join("distill-plus-quant-cache");
-    let _ = std::fs::remove_dir_all(&cache_dir);
-    let ccfg = CacheConfig::top_k(4).with_dtype(Kind::Half);
-    build_cache(&teacher, &train_pool, &cache_dir, &ccfg, 128, device)?;
-    let cache = TeacherCache::open(
-        &cache_dir,
-        Some(&teacher.fingerprint()),
-        Some(&dataset_fingerprint(&train_pool)?),
-    )?;
 
     // The trimmed vocabulary: the tokens of every synopsis in the fixture (none of them
     // a sections test text) and of the labelled train split.
@@ -434,13 +419,10 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
 
     let (mut acc_f32, mut acc_trim, mut acc_q) = (vec![], vec![], vec![]);
     let (mut bytes_f32, mut bytes_trim, mut bytes_q) = (0.0, 0.0, 0.0);
-    for seed in seeds.iter().copied() {
+    for (seed, mut s) in seeds.iter().copied().zip(students) {
         bar.set_message(format!("quant.distill_plus_quant seed {seed}"));
-        let mut s = student_of(seed)?;
-        let mut d = Distiller::new(TeacherSource::Cached(&cache), KdConfig::new(2.0), 0.5)?;
-        let mut tr = Trainer::new(cfg(s_lr, seed, &train_pool));
-        tr.begin_task(0, &s, &train_pool, &mut [&mut d])?;
-        tr.fit(&s, &train_pool, None, &mut [&mut d])?;
+        // Mean pooling never reads the pooler: a deployed student does not carry it.
+        s.bert.pooler = None;
         acc_f32.push(accuracy(&s, &test, 64, device)?);
         bytes_f32 = file_bytes("student.safetensors", &state(&s))?;
 
@@ -502,10 +484,14 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             ),
         );
     }
-    let _ = std::fs::remove_dir_all(&cache_dir);
 
     let mut m = Metrics::new();
     m.insert("teacher.test_accuracy".into(), teacher_test);
+    m.insert(
+        "students_from_distill_minilm_sections".into(),
+        f64::from(u8::from(from_sections)),
+    );
+    m.insert("kd_epochs".into(), kd_epochs as f64);
     for (name, v) in [
         ("student_f32", &acc_f32),
         ("student_trimmed", &acc_trim),
@@ -543,8 +529,13 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             train.len()
         ),
         format!(
-            "Student: embeddings and layers {layers:?} of the fine-tuned teacher, its head copied, the unused pooler dropped; KD (forward KL with T², T = 2, alpha = 0.5) from the teacher's top-4 cache over the train texts plus the {} unlabelled eight-section synopses, as distill.minilm_sections. Student lr chosen on the {} dev texts at seed 0 with hard labels from {{{}}}: {s_lr:e}. Seeds {seeds:?}; accuracies on the {} test texts (mean, sample sd).",
+            "Student: embeddings and layers [0, 5] of the fine-tuned teacher, its head copied, the unused pooler dropped; KD (forward KL with T², T = 2, alpha = 0.5) for {kd_epochs} epoch(s) from the teacher's top-4 cache over the train texts plus the {} unlabelled eight-section synopses, as distill.minilm_sections. {} Student lr chosen on the {} dev texts at seed 0 with hard labels ({}): {s_lr:e}. Seeds {seeds:?}; accuracies on the {} test texts (mean, sample sd).",
             pool_texts.len(),
+            if from_sections {
+                "Teacher and students are distill.minilm_sections' of this same run (its cached-KD students, one per seed), handed over in memory rather than trained twice; `--only quant.distill_plus_quant` trains its own with the same recipe."
+            } else {
+                "Teacher and students trained here (distill.minilm_sections did not run before it in this run)."
+            },
             dev.len(),
             seen.join(", "),
             test.len()
@@ -561,6 +552,89 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         ),
     ];
     Ok(Outcome { metrics: m, notes })
+}
+
+/// `quant.distill_plus_quant` on its own: the teacher (distill.minilm_sections' recipe,
+/// seed 0), the student lr on dev at seed 0 with hard labels, the top-4 cache, and one
+/// KD student per seed. Returns (teacher, its test accuracy, student lr, students, the
+/// grid's dev accuracies).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn train_teacher_and_students(
+    ctx: &Ctx,
+    bar: &ProgressBar,
+    dir: &Path,
+    n_classes: i64,
+    train: &reuse_core::models::TokenizedDataset,
+    dev: &reuse_core::models::TokenizedDataset,
+    test: &reuse_core::models::TokenizedDataset,
+    train_pool: &reuse_core::models::TokenizedDataset,
+    cfg: &dyn Fn(f64, u64, &dyn reuse_core::data::BatchSource) -> reuse_core::TrainConfig,
+) -> Result<(
+    reuse_core::models::BertClassifier,
+    f64,
+    f64,
+    Vec<reuse_core::models::BertClassifier>,
+    Vec<String>,
+)> {
+    use reuse_core::models::{Bert, BertClassifier};
+    use reuse_core::trainer::accuracy;
+    use reuse_core::Trainer;
+    use reuse_distill::cache::{build_cache, CacheConfig, TeacherCache};
+    use reuse_distill::losses::KdConfig;
+    use reuse_distill::student::cut_layers;
+    use reuse_distill::{dataset_fingerprint, Distiller, Teacher, TeacherSource};
+    let device = ctx.device;
+    bar.set_message("quant.distill_plus_quant teacher");
+    tch::manual_seed(0);
+    let teacher = BertClassifier::new(Bert::load(dir, device, Kind::Float)?, n_classes);
+    let rt = Trainer::new(cfg(2e-4, 0, train)).fit(&teacher, train, None, &mut [])?;
+    let teacher_test = accuracy(&teacher, test, 64, device)?;
+    super::say(
+        bar,
+        format!("  teacher: test {teacher_test:.4} ({:.0} s)", rt.seconds),
+    );
+    let student_of = |seed: u64| -> Result<BertClassifier> {
+        tch::manual_seed(seed as i64);
+        let bert = cut_layers(&teacher.bert, &[0, 5])?;
+        super::distill::with_teachers_head(bert, &teacher)
+    };
+    // The student lr, chosen on dev at seed 0 with hard labels.
+    let mut best = (f64::MIN, 0.0);
+    let mut seen = Vec::new();
+    for lr in [1e-4, 3e-4, 1e-3] {
+        let s = student_of(0)?;
+        Trainer::new(cfg(lr, 0, train)).fit(&s, train, None, &mut [])?;
+        let acc = accuracy(&s, dev, 64, device)?;
+        seen.push(format!("{lr:e}: {acc:.4}"));
+        if acc > best.0 {
+            best = (acc, lr);
+        }
+    }
+    let s_lr = best.1;
+    super::say(bar, format!("  student lr on dev: {}", seen.join(", ")));
+    // The teacher's top-4 cache over the labelled set plus the pool.
+    let cache_dir = ctx.report_dir().join("distill-plus-quant-cache");
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    let ccfg = CacheConfig::top_k(4).with_dtype(Kind::Half);
+    build_cache(&teacher, train_pool, &cache_dir, &ccfg, 128, device)?;
+    let cache = TeacherCache::open(
+        &cache_dir,
+        Some(&teacher.fingerprint()),
+        Some(&dataset_fingerprint(train_pool)?),
+    )?;
+    let mut students = Vec::new();
+    for &seed in &ctx.seeds {
+        bar.set_message(format!("quant.distill_plus_quant KD seed {seed}"));
+        let s = student_of(seed)?;
+        let mut d = Distiller::new(TeacherSource::Cached(&cache), KdConfig::new(2.0), 0.5)?;
+        let mut tr = Trainer::new(cfg(s_lr, seed, train_pool));
+        tr.begin_task(0, &s, train_pool, &mut [&mut d])?;
+        tr.fit(&s, train_pool, None, &mut [&mut d])?;
+        students.push(s);
+    }
+    drop(cache);
+    let _ = std::fs::remove_dir_all(&cache_dir);
+    Ok((teacher, teacher_test, s_lr, students, seen))
 }
 
 /// The environment variable that turns `reuse-bench` into one `quant.qlora` training
