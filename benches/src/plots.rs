@@ -159,7 +159,11 @@ pub fn draw_all(report: &Value, dir: &Path) -> (Vec<(PathBuf, String)>, Vec<Stri
             let Some(e) = experiment(report, "peft.minilm_sections") else {
                 return Ok(false);
             };
-            let methods = ["full", "head", "lora", "lora_qv_r8", "pfeiffer"];
+            // Methods this run trained (the CPU size leaves out `lora_qv_r8`).
+            let methods: Vec<&str> = ["full", "head", "lora", "lora_qv_r8", "pfeiffer"]
+                .into_iter()
+                .filter(|m| metric(e, &format!("{m}.test_accuracy")).is_some())
+                .collect();
             let cats: Vec<String> = methods
                 .iter()
                 .map(|m| {

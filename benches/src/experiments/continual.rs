@@ -389,20 +389,19 @@ fn chosen_at_full_size(kind: Kind, p: &Protocol) -> Chosen {
     for m in ["naive", "replay", "joint"] {
         avalanche.insert(m, (0.0, 0.0));
     }
+    // Single-head scenarios: (exact lambda, empirical lambda, online (lambda, gamma),
+    // Avalanche's EWC lambda, Avalanche's online (lambda, gamma)).
+    let mut single_head = |exact: f64, empirical: f64, online: (f64, f64), av: f64, av_online| {
+        ours.insert("ewc", ewc(exact));
+        ours.insert("ewc_empirical", emp(empirical));
+        let (lambda, gamma) = online;
+        ours.insert("online_ewc", Method::OnlineEwc { lambda, gamma });
+        avalanche.insert("ewc", (av, 0.9));
+        avalanche.insert("online_ewc", av_online);
+    };
     match kind {
-        Kind::ClassIl => {
-            ours.insert("ewc", ewc(10.0));
-            ours.insert("ewc_empirical", emp(1e3));
-            ours.insert(
-                "online_ewc",
-                Method::OnlineEwc {
-                    lambda: 10.0,
-                    gamma: 0.9,
-                },
-            );
-            avalanche.insert("ewc", (3e4, 0.9));
-            avalanche.insert("online_ewc", (1e5, 1.0));
-        }
+        Kind::ClassIl => single_head(10.0, 1e3, (10.0, 0.9), 3e4, (1e5, 1.0)),
+        Kind::Permuted => single_head(300.0, 1e4, (300.0, 0.9), 1e4, (1e4, 1.0)),
         Kind::TaskIl => {
             ours.insert("ewc", ewc(1e3));
             ours.insert(
@@ -413,19 +412,6 @@ fn chosen_at_full_size(kind: Kind, p: &Protocol) -> Chosen {
                 },
             );
             avalanche.insert("ewc", (100.0, 0.9));
-        }
-        Kind::Permuted => {
-            ours.insert("ewc", ewc(300.0));
-            ours.insert("ewc_empirical", emp(1e4));
-            ours.insert(
-                "online_ewc",
-                Method::OnlineEwc {
-                    lambda: 300.0,
-                    gamma: 0.9,
-                },
-            );
-            avalanche.insert("ewc", (1e4, 0.9));
-            avalanche.insert("online_ewc", (1e4, 1.0));
         }
     }
     let list = ours
@@ -1027,8 +1013,8 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         notes.push(
             "CPU size, to fit the plain CPU bench: 1 epoch per task instead of the \
              protocol's 2 (both sides), and only per-task adapters, naive and replay (with \
-             PyTorch + PEFT's naive and replay beside); EWC (and its lambda grid on dev) and \
-             joint run at the full size (a CUDA run, or `--full`)."
+             PyTorch + PEFT's replay beside); EWC (and its lambda grid on dev), joint and \
+             the other PyTorch runs are at the full size only (a CUDA run, or `--full`)."
                 .to_string(),
         );
     }
@@ -1085,10 +1071,16 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                 )?;
                 r.save_json(&dir.join(format!("minilm_{id}.json")))?;
                 // The PyTorch + PEFT run of the same method, right after ours.
-                if matches!(
-                    method,
-                    LmMethod::Naive | LmMethod::Replay | LmMethod::Joint | LmMethod::Ewc(_)
-                ) {
+                // At the CPU size only replay's (the claim's) runs beside ours.
+                let peer = if ctx.cpu_sized() {
+                    method == LmMethod::Replay
+                } else {
+                    matches!(
+                        method,
+                        LmMethod::Naive | LmMethod::Replay | LmMethod::Joint | LmMethod::Ewc(_)
+                    )
+                };
+                if peer {
                     bar.set_message(format!("continual.minilm_sections PyTorch {id}"));
                     let v = peft_reference(ctx, id, 0, lambda)?;
                     let ps = f(&v, "seconds");

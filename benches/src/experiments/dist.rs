@@ -187,7 +187,8 @@ pub fn lora_step(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         .insert("labels", labels);
     ck.save(&batch)?;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let rounds = ctx.size(3, 1);
+    // Two rounds at the CPU size (to fit the plain CPU bench), three at the full size.
+    let rounds = if ctx.cpu_sized() { 2 } else { ctx.size(3, 1) };
     let steps = ctx.size(6, 2);
     let warmup = ctx.size(2, 1);
     let exe = std::env::current_exe()?;

@@ -649,6 +649,9 @@ struct QloraRun {
     seed: u64,
     cuda: bool,
     quick: bool,
+    /// The parent's `Ctx::full` (`--full` on the CPU).
+    #[serde(default)]
+    full: bool,
     /// After training, merge the adapter and quantize the fine-tuned classifier (int8
     /// round-to-nearest, int4 GPTQ) to measure its test accuracy after quantization.
     quantize_after: bool,
@@ -668,6 +671,16 @@ struct QloraResult {
     test_accuracy_int4: Option<f64>,
 }
 
+/// Training steps of each quant.qlora run: peft.minilm_sections' budget, half of it
+/// at the CPU size (both arms alike).
+fn qlora_steps(ctx: &Ctx) -> usize {
+    if ctx.cpu_sized() {
+        super::peft::STEPS / 2
+    } else {
+        ctx.size(super::peft::STEPS, 6)
+    }
+}
+
 /// The child side: trains `lora` (peft.minilm_sections' LoRA: r=4 on query, value and
 /// both FFN linears, the head trained) on the base folder and prints a [`QloraResult`].
 pub fn qlora_child(spec: &str) -> Result<()> {
@@ -685,7 +698,8 @@ pub fn qlora_child(spec: &str) -> Result<()> {
     } else {
         Device::Cpu
     };
-    let ctx = Ctx::new(device, run.quick)?;
+    let mut ctx = Ctx::new(device, run.quick)?;
+    ctx.full |= run.full;
     let mut splits = super::peft::sections()?;
     splits.dev.texts.truncate(ctx.size(usize::MAX, 64));
     splits.dev.labels.truncate(ctx.size(usize::MAX, 64));
@@ -696,7 +710,7 @@ pub fn qlora_child(spec: &str) -> Result<()> {
     let train = TokenizedDataset::new(&tok, &splits.train, max_len)?;
     let dev = TokenizedDataset::new(&tok, &splits.dev, max_len)?;
     let test = TokenizedDataset::new(&tok, &splits.test, max_len)?;
-    let steps = ctx.size(super::peft::STEPS, 6);
+    let steps = qlora_steps(&ctx);
     let n_classes = splits.classes.len() as i64;
     tch::manual_seed(run.seed as i64);
     let mut model = LoraModel::new(BertClassifier::new(
@@ -823,6 +837,7 @@ pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                 seed,
                 cuda: ctx.device.is_cuda(),
                 quick: ctx.quick,
+                full: ctx.full,
                 quantize_after: i == 0,
             })?;
             let o = std::process::Command::new(&exe)
@@ -907,11 +922,11 @@ pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     m.insert("lr".into(), lr);
     m.insert("int4_file_mb".into(), r.bytes_after as f64 / 1e6);
     m.insert("f32_file_mb".into(), r.bytes_before as f64 / 1e6);
-    let notes = vec![
+    let mut notes = vec![
         format!(
             "LoRA r=4 (alpha 8) on query, value and both FFN linears of all-MiniLM-L6-v2, plus a linear head, trained on the {} train texts of the Debian sections: {} steps, batch {}, max length {}, AdamW lr {lr:e} (the best dev lr for this LoRA in peft.dev_sweep, benches/sweeps/peft_dev_sweep.md; the int4 base reuses it, as the QLoRA paper reuses LoRA's), weight decay 0.01, linear schedule with 10% warm-up. Seeds {seeds:?}; accuracies on the test split; accuracy_gap = f32 - int4 per seed.",
             splits.train.texts.len(),
-            ctx.size(super::peft::STEPS, 6),
+            qlora_steps(ctx),
             super::peft::BATCH,
             super::peft::MAX_LEN
         ),
@@ -924,5 +939,13 @@ pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         "classifier.*: each f32 run's fine-tuned classifier, its adapter merged into the encoder, then quantized as a deployment would: int8 per channel by round-to-nearest, and int4 by GPTQ (groups of 64, zero points, the first 256 train texts as calibration); accuracy_drop_* = the merged f32 classifier's test accuracy - the quantized one's, per seed (mean, sample sd). Measured after the run's peak memory was read.".into(),
         "Memory: each run is its own process (this binary, re-run with one run's settings); peak_rss_mb is its VmHWM after training (process RSS: libtorch, the model, optimizer state, activations), load_rss_mb its VmHWM once the model is built. peak_memory_ratio = int4 / f32 peak, per seed. f32 and int4 runs alternate, first one then the other.".into(),
     ];
+    if ctx.cpu_sized() {
+        notes.push(format!(
+            "CPU size, to fit the plain CPU bench: {} steps per run, half of peft.minilm_sections' {} (both arms alike; a CUDA run or `--full` trains {}).",
+            qlora_steps(ctx),
+            super::peft::STEPS,
+            super::peft::STEPS
+        ));
+    }
     Ok(Outcome { metrics: m, notes })
 }
