@@ -365,7 +365,7 @@ struct Chosen {
 
 /// The choices `choose` made on the dev split at the full size on the 2-core CPU
 /// (benches/reports/2026-11-29-cpu-continual-digits.json, its notes list every grid
-/// point): the CPU size reuses them rather than run the grids again. The protocol is the
+/// point): the CPU and quick sizes reuse them rather than run the grids again. The protocol is the
 /// same at both sizes; only the grids are left out.
 fn chosen_at_full_size(kind: Kind, p: &Protocol) -> Chosen {
     let ewc = |lambda| Method::Ewc {
@@ -438,7 +438,7 @@ fn chosen_at_full_size(kind: Kind, p: &Protocol) -> Chosen {
 }
 
 fn choose(ctx: &Ctx, kind: Kind, s: &Split, p: &Protocol, bar: &ProgressBar) -> Result<Chosen> {
-    if ctx.cpu_sized() {
+    if !ctx.full {
         return Ok(chosen_at_full_size(kind, p));
     }
     let scn = scenario(kind, rows(&s.all, &s.fit)?, rows(&s.all, &s.dev)?)?;
@@ -843,9 +843,9 @@ fn lm_data(ctx: &Ctx) -> Result<LmData> {
     })
 }
 
-/// Epochs per task: the protocol's 2, or 1 at the CPU size.
+/// Epochs per task: the protocol's 2, or 1 at the CPU and quick sizes.
 fn lm_epochs(ctx: &Ctx) -> usize {
-    if ctx.cpu_sized() {
+    if !ctx.full {
         1
     } else {
         2
@@ -1019,9 +1019,8 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         );
     }
     // EWC's lambda on dev (seed 0), as the other choices are fixed by the protocol.
-    let grid: &[f64] = if ctx.quick {
-        &[1e3]
-    } else if ctx.cpu_sized() {
+    // (The CPU and quick sizes run no EWC.)
+    let grid: &[f64] = if !ctx.full {
         &[]
     } else {
         &[1e2, 1e3, 1e4, 1e5]
@@ -1071,8 +1070,8 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                 )?;
                 r.save_json(&dir.join(format!("minilm_{id}.json")))?;
                 // The PyTorch + PEFT run of the same method, right after ours.
-                // At the CPU size only replay's (the claim's) runs beside ours.
-                let peer = if ctx.cpu_sized() {
+                // At the CPU and quick sizes only replay's (the claim's) runs beside ours.
+                let peer = if !ctx.full {
                     method == LmMethod::Replay
                 } else {
                     matches!(

@@ -187,8 +187,9 @@ pub fn lora_step(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         .insert("labels", labels);
     ck.save(&batch)?;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    // Two rounds at the CPU size (to fit the plain CPU bench), three at the full size.
-    let rounds = if ctx.cpu_sized() { 2 } else { ctx.size(3, 1) };
+    // Three rounds at every size but quick: with two, the CPU run at a0594ba read 1.19x
+    // (rounds 1.06-1.24) where three had read 0.90x an hour before on the same machine.
+    let rounds = ctx.size(3, 1);
     let steps = ctx.size(6, 2);
     let warmup = ctx.size(2, 1);
     let exe = std::env::current_exe()?;

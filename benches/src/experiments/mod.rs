@@ -344,7 +344,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: quant::qlora,
         default: true,
         gpu_sized: false,
-        cpu_size: false,
+        cpu_size: true,
         quick: true,
         cpu_seconds: 170,
     },
