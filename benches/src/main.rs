@@ -125,6 +125,7 @@ fn main() -> Result<()> {
     for (i, e) in chosen.into_iter().enumerate() {
         bar.set_prefix(format!("{}/{n}", i + 1));
         bar.set_message(e.id);
+        ctx.set_has_cpu_size(e.cpu_size);
         let start = Instant::now();
         let experiments::Outcome { metrics, notes } = (e.run)(&ctx, &bar)?;
         let seconds = start.elapsed().as_secs_f64();
@@ -136,12 +137,7 @@ fn main() -> Result<()> {
             id: e.id.to_string(),
             about: e.about.to_string(),
             seconds,
-            size: if e.cpu_size || ctx.quick {
-                ctx.size_name()
-            } else {
-                "full"
-            }
-            .to_string(),
+            size: ctx.size_name().to_string(),
             metrics,
             notes,
         });

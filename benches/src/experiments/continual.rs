@@ -438,7 +438,7 @@ fn chosen_at_full_size(kind: Kind, p: &Protocol) -> Chosen {
 }
 
 fn choose(ctx: &Ctx, kind: Kind, s: &Split, p: &Protocol, bar: &ProgressBar) -> Result<Chosen> {
-    if !ctx.full {
+    if ctx.reduced() {
         return Ok(chosen_at_full_size(kind, p));
     }
     let scn = scenario(kind, rows(&s.all, &s.fit)?, rows(&s.all, &s.dev)?)?;
@@ -845,7 +845,7 @@ fn lm_data(ctx: &Ctx) -> Result<LmData> {
 
 /// Epochs per task: the protocol's 2, or 1 at the CPU and quick sizes.
 fn lm_epochs(ctx: &Ctx) -> usize {
-    if !ctx.full {
+    if ctx.reduced() {
         1
     } else {
         2
@@ -1020,7 +1020,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     }
     // EWC's lambda on dev (seed 0), as the other choices are fixed by the protocol.
     // (The CPU and quick sizes run no EWC.)
-    let grid: &[f64] = if !ctx.full {
+    let grid: &[f64] = if ctx.reduced() {
         &[]
     } else {
         &[1e2, 1e3, 1e4, 1e5]
@@ -1071,7 +1071,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                 r.save_json(&dir.join(format!("minilm_{id}.json")))?;
                 // The PyTorch + PEFT run of the same method, right after ours.
                 // At the CPU and quick sizes only replay's (the claim's) runs beside ours.
-                let peer = if !ctx.full {
+                let peer = if ctx.reduced() {
                     method == LmMethod::Replay
                 } else {
                     matches!(

@@ -35,6 +35,10 @@ pub struct Ctx {
     /// students, say), so the later one need not train them again; never kept across
     /// runs. Keys are the producing experiment's id.
     shared: std::cell::RefCell<BTreeMap<&'static str, Box<dyn std::any::Any>>>,
+    /// Whether the experiment running now has a CPU size (`Experiment::cpu_size`; the
+    /// runner sets it before each one): without one, `cpu_sized` is false, so an
+    /// experiment can only take a CPU-size path its registry entry declares.
+    has_cpu_size: std::cell::Cell<bool>,
 }
 
 impl Ctx {
@@ -54,22 +58,35 @@ impl Ctx {
             seeds: (0..seeds as u64).collect(),
             full: device.is_cuda(),
             shared: Default::default(),
+            has_cpu_size: std::cell::Cell::new(true),
         })
     }
 
-    /// The CPU size: neither `--quick` nor full (CUDA or `--full`).
-    pub fn cpu_sized(&self) -> bool {
-        !self.quick && !self.full
+    /// Declares whether the experiment about to run has a CPU size (the runner's call).
+    pub fn set_has_cpu_size(&self, yes: bool) {
+        self.has_cpu_size.set(yes);
     }
 
-    /// `quick`, `cpu` or `full`: the size experiments with a CPU size ran at.
+    /// The CPU size: an experiment that has one, neither `--quick` nor full (CUDA or
+    /// `--full`).
+    pub fn cpu_sized(&self) -> bool {
+        self.has_cpu_size.get() && !self.quick && !self.full
+    }
+
+    /// The CPU size or `--quick`, for an experiment that has a CPU size: what the two
+    /// share (smaller method sets, committed dev choices).
+    pub fn reduced(&self) -> bool {
+        self.has_cpu_size.get() && !self.full
+    }
+
+    /// `quick`, `cpu` or `full`: the size the running experiment runs at.
     pub fn size_name(&self) -> &'static str {
         if self.quick {
             "quick"
-        } else if self.full {
-            "full"
-        } else {
+        } else if self.cpu_sized() {
             "cpu"
+        } else {
+            "full"
         }
     }
 
