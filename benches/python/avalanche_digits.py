@@ -8,6 +8,11 @@ so that the Rust side can compare accuracy matrices and wall times side by side.
 Call:
     .venv/bin/python benches/python/avalanche_digits.py --spec SPEC.json --out OUT.json
         [--data fixtures/digits/digits.csv.gz]
+    .venv/bin/python benches/python/avalanche_digits.py --spec SPEC.json --serve
+  The second form keeps one process for many runs, so that the caller can interleave
+  them with its own, run by run: after set-up and the spec's optional "warmup" run (a
+  run object, not reported) it prints {"ready": true, ...}, then reads one run object
+  per stdin line and prints its result object (as in OUT.json's "runs") as one line.
 
 SPEC.json:
     {"train": [row indices], "test": [row indices],
@@ -121,12 +126,19 @@ import warnings
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", required=True, help="JSON spec file")
-    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--out", help="output JSON file (required unless --serve)")
     here = os.path.dirname(os.path.abspath(__file__))
     p.add_argument(
         "--data",
         default=os.path.join(here, "..", "..", "fixtures", "digits", "digits.csv.gz"),
         help="digits csv.gz (64 pixels 0-16 then the label, no header)",
+    )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="after set-up (and the spec's optional 'warmup' run), read one run object "
+        "per line of stdin and answer each with one JSON line on stdout (the run's "
+        "result, or {\"error\": ...}); --out is not written",
     )
     return p.parse_args()
 
@@ -157,6 +169,8 @@ def write_atomic(path, obj):
 
 def main():
     a = parse_args()
+    if not a.serve and not a.out:
+        raise SystemExit("--out is required unless --serve")
     with open(a.spec) as f:
         spec = json.load(f)
 
@@ -269,8 +283,7 @@ def main():
         model.train(was_training)
         return row
 
-    out_runs = []
-    for run in spec["runs"]:
+    def do_run(run):
         scenario, method = run["scenario"], run["method"]
         seed = int(run.get("seed", 0))
         bm, test_raw = build(scenario)  # data preparation, not timed
@@ -330,10 +343,30 @@ def main():
         res = dict(run)
         res.update(R=R, avg_accuracy=avg, forgetting=forgetting, seconds=seconds,
                    train_seconds=train_seconds)
-        out_runs.append(res)
         f = "n/a" if forgetting is None else f"{forgetting:.3f}"
         print(f"{scenario:9s} {method:10s} seed {seed}: avg {avg:.3f} forgetting {f} "
               f"{seconds:.2f}s (train {train_seconds:.2f}s)", file=sys.stderr)
+        return res
+
+    if a.serve:
+        # One warm-up run (not reported) so the first timed run does not pay for
+        # first-call costs, then one run per line of stdin, one result line each.
+        if spec.get("warmup"):
+            do_run(spec["warmup"])
+        print(json.dumps({"ready": True, "avalanche_version":
+                          getattr(avalanche, "__version__", None),
+                          "torch_version": torch.__version__}), flush=True)
+        for line in sys.stdin:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                print(json.dumps(do_run(json.loads(line))), flush=True)
+            except Exception as e:  # the caller reads the error as the run's result
+                print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        return
+
+    out_runs = [do_run(run) for run in spec["runs"]]
 
     write_atomic(a.out, {
         "avalanche_version": getattr(avalanche, "__version__", None),

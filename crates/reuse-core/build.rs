@@ -1,6 +1,13 @@
-//! Links libtorch (rpath, CUDA) and compiles the optimizer shim (`cpp/optim_shim.cpp`:
-//! libtorch's fused AdamW kernel, which `tch` does not expose) against the same libtorch.
+//! Links libtorch (rpath, CUDA) and compiles the C++ shims against the same libtorch:
+//! `cpp/optim_shim.cpp` (libtorch's fused AdamW kernel and set-to-none gradients, which
+//! `tch` does not expose) and `cpp/mlp_shim.cpp` (a ReLU MLP as one autograd node: tch
+//! has no custom autograd functions).
 fn main() {
     reuse_build::link_libtorch();
-    reuse_build::compile_cpp("reuse_core_cpp", &["cpp/optim_shim.cpp"], "cpp", |_| {});
+    reuse_build::compile_cpp(
+        "reuse_core_cpp",
+        &["cpp/optim_shim.cpp", "cpp/mlp_shim.cpp"],
+        "cpp",
+        |_| {},
+    );
 }

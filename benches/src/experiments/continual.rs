@@ -347,6 +347,101 @@ fn avalanche(
         .clone())
 }
 
+/// One Avalanche process kept for many runs (`avalanche_digits.py --serve`), so that its
+/// runs can alternate with ours one by one: the two sides of a time ratio then run back
+/// to back, under the same load on a shared machine.
+struct AvalancheServer {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl AvalancheServer {
+    /// Starts the script on these train/test rows; it makes `warmup` (untimed) before it
+    /// answers that it is ready.
+    fn start(
+        ctx: &Ctx,
+        train: &[i64],
+        test: &[i64],
+        epochs: usize,
+        warmup: serde_json::Value,
+    ) -> Result<Self> {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let py = ctx
+            .python()
+            .context("no .venv python: run `cargo xtask setup` (the Avalanche side needs it)")?;
+        let dir = ctx.root.join("target/reuse-bench-tmp");
+        std::fs::create_dir_all(&dir)?;
+        let spec_path = dir.join("avalanche_serve_spec.json");
+        let spec = serde_json::json!({
+            "train": train, "test": test, "tasks": splits(),
+            "permutations": permutations(5, 64, 0),
+            "runs": [], "warmup": warmup, "epochs": epochs, "batch_size": 32, "lr": 1e-3,
+            "threads": tch::get_num_threads(),
+        });
+        std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
+        let mut child = Command::new(&py)
+            .arg(ctx.root.join("benches/python/avalanche_digits.py"))
+            .arg("--spec")
+            .arg(&spec_path)
+            .arg("--serve")
+            .arg("--data")
+            .arg(fixtures_dir().join("digits/digits.csv.gz"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting benches/python/avalanche_digits.py --serve")?;
+        let stdin = child.stdin.take();
+        let stdout = std::io::BufReader::new(
+            child
+                .stdout
+                .take()
+                .context("avalanche_digits.py --serve: no stdout")?,
+        );
+        let mut server = Self {
+            child,
+            stdin,
+            stdout,
+        };
+        let mut line = String::new();
+        server.stdout.read_line(&mut line)?;
+        let ready: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| {
+            format!("avalanche_digits.py --serve: expected its ready line, found {line:?}")
+        })?;
+        if ready["ready"] != true {
+            bail!("avalanche_digits.py --serve: expected its ready line, found {line:?}");
+        }
+        Ok(server)
+    }
+
+    /// One run; its result object as the batch mode writes it.
+    fn run(&mut self, run: &serde_json::Value) -> Result<serde_json::Value> {
+        use std::io::{BufRead, Write};
+        let stdin = self.stdin.as_mut().context("avalanche server closed")?;
+        writeln!(stdin, "{}", serde_json::to_string(run)?)?;
+        stdin.flush()?;
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("avalanche_digits.py --serve exited during run {run}");
+        }
+        let v: serde_json::Value = serde_json::from_str(line.trim())
+            .with_context(|| format!("avalanche_digits.py --serve answered {line:?}"))?;
+        if let Some(e) = v.get("error") {
+            bail!("avalanche_digits.py --serve failed on run {run}: {e}");
+        }
+        Ok(v)
+    }
+}
+
+impl Drop for AvalancheServer {
+    fn drop(&mut self) {
+        // Closing stdin ends the script's loop.
+        self.stdin.take();
+        let _ = self.child.wait();
+    }
+}
+
 fn av_run(kind: Kind, method: &str, seed: u64, lambda: f64, gamma: f64) -> serde_json::Value {
     serde_json::json!({"scenario": kind.id(), "method": method, "seed": seed,
                        "ewc_lambda": lambda, "decay_factor": gamma, "mem_size": MEMORY})
@@ -596,8 +691,13 @@ fn scenarios_experiment(
          batch 32, {} epochs per task; replay memory {MEMORY}, task-balanced as \
          Avalanche's default storage policy. Seeds {seeds:?}; figures are means and sample \
          sds over seeds, times are wall seconds per run (model construction, training, \
-         the evaluation after each task) on {} threads, each Avalanche run right after \
-         ours for the same seed.",
+         the evaluation after each task) on {} threads. Timing: Avalanche runs in one \
+         process kept for the whole scenario (`avalanche_digits.py --serve`); each of its \
+         runs goes back to back with ours of the same method and seed, the side going \
+         first alternating pair by pair, after one untimed warm-up run on each side; \
+         `<method>.time_ratio` is the median over seeds of ours / Avalanche's seconds of \
+         a pair (`_min`, `_max` the range), so that a slow spell of this shared machine \
+         hits both sides of a ratio.",
         s.train.len(),
         s.test.len(),
         p.epochs,
@@ -617,10 +717,48 @@ fn scenarios_experiment(
         let scn = scenario(kind, rows(&s.all, &s.train)?, rows(&s.all, &s.test)?)?;
         let mut ours: BTreeMap<&str, Vec<RunResult>> = BTreeMap::new();
         let mut theirs: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+        // Per method, ours / Avalanche's seconds of each seed's pair of runs.
+        let mut pair_ratios: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let av_methods: &[&str] = match kind {
+            Kind::TaskIl => &["naive", "ewc", "replay"],
+            _ => &["naive", "ewc", "online_ewc", "replay", "joint"],
+        };
+        bar.set_message(format!("{name} {} starting Avalanche", kind.id()));
+        let mut server = AvalancheServer::start(
+            ctx,
+            &s.train,
+            &s.test,
+            p.epochs,
+            av_run(kind, "naive", 0, 0.0, 0.0),
+        )?;
+        // Our warm-up, untimed, as the server's.
+        run(&scn, &Method::Naive, &p, 0)?;
+        let mut pair = 0usize;
         for &seed in seeds {
             for (id, method) in &chosen.ours {
                 bar.set_message(format!("{name} {} {id} seed {seed}", kind.id()));
+                let spec = av_methods.contains(id).then(|| {
+                    let (l, g) = chosen.avalanche.get(id).copied().unwrap_or((0.0, 0.0));
+                    av_run(kind, id, seed, l, g)
+                });
+                // Back to back, alternating which side goes first.
+                let ours_first = pair % 2 == 0;
+                let mut av = None;
+                if let (false, Some(spec)) = (ours_first, &spec) {
+                    av = Some(server.run(spec)?);
+                }
                 let r = run(&scn, method, &p, seed)?;
+                if let (true, Some(spec)) = (ours_first, &spec) {
+                    av = Some(server.run(spec)?);
+                }
+                if let Some(v) = av {
+                    pair += 1;
+                    pair_ratios
+                        .entry(id)
+                        .or_default()
+                        .push(r.seconds / f(&v, "seconds"));
+                    theirs.entry(id.to_string()).or_default().push(v);
+                }
                 if seed == 0 {
                     r.r.save_heatmap_png(
                         &report_dir.join(format!("{}_{id}.png", kind.id())),
@@ -630,23 +768,8 @@ fn scenarios_experiment(
                 }
                 ours.entry(id).or_default().push(r);
             }
-            let av_methods: &[&str] = match kind {
-                Kind::TaskIl => &["naive", "ewc", "replay"],
-                _ => &["naive", "ewc", "online_ewc", "replay", "joint"],
-            };
-            let runs = av_methods
-                .iter()
-                .map(|&mm| {
-                    let (l, g) = chosen.avalanche.get(mm).copied().unwrap_or((0.0, 0.0));
-                    av_run(kind, mm, seed, l, g)
-                })
-                .collect();
-            bar.set_message(format!("{name} {} Avalanche seed {seed}", kind.id()));
-            for v in avalanche(ctx, &s.train, &s.test, runs, p.epochs)? {
-                let mm = v["method"].as_str().unwrap_or("?").to_string();
-                theirs.entry(mm).or_default().push(v);
-            }
         }
+        drop(server);
         let sc = kind.id();
         for (id, runs) in &ours {
             let acc: Vec<f64> = runs
@@ -679,9 +802,12 @@ fn scenarios_experiment(
                 let fg: Vec<f64> = runs.iter().map(|v| f(v, "forgetting")).collect();
                 m.insert(format!("avalanche.{sc}.{mm}.forgetting"), mean(&fg));
             }
-            if let Some(o) = ours.get(mm.as_str()) {
-                let ours_s = mean(&o.iter().map(|r| r.seconds).collect::<Vec<_>>());
-                m.insert(format!("{sc}.{mm}.time_ratio"), ours_s / mean(&secs));
+            if let Some(r) = pair_ratios.get(mm.as_str()) {
+                m.insert(format!("{sc}.{mm}.time_ratio"), super::median(r));
+                let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                m.insert(format!("{sc}.{mm}.time_ratio_min"), lo);
+                m.insert(format!("{sc}.{mm}.time_ratio_max"), hi);
             }
         }
         notes.push(format!(

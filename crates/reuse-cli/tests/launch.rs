@@ -126,7 +126,14 @@ fn lora_train_on_two_processes_equals_one_and_peft_loads_the_adapter() {
     }
     assert_eq!(processes(&one), 1);
     let floor = max_diff(&adapter(&one), &adapter(&one_2t));
-    let tol = 2.0 * floor + 1e-6;
+    // Two ranks sum two half-batch gradients where one process sums one batch: a
+    // different rounding from the thread split above, which can be none at all (MKL
+    // gives bit-identical results on 1 and 2 threads on some machines). AdamW divides
+    // each update by the gradient's running size, so a weight whose gradient nearly
+    // cancels can move by up to 2 lr on a rounding flip; 1e-4 (lr / 30) keeps that
+    // noise in and any real divergence (a dropped or mis-weighted rank moves weights by
+    // about lr per step) out.
+    let tol = 2.0 * floor + 1e-4;
     eprintln!("one process, 1 vs 2 threads: adapter max |diff| {floor:.2e}");
     assert!(floor < 2e-4, "{floor}");
 

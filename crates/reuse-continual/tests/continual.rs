@@ -364,7 +364,7 @@ fn packnet_keeps_earlier_tasks_bit_for_bit_under_weight_decay_and_momentum() {
     let mut model = MultiHead::new(body, 32, 10, 3, CPU).unwrap();
     let mut pack = PackNet::new(0.5, "body.*").unwrap();
     let mut trainer = Trainer::new(TrainConfig {
-        epochs: 2,
+        epochs: 3,
         lr: 3e-3,
         weight_decay: 0.05,
         optimizer: OptimizerKind::default(),

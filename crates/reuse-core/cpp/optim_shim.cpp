@@ -58,4 +58,25 @@ int reuse_core_fused_adamw(void** params, void** grads, void** exp_avgs, void** 
   return -1;
 }
 
+// Drops the gradient of each of `n` tensors (leaves it undefined), as PyTorch's
+// `zero_grad(set_to_none=True)`: the next backward then hands its gradient to the
+// parameter instead of adding it into a zeroed buffer. Tensors without a gradient are
+// left alone.
+int reuse_core_clear_grads(void** ts, int n, char* err, size_t len) {
+  try {
+    for (int i = 0; i < n; ++i) {
+      auto* t = static_cast<at::Tensor*>(ts[i]);
+      if (t->defined() && t->grad().defined()) t->mutable_grad().reset();
+    }
+    return 0;
+  } catch (const c10::Error& e) {
+    set_err(err, len, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    set_err(err, len, e.what());
+  } catch (...) {
+    set_err(err, len, "unknown C++ exception");
+  }
+  return -1;
+}
+
 }  // extern "C"

@@ -56,6 +56,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod dtype;
 mod error;
+mod fused;
 pub mod linear;
 pub mod mlp;
 pub mod model;

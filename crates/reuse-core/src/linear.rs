@@ -339,7 +339,23 @@ impl Linear {
         }
     }
 
-    fn check_input(&self, x: &Tensor) -> Result<()> {
+    /// The dense weight and bias, when forward is exactly `x W^T + b` through autograd's
+    /// `linear`: no weight storage or transform, no routing, no live unmerged delta, a
+    /// bias, and no per-sample capture running. Fused paths over several layers
+    /// (the ReLU MLP node) use the layer only then.
+    pub(crate) fn plain_dense(&self) -> Option<(&Tensor, &Tensor)> {
+        let plain = self.storage.is_none()
+            && self.transform.is_none()
+            && self.routing.is_none()
+            && !self.slots.iter().any(|s| s.active && s.merged.is_none())
+            && !CAPTURE.with(|c| c.borrow().is_some());
+        match (&self.bias, plain) {
+            (Some(b), true) => Some((&self.weight, b)),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn check_input(&self, x: &Tensor) -> Result<()> {
         let inp = self.in_features();
         match x.size().last() {
             Some(&d) if d == inp => Ok(()),

@@ -65,6 +65,9 @@ struct ParamState {
     second: Option<Tensor>,
     /// f32 master weights of a half-precision parameter.
     master: Option<Tensor>,
+    /// `step` as the f32 scalar on the parameter's device that the fused kernel reads,
+    /// kept between calls (refilled each step) so a step allocates nothing for it.
+    step_scalar: Option<Tensor>,
 }
 
 /// The names of the state tensors of one parameter, as in a checkpoint.
@@ -109,6 +112,33 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> c_int;
+}
+
+extern "C" {
+    fn reuse_core_clear_grads(
+        ts: *mut *mut c_void,
+        n: c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+}
+
+/// Leaves the gradient of each of `ts` undefined (PyTorch's `set_to_none=True`); false
+/// if libtorch refused, with the gradients as they were.
+pub(crate) fn clear_grads(ts: &[&Tensor]) -> bool {
+    let mut ptrs: Vec<*mut c_void> = ts.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+    let mut err = [0 as c_char; 256];
+    // SAFETY: every pointer is a live `at::Tensor*` borrowed from `ts` for the call; the
+    // shim catches every C++ exception.
+    let rc = unsafe {
+        reuse_core_clear_grads(
+            ptrs.as_mut_ptr(),
+            ptrs.len() as c_int,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    rc == 0
 }
 
 /// libtorch's fused AdamW (`torch.optim.AdamW(fused=True)`'s kernel: one pass over each
@@ -214,15 +244,19 @@ impl Optimizer {
                     });
                 }
                 let half = is_half(pk);
-                let st = self
-                    .state
-                    .entry(name.to_string())
-                    .or_insert_with(|| ParamState {
-                        step: 0,
-                        first: None,
-                        second: None,
-                        master: half.then(|| p.detach().to_kind(Kind::Float)),
-                    });
+                if !self.state.contains_key(name) {
+                    self.state.insert(
+                        name.to_string(),
+                        ParamState {
+                            step: 0,
+                            first: None,
+                            second: None,
+                            master: half.then(|| p.detach().to_kind(Kind::Float)),
+                            step_scalar: None,
+                        },
+                    );
+                }
+                let st = self.state.get_mut(name).expect("inserted above");
                 st.step += 1;
                 let t = st.step as f64;
                 // The tensor updated in place: the f32 master, or the parameter itself.
@@ -243,8 +277,14 @@ impl Optimizer {
                             .all(|x| x.kind() == Kind::Float && x.is_contiguous())
                             && g.device() == w.device();
                         if fusable {
+                            let mut step = match st.step_scalar.take() {
+                                Some(s) if s.device() == w.device() => s,
+                                _ => Tensor::zeros([], (Kind::Float, w.device())),
+                            };
+                            let _ = step.fill_(t);
+                            st.step_scalar = Some(step.shallow_clone());
                             fused.push(Fused {
-                                step: Tensor::from(t as f32).to_device(w.device()),
+                                step,
                                 m: m.shallow_clone(),
                                 v: v.shallow_clone(),
                                 w,
@@ -373,6 +413,7 @@ impl Optimizer {
                 first: None,
                 second: None,
                 master: None,
+                step_scalar: None,
             });
             if slot == "step" {
                 if t.numel() != 1 || t.kind() != Kind::Int64 {

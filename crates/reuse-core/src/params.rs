@@ -151,8 +151,21 @@ impl Params {
             .sum()
     }
 
-    /// Resets every gradient to zero (where one exists).
+    /// Drops every gradient (leaves it undefined), as PyTorch's
+    /// `zero_grad(set_to_none=True)`, its default: the next backward hands its gradient
+    /// to the parameter instead of adding it into a zeroed buffer, which saves a pass
+    /// over the weights per step. Code reading gradients must expect undefined ones
+    /// (the optimizers, clipping and the techniques skip them). Use
+    /// [`Params::zero_grad_in_place`] to keep zero-filled buffers.
     pub fn zero_grad(&self) {
+        let ts: Vec<&Tensor> = self.entries.iter().map(|(_, t)| t).collect();
+        if !crate::optim::clear_grads(&ts) {
+            self.zero_grad_in_place();
+        }
+    }
+
+    /// Fills every existing gradient with zeros, keeping its buffer.
+    pub fn zero_grad_in_place(&self) {
         for (_, t) in &self.entries {
             let mut t = t.shallow_clone();
             t.zero_grad();

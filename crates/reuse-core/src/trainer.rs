@@ -247,7 +247,9 @@ pub struct TrainConfig {
     /// Read the losses back from the device every N optimizer steps (progress bar,
     /// report); 1 reads every step.
     pub log_every: usize,
-    /// Seeds libtorch (dropout, re-seeded per micro-batch) and the data order.
+    /// Seeds libtorch (dropout, re-seeded per micro-batch) and the data order; a `fit`
+    /// after `begin_task(t)` with t > 0 mixes the task in, so every task of a stream
+    /// draws its own batch orders.
     pub seed: u64,
     /// Where to train.
     pub device: Device,
@@ -319,6 +321,18 @@ pub struct Trainer {
     optimizer: Optimizer,
     task: usize,
     resume: Option<(Position, TrainReport)>,
+}
+
+/// The seed of a `fit` on task `task`: the configured seed for task 0 (so single-task
+/// runs are as they were), a distinct one per later task. Each task's `fit` starts at
+/// epoch 0 and step 0, so without it tasks of the same size would draw the same batch
+/// orders and dropout masks (Avalanche's and PyTorch's loaders draw fresh ones).
+fn task_seed(seed: u64, task: usize) -> u64 {
+    if task == 0 {
+        seed
+    } else {
+        seed ^ (task as u64).wrapping_mul(0xA24B_AED4_963E_E407)
+    }
 }
 
 fn seed_for(seed: u64, step: usize, micro: usize) -> i64 {
@@ -440,6 +454,7 @@ impl Trainer {
     ) -> Result<TrainReport> {
         self.check_config()?;
         let c = self.config.clone();
+        let seed = task_seed(c.seed, self.task);
         let mut names: Vec<&str> = techniques.iter().map(|t| t.name()).collect();
         names.sort_unstable();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
@@ -506,7 +521,7 @@ impl Trainer {
             Ok(())
         };
         'outer: while per_epoch > 0 && pos.step < total {
-            let batches = epoch_batches(train.len(), c.batch_size, Some(c.seed), pos.epoch as u64);
+            let batches = epoch_batches(train.len(), c.batch_size, Some(seed), pos.epoch as u64);
             while pos.batch_in_epoch < batches.len() {
                 if pos.step >= total {
                     break 'outer;
@@ -523,7 +538,7 @@ impl Trainer {
                     lr,
                     device: c.device,
                 };
-                tch::manual_seed(seed_for(c.seed, pos.step, micro));
+                tch::manual_seed(seed_for(seed, pos.step, micro));
                 let mut batch = train.batch(idx, c.device)?;
                 for t in techniques.iter_mut() {
                     batch = t.rewrite_batch(batch, &ctx)?;

@@ -332,9 +332,10 @@ fn hooks_see_the_step_context_weight_the_task_loss_and_get_extra_outputs() {
     ta.begin_task(2, &a, &d.train, &mut [&mut plain]).unwrap();
     let ra = ta.fit(&a, &d.train, None, &mut [&mut plain]).unwrap();
     ta.end_task(2, &a, &d.train, &mut [&mut plain]).unwrap();
-    let rb = Trainer::new(cfg)
-        .fit(&b, &d.train, None, &mut [&mut half])
-        .unwrap();
+    // The same task, so the same batch order (a task mixes into the data order's seed).
+    let mut tb = Trainer::new(cfg);
+    tb.begin_task(2, &b, &d.train, &mut [&mut half]).unwrap();
+    let rb = tb.fit(&b, &d.train, None, &mut [&mut half]).unwrap();
     assert_eq!(plain.events, ["begin 2 (1437 examples)", "end 2"]);
     // 1437 / 64 = 23 batches per epoch: step 23 is the first of epoch 1.
     assert_eq!(plain.steps.len(), 50);
@@ -531,5 +532,54 @@ fn a_crashed_run_resumes_to_the_same_weights() {
             .resume(&c, &mut [])
             .unwrap(),
         None
+    );
+}
+
+/// Records the example indices of every batch the trainer draws.
+#[derive(Default)]
+struct Orders(Vec<Vec<i64>>);
+
+impl Technique for Orders {
+    fn name(&self) -> &str {
+        "orders"
+    }
+    fn rewrite_batch(&mut self, batch: Batch, _ctx: &StepContext) -> Result<Batch> {
+        self.0.push(batch.indices.clone());
+        Ok(batch)
+    }
+}
+
+#[test]
+fn each_task_of_a_stream_draws_its_own_batch_orders() {
+    let _g = seeded();
+    let d = digits();
+    let m = net(0);
+    let config = TrainConfig {
+        epochs: 1,
+        batch_size: 100,
+        ..Default::default()
+    };
+    let orders = |task: usize| {
+        let mut t = Trainer::new(config.clone());
+        let mut rec = Orders::default();
+        t.begin_task(task, &m, &d.train, &mut [&mut rec]).unwrap();
+        t.fit(&m, &d.train, None, &mut [&mut rec]).unwrap();
+        rec.0
+    };
+    let (a, b, a_again) = (orders(1), orders(2), orders(1));
+    // The same data, the same seed: each task its own order, and the same task again
+    // the same order.
+    assert_ne!(a, b);
+    assert_eq!(a, a_again);
+    // Task 0 keeps the configured seed's order, as a single-task run has always had.
+    let first = orders(0);
+    assert_eq!(
+        first,
+        reuse_core::data::epoch_batches(
+            reuse_core::data::BatchSource::len(&d.train),
+            100,
+            Some(0),
+            0
+        )
     );
 }
