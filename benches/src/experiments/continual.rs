@@ -304,6 +304,42 @@ fn scenario(kind: Kind, train: Rc<dyn BatchSource>, test: Rc<dyn BatchSource>) -
     })
 }
 
+/// The command that runs `benches/python/avalanche_digits.py` on these train/test rows
+/// under the protocol, with `extra` spec fields (`runs`, `warmup`); the spec is written
+/// to `target/reuse-bench-tmp/<spec_name>`. The caller adds the mode's arguments.
+fn avalanche_command(
+    ctx: &Ctx,
+    spec_name: &str,
+    train: &[i64],
+    test: &[i64],
+    epochs: usize,
+    extra: serde_json::Value,
+) -> Result<Command> {
+    let py = ctx
+        .python()
+        .context("no .venv python: run `cargo xtask setup` (the Avalanche side needs it)")?;
+    let dir = ctx.root.join("target/reuse-bench-tmp");
+    std::fs::create_dir_all(&dir)?;
+    let spec_path = dir.join(spec_name);
+    let mut spec = serde_json::json!({
+        "train": train, "test": test, "tasks": splits(),
+        "permutations": permutations(5, 64, 0),
+        "runs": [], "epochs": epochs, "batch_size": 32, "lr": 1e-3,
+        "threads": tch::get_num_threads(),
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
+    let mut c = Command::new(&py);
+    c.arg(ctx.root.join("benches/python/avalanche_digits.py"))
+        .arg("--spec")
+        .arg(&spec_path)
+        .arg("--data")
+        .arg(fixtures_dir().join("digits/digits.csv.gz"));
+    Ok(c)
+}
+
 /// Runs Avalanche on `runs` (each `{"scenario", "method", "seed", ...}`) over the given
 /// train/test rows; returns the script's per-run results.
 fn avalanche(
@@ -313,28 +349,18 @@ fn avalanche(
     runs: Vec<serde_json::Value>,
     epochs: usize,
 ) -> Result<Vec<serde_json::Value>> {
-    let py = ctx
-        .python()
-        .context("no .venv python: run `cargo xtask setup` (the Avalanche side needs it)")?;
-    let dir = ctx.root.join("target/reuse-bench-tmp");
-    std::fs::create_dir_all(&dir)?;
-    let spec_path = dir.join("avalanche_spec.json");
-    let out_path = dir.join("avalanche_out.json");
-    let spec = serde_json::json!({
-        "train": train, "test": test, "tasks": splits(),
-        "permutations": permutations(5, 64, 0),
-        "runs": runs, "epochs": epochs, "batch_size": 32, "lr": 1e-3,
-        "threads": tch::get_num_threads(),
-    });
-    std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
-    let status = Command::new(&py)
-        .arg(ctx.root.join("benches/python/avalanche_digits.py"))
-        .arg("--spec")
-        .arg(&spec_path)
+    let out_path = ctx.root.join("target/reuse-bench-tmp/avalanche_out.json");
+    let mut cmd = avalanche_command(
+        ctx,
+        "avalanche_spec.json",
+        train,
+        test,
+        epochs,
+        serde_json::json!({ "runs": runs }),
+    )?;
+    let status = cmd
         .arg("--out")
         .arg(&out_path)
-        .arg("--data")
-        .arg(fixtures_dir().join("digits/digits.csv.gz"))
         .status()
         .context("running benches/python/avalanche_digits.py")?;
     if !status.success() {
@@ -368,30 +394,19 @@ impl AvalancheServer {
     ) -> Result<Self> {
         use std::io::BufRead;
         use std::process::Stdio;
-        let py = ctx
-            .python()
-            .context("no .venv python: run `cargo xtask setup` (the Avalanche side needs it)")?;
-        let dir = ctx.root.join("target/reuse-bench-tmp");
-        std::fs::create_dir_all(&dir)?;
-        let spec_path = dir.join("avalanche_serve_spec.json");
-        let spec = serde_json::json!({
-            "train": train, "test": test, "tasks": splits(),
-            "permutations": permutations(5, 64, 0),
-            "runs": [], "warmup": warmup, "epochs": epochs, "batch_size": 32, "lr": 1e-3,
-            "threads": tch::get_num_threads(),
-        });
-        std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
-        let mut child = Command::new(&py)
-            .arg(ctx.root.join("benches/python/avalanche_digits.py"))
-            .arg("--spec")
-            .arg(&spec_path)
-            .arg("--serve")
-            .arg("--data")
-            .arg(fixtures_dir().join("digits/digits.csv.gz"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting benches/python/avalanche_digits.py --serve")?;
+        let mut child = avalanche_command(
+            ctx,
+            "avalanche_serve_spec.json",
+            train,
+            test,
+            epochs,
+            serde_json::json!({ "warmup": warmup }),
+        )?
+        .arg("--serve")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting benches/python/avalanche_digits.py --serve")?;
         let stdin = child.stdin.take();
         let stdout = std::io::BufReader::new(
             child
@@ -459,7 +474,7 @@ struct Chosen {
 }
 
 /// The choices `choose` made on the dev split at the full size on the 2-core CPU
-/// (benches/reports/2026-11-29-cpu-continual-digits.json, its notes list every grid
+/// (benches/reports/2026-12-05-cpu-continual-digits-full.json, its notes list every grid
 /// point): the CPU and quick sizes reuse them rather than run the grids again. The protocol is the
 /// same at both sizes; only the grids are left out.
 fn chosen_at_full_size(kind: Kind, p: &Protocol) -> Chosen {
@@ -495,10 +510,16 @@ fn chosen_at_full_size(kind: Kind, p: &Protocol) -> Chosen {
         avalanche.insert("online_ewc", av_online);
     };
     match kind {
-        Kind::ClassIl => single_head(10.0, 1e3, (10.0, 0.9), 3e4, (1e5, 1.0)),
-        Kind::Permuted => single_head(300.0, 1e4, (300.0, 0.9), 1e4, (1e4, 1.0)),
+        Kind::ClassIl => single_head(1e3, 1e5, (1e3, 0.9), 3e4, (1e5, 1.0)),
+        Kind::Permuted => single_head(100.0, 1e4, (100.0, 1.0), 1e4, (1e4, 0.9)),
         Kind::TaskIl => {
-            ours.insert("ewc", ewc(1e3));
+            ours.insert("ewc", ewc(100.0));
+            ours.insert(
+                "replay",
+                Method::Replay {
+                    per_batch: PerBatch::Ratio(0.5),
+                },
+            );
             ours.insert(
                 "packnet",
                 Method::PackNet {
@@ -526,8 +547,8 @@ fn chosen_at_full_size(kind: Kind, p: &Protocol) -> Chosen {
         notes: vec![format!(
             "CPU size, to fit the plain CPU bench: no dev grid runs here; the choices are \
              those the full size's grids made on the dev split on this machine \
-             (benches/reports/2026-11-29-cpu-continual-digits.json lists every grid \
-             point): {list}. The protocol is the same; a CUDA run or `--full` runs the grids."
+             (benches/reports/2026-12-05-cpu-continual-digits-full.json lists every \
+             grid point): {list}. The protocol is the same; a CUDA run or `--full` runs the grids."
         )],
     }
 }

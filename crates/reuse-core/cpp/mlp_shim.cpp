@@ -17,20 +17,14 @@
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <cstring>
-#include <exception>
 #include <vector>
+
+#include "shim.h"
 
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-void set_err(char* err, size_t len, const char* msg) {
-  if (err == nullptr || len == 0) return;
-  std::strncpy(err, msg, len - 1);
-  err[len - 1] = '\0';
-}
 
 // Layer i: h_{i+1} = relu(h_i W_i^T + b_i), the last layer without the ReLU; h_0 = x.
 at::Tensor run_layers(const at::Tensor& x, at::TensorList ws, at::TensorList bs,
@@ -95,9 +89,10 @@ extern "C" {
 // (autocast is on: the caller runs its plain path), or null with `err` set on failure.
 void* reuse_core_relu_mlp(void* x, void** ws, void** bs, int n, char* err, size_t len) {
   if (err != nullptr && len > 0) err[0] = '\0';
-  try {
+  at::Tensor* result = nullptr;
+  reuse_core_shim::guarded(err, len, [&] {
     const auto& xt = *static_cast<at::Tensor*>(x);
-    if (at::autocast::is_autocast_enabled(xt.device().type())) return nullptr;
+    if (at::autocast::is_autocast_enabled(xt.device().type())) return;
     std::vector<at::Tensor> w, b;
     w.reserve(n);
     b.reserve(n);
@@ -110,15 +105,9 @@ void* reuse_core_relu_mlp(void* x, void** ws, void** bs, int n, char* err, size_
       record = at::GradMode::is_enabled() && (w[i].requires_grad() || b[i].requires_grad());
     at::Tensor out = record ? ReluMlp::apply(xt, at::TensorList(w), at::TensorList(b))
                             : run_layers(xt, w, b, nullptr);
-    return new at::Tensor(std::move(out));
-  } catch (const c10::Error& e) {
-    set_err(err, len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    set_err(err, len, e.what());
-  } catch (...) {
-    set_err(err, len, "unknown C++ exception");
-  }
-  return nullptr;
+    result = new at::Tensor(std::move(out));
+  });
+  return result;
 }
 
 }  // extern "C"

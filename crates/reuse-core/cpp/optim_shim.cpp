@@ -9,17 +9,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_fused_adamw.h>
 
-#include <cstring>
-#include <exception>
 #include <vector>
+
+#include "shim.h"
 
 namespace {
 
-void set_err(char* err, size_t len, const char* msg) {
-  if (err == nullptr || len == 0) return;
-  std::strncpy(err, msg, len - 1);
-  err[len - 1] = '\0';
-}
+using reuse_core_shim::guarded;
 
 std::vector<at::Tensor> list(void** ts, int n) {
   std::vector<at::Tensor> out;
@@ -38,7 +34,7 @@ extern "C" {
 int reuse_core_fused_adamw(void** params, void** grads, void** exp_avgs, void** exp_avg_sqs,
                            void** steps, int n, double lr, double beta1, double beta2,
                            double weight_decay, double eps, char* err, size_t len) {
-  try {
+  return guarded(err, len, [&] {
     auto p = list(params, n);
     auto g = list(grads, n);
     auto m = list(exp_avgs, n);
@@ -47,15 +43,7 @@ int reuse_core_fused_adamw(void** params, void** grads, void** exp_avgs, void** 
     std::vector<at::Tensor> none;
     at::_fused_adamw_(p, g, m, v, none, s, lr, beta1, beta2, weight_decay, eps,
                       /*amsgrad=*/false, /*maximize=*/false);
-    return 0;
-  } catch (const c10::Error& e) {
-    set_err(err, len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    set_err(err, len, e.what());
-  } catch (...) {
-    set_err(err, len, "unknown C++ exception");
-  }
-  return -1;
+  });
 }
 
 // Drops the gradient of each of `n` tensors (leaves it undefined), as PyTorch's
@@ -63,20 +51,12 @@ int reuse_core_fused_adamw(void** params, void** grads, void** exp_avgs, void** 
 // parameter instead of adding it into a zeroed buffer. Tensors without a gradient are
 // left alone.
 int reuse_core_clear_grads(void** ts, int n, char* err, size_t len) {
-  try {
+  return guarded(err, len, [&] {
     for (int i = 0; i < n; ++i) {
       auto* t = static_cast<at::Tensor*>(ts[i]);
       if (t->defined() && t->grad().defined()) t->mutable_grad().reset();
     }
-    return 0;
-  } catch (const c10::Error& e) {
-    set_err(err, len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    set_err(err, len, e.what());
-  } catch (...) {
-    set_err(err, len, "unknown C++ exception");
-  }
-  return -1;
+  });
 }
 
 }  // extern "C"
