@@ -344,15 +344,20 @@ impl Linear {
     /// bias, and no per-sample capture running. Fused paths over several layers
     /// (the ReLU MLP node) use the layer only then.
     pub(crate) fn plain_dense(&self) -> Option<(&Tensor, &Tensor)> {
-        let plain = self.storage.is_none()
-            && self.transform.is_none()
-            && self.routing.is_none()
-            && !self.slots.iter().any(|s| s.active && s.merged.is_none())
-            && !CAPTURE.with(|c| c.borrow().is_some());
+        let plain = self.computes_dense() && !CAPTURE.with(|c| c.borrow().is_some());
         match (&self.bias, plain) {
             (Some(b), true) => Some((&self.weight, b)),
             _ => None,
         }
+    }
+
+    /// Whether forward computes `x W^T (+ b)` with the dense weight alone: no weight
+    /// storage or transform, no routing, no live unmerged delta.
+    fn computes_dense(&self) -> bool {
+        self.storage.is_none()
+            && self.transform.is_none()
+            && self.routing.is_none()
+            && !self.slots.iter().any(|s| s.active && s.merged.is_none())
     }
 
     pub(crate) fn check_input(&self, x: &Tensor) -> Result<()> {
@@ -388,10 +393,7 @@ impl Linear {
             return Ok(out);
         }
         let probe = out.zeros_like().set_requires_grad(true);
-        let plain = self.storage.is_none()
-            && self.transform.is_none()
-            && self.routing.is_none()
-            && !self.slots.iter().any(|s| s.active && s.merged.is_none());
+        let plain = self.computes_dense();
         CAPTURE.with(|c| {
             if let Some(v) = c.borrow_mut().as_mut() {
                 v.push(CapturedLinear {

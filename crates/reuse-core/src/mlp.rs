@@ -77,9 +77,6 @@ impl Mlp {
         }
         Ok((h, hidden))
     }
-}
-
-impl Mlp {
     /// The output through the ReLU MLP node (`cpp/mlp_shim.cpp`: the whole MLP as one
     /// autograd node, the same arithmetic with less bookkeeping), when it applies: ReLU,
     /// every layer a plain `x W^T + b` ([`Linear::plain_dense`]), a 2-D input and
