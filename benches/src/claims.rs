@@ -169,6 +169,32 @@ pub const CLAIMS: &[Claim] = &[
         },
     },
     Claim {
+        text: "... and KD trains it at least as well as hard labels alone (same student, lr and budget)",
+        experiment: "distill.minilm_sections",
+        target: "KD >= hard labels (means over seeds)",
+        keys: &[
+            "student_kd.test_accuracy",
+            "student_kd.test_accuracy_sd",
+            "student_hard.test_accuracy",
+            "student_hard.test_accuracy_sd",
+        ],
+        eval: |g| {
+            let (kd, hard) = (
+                g("student_kd.test_accuracy"),
+                g("student_hard.test_accuracy"),
+            );
+            (
+                format!("{:+.2} points", 100.0 * (kd - hard)),
+                format!(
+                    "KD {} vs hard labels {}",
+                    pm(kd, g("student_kd.test_accuracy_sd")),
+                    pm(hard, g("student_hard.test_accuracy_sd"))
+                ),
+                Some(kd >= hard),
+            )
+        },
+    },
+    Claim {
         text: "... at a fraction of the size",
         experiment: "distill.minilm_sections",
         target: "< 1x the teacher's parameters",

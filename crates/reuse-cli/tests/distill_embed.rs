@@ -39,14 +39,10 @@ fn student_loads_in_sentence_transformers_and_gives_reuse_embeds_embeddings() {
         "embed",
         "--teacher",
         teacher.to_str().unwrap(),
-        "--layers",
-        "0,2,4",
         "--texts",
         &synopses(),
         "--out",
         out.to_str().unwrap(),
-        "--epochs",
-        "1",
         "--max-texts",
         "200",
         "--device",
@@ -63,11 +59,12 @@ fn student_loads_in_sentence_transformers_and_gives_reuse_embeds_embeddings() {
     assert_eq!(m["train_texts"], 190);
     assert_eq!(m["held_out_texts"], 10);
     assert_eq!(m["steps"], 6);
+    // The defaults: half the layers with the first and last, cosine loss, lr 1e-3.
+    assert_eq!(m["layers"], serde_json::json!([0, 2, 5]));
+    assert_eq!(m["loss"], "cosine");
+    assert_eq!(m["lr"], 1e-3);
     let cos = m["held_out_cosine"].as_f64().unwrap();
     eprintln!("reuse distill embed, 6 steps on 190 synopses: held-out cosine {cos:.4}");
-    // Six steps of the MSE recipe mostly shrink the student's norm toward the
-    // teacher's unit norm (the untrained cut is near 0.39 here): no quality bar, only a
-    // sane number.
     assert!(cos > 0.0 && cos <= 1.0 + 1e-6, "{cos}");
     assert!(m["final_loss"].as_f64().unwrap().is_finite());
     let cfg: serde_json::Value =
@@ -143,6 +140,41 @@ fn student_loads_in_sentence_transformers_and_gives_reuse_embeds_embeddings() {
     ]));
     let te = Checkpoint::load(&te, Device::Cpu).unwrap();
     assert!(max_diff(te.tensor("embeddings").unwrap(), ours) > 1e-3);
+}
+
+/// A run that ends far below the recipe's cosine says so in words on stderr (and still
+/// writes its student: the user may want it).
+#[test]
+fn a_weak_student_is_named_at_the_end_of_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("student");
+    let teacher = minilm_dir().unwrap();
+    let o = reuse(&[
+        "distill",
+        "embed",
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--texts",
+        &synopses(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-texts",
+        "40",
+        "--lr",
+        "1e-9",
+        "--device",
+        "cpu",
+    ]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let warning = err
+        .lines()
+        .find(|l| l.starts_with("warning: "))
+        .unwrap_or_else(|| panic!("no warning in: {err}"));
+    for needle in ["held-out cosine", "below 0.8", "more text"] {
+        assert!(warning.contains(needle), "{needle:?} not in: {warning}");
+    }
+    assert!(out.join("model.safetensors").exists());
 }
 
 #[test]
