@@ -97,7 +97,8 @@ fn grouped_bars(
     Ok(())
 }
 
-/// Labelled points.
+/// Points named in a legend (one colour each), so points at the same place (students
+/// of one size) stay readable.
 fn scatter(
     path: &Path,
     title: &str,
@@ -115,7 +116,7 @@ fn scatter(
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
             (a.min(p.2), b.max(p.2))
         });
-    let (xpad, ypad) = (((xh - xl) * 0.15).max(1e-3), ((yh - yl) * 0.15).max(1e-3));
+    let (xpad, ypad) = (((xh - xl) * 0.1).max(1e-3), ((yh - yl) * 0.15).max(1e-3));
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -123,17 +124,45 @@ fn scatter(
         .margin(20)
         .x_label_area_size(45)
         .y_label_area_size(70)
-        .build_cartesian_2d((xl - xpad)..(xh + xpad * 2.0), (yl - ypad)..(yh + ypad))?;
+        // Room below the lowest point for the legend.
+        // (never below 0 when every point is at or above it: accuracies).
+        .build_cartesian_2d(
+            (xl - xpad)..(xh + xpad),
+            {
+                let lo = yl - ypad - (yh - yl).max(1e-3) * 0.9;
+                if yl >= 0.0 {
+                    lo.max(0.0)
+                } else {
+                    lo
+                }
+            }..(yh + ypad),
+        )?;
     chart
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc(y_desc)
         .draw()?;
-    chart.draw_series(points.iter().map(|(label, x, y)| {
-        EmptyElement::at((*x, *y))
-            + Circle::new((0, 0), 5, BLUE.filled())
-            + Text::new(label.clone(), (8, -6), ("sans-serif", 14))
-    }))?;
+    for (i, (label, x, y)) in points.iter().enumerate() {
+        let colour = Palette99::pick(i).to_rgba();
+        // Points at the same place are nudged apart by a few pixels so each stays visible.
+        let nudge = 7 * points[..i]
+            .iter()
+            .filter(|q| (q.1 - x).abs() < 1e-9 && (q.2 - y).abs() < 0.002)
+            .count() as i32;
+        chart
+            .draw_series(std::iter::once(
+                EmptyElement::at((*x, *y)) + Circle::new((nudge, 0), 6, colour.filled()),
+            ))?
+            .label(label.clone())
+            .legend(move |(lx, ly)| Circle::new((lx + 8, ly), 6, colour.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
     root.present()?;
     Ok(())
 }

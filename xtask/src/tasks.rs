@@ -30,11 +30,63 @@ pub fn test(root: &Path) -> Result<()> {
         "warnings",
     ]))?;
     cmd::step(cargo(root).args(["test", "--workspace"]))?;
+    dependent_crate_builds(root)?;
     println!(
         "xtask test: all steps passed in {:.1}s",
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// A serde release newer than the workspace's lock. A user's project that already has
+/// it must still resolve our crates (their requirements are carets; only tch is exact).
+/// When Cargo.lock reaches this version the check below asks for a newer one.
+const NEWER_SERDE: &str = "1.0.229";
+
+/// Users depend on single crates: a throwaway crate outside the workspace that depends
+/// on `reuse-peft` by path and pins a newer serde patch than our lock resolves and builds.
+/// Its target folder (`target/dependent-check`) is kept between runs.
+fn dependent_crate_builds(root: &Path) -> Result<()> {
+    let lock = std::fs::read_to_string(root.join("Cargo.lock"))?;
+    let locked = lock
+        .split("[[package]]")
+        .find(|p| p.contains("\nname = \"serde\"\n"))
+        .and_then(|p| p.split("version = \"").nth(1))
+        .and_then(|v| v.split('"').next())
+        .unwrap_or("");
+    let parse = |v: &str| -> Vec<u64> { v.split('.').filter_map(|x| x.parse().ok()).collect() };
+    anyhow::ensure!(
+        parse(NEWER_SERDE) > parse(locked),
+        "xtask's NEWER_SERDE ({NEWER_SERDE}) is not newer than Cargo.lock's serde ({locked}): \
+         set it to a newer published release"
+    );
+    let dir = tempfile::tempdir()?;
+    let peft = root.join("crates/reuse-peft");
+    std::fs::write(
+        dir.path().join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"reuse-dependent-check\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\
+             publish = false\n\n[dependencies]\nreuse-peft = {{ path = {:?} }}\n\
+             serde = \"={NEWER_SERDE}\"\n\n[workspace]\n",
+            peft.display().to_string()
+        ),
+    )?;
+    std::fs::create_dir(dir.path().join("src"))?;
+    std::fs::write(
+        dir.path().join("src/main.rs"),
+        "fn main() {\n    let c = reuse_peft::LoraConfig::new(8, 16.0, &[\"query\"]);\n    \
+         println!(\"{}\", c.to_json());\n}\n",
+    )?;
+    println!(
+        "==> a crate outside the workspace: reuse-peft (path) beside serde ={NEWER_SERDE} (Cargo.lock: {locked})"
+    );
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(dir.path())
+        .args(["build", "--quiet"])
+        .env("CARGO_TARGET_DIR", target_dir(root).join("dependent-check"))
+        // Outside the workspace its .cargo/config.toml is not read.
+        .env("LIBTORCH", root.join(".venv/libtorch"));
+    cmd::step(&mut c)
 }
 
 #[derive(Args)]

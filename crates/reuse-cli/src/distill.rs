@@ -12,7 +12,7 @@ use reuse_distill::cache::{build_cache_part, build_cache_with_progress, BuildPar
 use reuse_peft::{LoraConfig, LoraModel};
 use tch::{Device, Kind};
 
-use crate::embed::{parse_device, parse_dtype, read_lines};
+use crate::shared::{parse_device, parse_dtype, read_lines};
 
 /// `reuse distill ...`
 #[derive(clap::Subcommand)]
@@ -131,7 +131,7 @@ pub fn run(c: Command) -> Result<()> {
 }
 
 fn trim_vocab(a: TrimArgs) -> Result<()> {
-    let texts = crate::distill_embed::read_texts(&a.texts)?;
+    let texts = crate::shared::read_texts(&a.texts)?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let r = reuse_distill::vocab::trim_vocab_folder(&a.model, &refs, &a.out, a.overwrite)
         .with_context(|| format!("cannot trim the vocabulary of {}", a.model.display()))?;

@@ -5,8 +5,7 @@
 //! text (half the teacher's layers with its first and last, cosine loss, lr 1e-3), so the
 //! short form gives a good student; a run that ends far below it says so.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use reuse_core::models::BertConfig;
@@ -15,7 +14,7 @@ use reuse_distill::embed::{
 };
 use reuse_distill::student::{check_layers, check_out, save_student_folder};
 
-use crate::embed::parse_device;
+use crate::shared::{parse_device, read_texts};
 
 /// The report `reuse distill embed` writes beside the student's files.
 pub const METRICS_FILE: &str = "distill_metrics.json";
@@ -81,45 +80,6 @@ pub struct Args {
     /// cpu or cuda (default: cuda if available).
     #[arg(long)]
     device: Option<String>,
-}
-
-/// Texts of `path`: one per line, or the last tab-separated column of a `.tsv` /
-/// `.tsv.gz`; `.gz` is decompressed. Empty (all-blank) texts are left out.
-pub fn read_texts(path: &Path) -> Result<Vec<String>> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read texts file {}", path.display()))?;
-    let (text, name) = match name.strip_suffix(".gz") {
-        Some(inner) => {
-            let mut s = String::new();
-            flate2::read::GzDecoder::new(&bytes[..])
-                .read_to_string(&mut s)
-                .with_context(|| format!("{}: not a readable gzip text file", path.display()))?;
-            (s, inner.to_string())
-        }
-        None => (
-            String::from_utf8(bytes)
-                .with_context(|| format!("{}: not UTF-8 text", path.display()))?,
-            name,
-        ),
-    };
-    let tsv = name.ends_with(".tsv");
-    Ok(text
-        .lines()
-        .map(|l| {
-            let l = l.strip_suffix('\r').unwrap_or(l);
-            if tsv {
-                l.rsplit('\t').next().unwrap_or(l)
-            } else {
-                l
-            }
-        })
-        .filter(|t| !t.trim().is_empty())
-        .map(String::from)
-        .collect())
 }
 
 pub fn run(a: Args) -> Result<()> {

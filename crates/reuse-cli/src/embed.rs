@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 use reuse_core::models::SentenceEncoder;
 use reuse_core::Checkpoint;
 use reuse_peft::LoraModel;
-use tch::{Device, Kind};
+
+use crate::shared::{note_set_aside, parse_device, parse_dtype, read_lines};
 
 /// Arguments of `reuse embed`.
 #[derive(clap::Args)]
@@ -36,49 +37,6 @@ pub struct Args {
     adapters: Vec<PathBuf>,
 }
 
-/// Parses `cpu` / `cuda` / `cuda:N`; `None` picks CUDA when present.
-pub fn parse_device(s: Option<&str>) -> Result<Device> {
-    let d = match s {
-        None => return Ok(Device::cuda_if_available()),
-        Some("cpu") => Device::Cpu,
-        Some("cuda") => Device::Cuda(0),
-        Some(s) if s.starts_with("cuda:") => Device::Cuda(
-            s[5..]
-                .parse()
-                .with_context(|| format!("bad device `{s}`"))?,
-        ),
-        Some(s) => bail!("--device: expected cpu or cuda, found `{s}`"),
-    };
-    if d.is_cuda() && !tch::Cuda::is_available() {
-        bail!("--device cuda: libtorch sees no CUDA device on this machine");
-    }
-    Ok(d)
-}
-
-/// Parses `f32` / `f16` / `bf16`.
-pub fn parse_dtype(s: &str) -> Result<Kind> {
-    Ok(match s {
-        "f32" | "float32" => Kind::Float,
-        "f16" | "float16" => Kind::Half,
-        "bf16" | "bfloat16" => Kind::BFloat16,
-        other => bail!("--dtype: expected f32, f16 or bf16, found `{other}`"),
-    })
-}
-
-/// One text per line; a final newline does not add an empty text; `\r\n` accepted.
-pub fn read_lines(path: &PathBuf) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read texts file {}", path.display()))?;
-    let mut lines: Vec<String> = text
-        .split('\n')
-        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
-        .collect();
-    if text.ends_with('\n') || text.is_empty() {
-        lines.pop();
-    }
-    Ok(lines)
-}
-
 pub fn run(a: Args) -> Result<()> {
     let device = parse_device(a.device.as_deref())?;
     let kind = parse_dtype(&a.dtype)?;
@@ -96,7 +54,7 @@ pub fn run(a: Args) -> Result<()> {
             let loaded = lm
                 .load_adapter(dir, &name)
                 .with_context(|| format!("cannot apply adapter {}", dir.display()))?;
-            crate::lora::note_set_aside(dir, &loaded.set_aside);
+            note_set_aside(dir, &loaded.set_aside);
             names.push(name);
         }
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();

@@ -13,7 +13,7 @@ use reuse_peft::config::TargetModules;
 use reuse_peft::{LoraConfig, LoraModel};
 use tch::{Device, Kind};
 
-use crate::embed::parse_device;
+use crate::shared::{note_set_aside, parse_device};
 
 /// `reuse lora ...`
 #[derive(clap::Subcommand)]
@@ -329,16 +329,6 @@ fn train(a: TrainArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
-}
-
-/// One line on stderr per `modules_to_save` module the model lacks.
-pub fn note_set_aside(adapter: &Path, set_aside: &[String]) {
-    for m in set_aside {
-        eprintln!(
-            "note: the adapter's {m} (modules_to_save) in {} was set aside: this model has no `{m}`",
-            adapter.display()
-        );
-    }
 }
 
 fn train_len(d: &TokenizedDataset, batch: usize) -> usize {

@@ -32,6 +32,7 @@ mod inspect;
 mod launch;
 mod lora;
 mod quantize;
+mod shared;
 
 use std::process::ExitCode;
 

@@ -7,7 +7,7 @@ use reuse_quant::folder::{quantize_folder, QuantizeFolder};
 use reuse_quant::gptq::GptqOptions;
 use reuse_quant::QuantSpec;
 
-use crate::distill_embed::read_texts;
+use crate::shared::read_texts;
 
 /// Arguments of `reuse quantize`.
 #[derive(clap::Args)]

@@ -211,79 +211,22 @@ impl AccuracyMatrix {
         Ok(m)
     }
 
-    /// Draws the matrix as a heat map (PNG, `size` pixels square-ish): row `i` after task
-    /// `i`, column `j` test task `j`, each cell labelled with its accuracy. Written
-    /// atomically.
+    /// Draws the matrix as a heat map (PNG): row `i` after task `i`, column `j` test task
+    /// `j`, each cell labelled with its accuracy, with the colour scale beside it. In a
+    /// stream's square matrix, cells of tasks not yet trained (`j > i`) are grey and
+    /// unlabelled: their accuracy (0 in a class-incremental stream) says nothing about
+    /// forgetting. A matrix of another shape (one row after joint training) is drawn
+    /// whole. Written atomically.
     pub fn save_heatmap_png(&self, path: &Path, title: &str) -> Result<()> {
-        let n = self.tasks();
-        if n == 0 {
-            return Err(Error::invalid("accuracy matrix", "no rows to draw"));
-        }
-        let rows = self.rows.len();
-        let (w, h) = (120 + 90 * n as u32, 100 + 60 * rows as u32);
+        let (w, h) = self.heatmap_size()?;
         let tmp = tmp_path(path);
-        let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let drawn = (|| -> std::result::Result<(), Box<dyn std::error::Error>> {
             let root = BitMapBackend::new(&tmp, (w, h)).into_drawing_area();
-            root.fill(&WHITE)?;
-            // Segmented axes: tick labels sit in the middle of each cell.
-            let mut chart = ChartBuilder::on(&root)
-                .caption(title, ("sans-serif", 18))
-                .margin(10)
-                .x_label_area_size(35)
-                .y_label_area_size(70)
-                // plotters' discrete i32 ranges include their end: 0..n-1 is n cells.
-                .build_cartesian_2d(
-                    (0..n as i32 - 1).into_segmented(),
-                    (0..rows as i32 - 1).into_segmented(),
-                )?;
-            let label = |v: &SegmentValue<i32>, flip: bool| match v {
-                SegmentValue::CenterOf(i) => {
-                    let i = if flip { rows as i32 - 1 - i } else { *i };
-                    format!("{i}")
-                }
-                _ => String::new(),
-            };
-            chart
-                .configure_mesh()
-                .disable_mesh()
-                .x_desc("test task")
-                .y_desc("after training task")
-                .x_label_formatter(&|v| label(v, false))
-                .y_label_formatter(&|v| label(v, true))
-                .draw()?;
-            for (i, r) in self.rows.iter().enumerate() {
-                let y = (rows - 1 - i) as i32;
-                for (j, &a) in r.iter().enumerate() {
-                    let x = j as i32;
-                    // White (0) to deep blue (1).
-                    let c = RGBColor(
-                        (255.0 * (1.0 - 0.85 * a)) as u8,
-                        (255.0 * (1.0 - 0.6 * a)) as u8,
-                        255,
-                    );
-                    chart.draw_series(std::iter::once(Rectangle::new(
-                        [
-                            (SegmentValue::Exact(x), SegmentValue::Exact(y)),
-                            (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1)),
-                        ],
-                        c.filled(),
-                    )))?;
-                    let fg = if a > 0.6 { WHITE } else { BLACK };
-                    let style = ("sans-serif", 16)
-                        .into_font()
-                        .color(&fg)
-                        .pos(Pos::new(HPos::Center, VPos::Center));
-                    chart.draw_series(std::iter::once(Text::new(
-                        format!("{a:.2}"),
-                        (SegmentValue::CenterOf(x), SegmentValue::CenterOf(y)),
-                        style,
-                    )))?;
-                }
-            }
+            self.draw_heatmap(&root, title)?;
             root.present()?;
             Ok(())
-        };
-        draw().map_err(|e| {
+        })();
+        drawn.map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             Error::invalid(
                 "heat map",
@@ -292,6 +235,125 @@ impl AccuracyMatrix {
         })?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     }
+
+    /// Pixels (width, height) of the heat map.
+    fn heatmap_size(&self) -> Result<(u32, u32)> {
+        let n = self.tasks();
+        if n == 0 {
+            return Err(Error::invalid("accuracy matrix", "no rows to draw"));
+        }
+        Ok((
+            120 + 90 * n as u32 + HEATMAP_SCALE_W,
+            100 + 60 * self.rows.len() as u32,
+        ))
+    }
+
+    /// Draws the heat map of [`Self::save_heatmap_png`] on `root` (of
+    /// [`Self::heatmap_size`]).
+    fn draw_heatmap(
+        &self,
+        root: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+        title: &str,
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let n = self.tasks();
+        let rows = self.rows.len();
+        let w = root.dim_in_pixel().0;
+        root.fill(&WHITE)?;
+        let (main, scale) = root.split_horizontally(w - HEATMAP_SCALE_W);
+        // The colour scale: accuracy 0 at the bottom to 1 at the top.
+        let mut bar = ChartBuilder::on(&scale)
+            .margin_top(40)
+            .margin_bottom(45)
+            .margin_right(40)
+            .y_label_area_size(35)
+            .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
+        bar.configure_mesh()
+            .disable_mesh()
+            .disable_x_axis()
+            .y_labels(6)
+            .y_label_formatter(&|v| format!("{v:.1}"))
+            .draw()?;
+        bar.draw_series((0..50).map(|k| {
+            let (lo, hi) = (k as f64 / 50.0, (k + 1) as f64 / 50.0);
+            Rectangle::new(
+                [(0.0, lo), (1.0, hi)],
+                heat_colour((lo + hi) / 2.0).filled(),
+            )
+        }))?;
+        // Segmented axes: tick labels sit in the middle of each cell.
+        let mut chart = ChartBuilder::on(&main)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(70)
+            // plotters' discrete i32 ranges include their end: 0..n-1 is n cells.
+            .build_cartesian_2d(
+                (0..n as i32 - 1).into_segmented(),
+                (0..rows as i32 - 1).into_segmented(),
+            )?;
+        let label = |v: &SegmentValue<i32>, flip: bool| match v {
+            SegmentValue::CenterOf(i) => {
+                let i = if flip { rows as i32 - 1 - i } else { *i };
+                format!("{i}")
+            }
+            _ => String::new(),
+        };
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_desc("test task")
+            .y_desc("after training task")
+            .x_label_formatter(&|v| label(v, false))
+            .y_label_formatter(&|v| label(v, true))
+            .draw()?;
+        for (i, r) in self.rows.iter().enumerate() {
+            let y = (rows - 1 - i) as i32;
+            for (j, &a) in r.iter().enumerate() {
+                let x = j as i32;
+                let cell = [
+                    (SegmentValue::Exact(x), SegmentValue::Exact(y)),
+                    (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1)),
+                ];
+                if rows == n && j > i {
+                    // Not trained yet: grey, no figure.
+                    chart
+                        .draw_series(std::iter::once(Rectangle::new(cell, NOT_TRAINED.filled())))?;
+                    continue;
+                }
+                chart.draw_series(std::iter::once(Rectangle::new(
+                    cell,
+                    heat_colour(a).filled(),
+                )))?;
+                let fg = if a > 0.6 { WHITE } else { BLACK };
+                let style = ("sans-serif", 16)
+                    .into_font()
+                    .color(&fg)
+                    .pos(Pos::new(HPos::Center, VPos::Center));
+                chart.draw_series(std::iter::once(Text::new(
+                    format!("{a:.2}"),
+                    (SegmentValue::CenterOf(x), SegmentValue::CenterOf(y)),
+                    style,
+                )))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Width of the heat map's colour scale, in pixels.
+const HEATMAP_SCALE_W: u32 = 90;
+
+/// The fill of a cell whose task was not trained yet.
+const NOT_TRAINED: RGBColor = RGBColor(225, 225, 225);
+
+/// A heat map cell's colour: white (accuracy 0) to deep blue (1).
+fn heat_colour(a: f64) -> RGBColor {
+    let a = a.clamp(0.0, 1.0);
+    RGBColor(
+        (255.0 * (1.0 - 0.85 * a)) as u8,
+        (255.0 * (1.0 - 0.6 * a)) as u8,
+        255,
+    )
 }
 
 fn tmp_path(path: &Path) -> std::path::PathBuf {
@@ -352,6 +414,33 @@ mod tests {
         m.push_row(vec![0.5, 0.5]).unwrap();
         assert!(m.push_row(vec![0.5, 0.5]).is_err());
         assert!(AccuracyMatrix::new().avg_accuracy().is_err());
+    }
+
+    /// Grey pixels (cells of tasks not trained yet) in the heat map of `m`.
+    fn not_trained_pixels(m: &AccuracyMatrix) -> usize {
+        let (w, h) = m.heatmap_size().unwrap();
+        let mut buf = vec![0u8; (w * h * 3) as usize];
+        {
+            let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+            m.draw_heatmap(&root, "t").unwrap();
+            root.present().unwrap();
+        }
+        let g = [NOT_TRAINED.0, NOT_TRAINED.1, NOT_TRAINED.2];
+        buf.chunks(3).filter(|p| *p == g).count()
+    }
+
+    #[test]
+    fn heat_map_greys_out_tasks_not_trained_yet() {
+        // A stream: the three cells above the diagonal are grey (each 90 x 60 pixels
+        // give or take the axes' rounding), and a cell's accuracy never draws grey.
+        let stream = hand();
+        let grey = not_trained_pixels(&stream);
+        assert!(grey > 3 * 70 * 40 && grey < 3 * 100 * 70, "{grey}");
+        // One row after joint training: every cell trained, none grey (a few
+        // anti-aliased text pixels may share the colour).
+        let joint = AccuracyMatrix::from_rows(vec![vec![0.9, 0.1, 0.2]]).unwrap();
+        let grey = not_trained_pixels(&joint);
+        assert!(grey < 100, "{grey}");
     }
 
     #[test]

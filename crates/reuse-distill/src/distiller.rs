@@ -25,7 +25,7 @@ use tch::{Kind, Tensor};
 use crate::cache::TeacherCache;
 use crate::features::{cosine_loss, hidden_mse, LayerMap};
 use crate::losses::{kd_loss, topk_kd_loss, KdConfig, TopKTail};
-use crate::teacher::Teacher;
+use crate::teacher::{vocab_rows, Teacher};
 
 /// Where the teacher's outputs come from.
 pub enum TeacherSource<'t> {
@@ -185,14 +185,6 @@ impl<'t> Distiller<'t> {
         }
         Ok(())
     }
-}
-
-/// Rows of the word-embedding table among `named` parameters, if there is one.
-pub(crate) fn vocab_rows(named: &[(String, Tensor)]) -> Option<i64> {
-    named
-        .iter()
-        .find(|(n, _)| n.ends_with("word_embeddings.weight"))
-        .map(|(_, t)| t.size()[0])
 }
 
 impl Technique for Distiller<'_> {

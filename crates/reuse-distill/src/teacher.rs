@@ -41,8 +41,16 @@ impl<M: Trainable + ?Sized> Teacher for M {
     }
 
     fn vocab_size(&self) -> Option<i64> {
-        crate::distiller::vocab_rows(&self.named_parameters())
+        vocab_rows(&self.named_parameters())
     }
+}
+
+/// Rows of the word-embedding table among `named` parameters, if there is one.
+pub(crate) fn vocab_rows(named: &[(String, Tensor)]) -> Option<i64> {
+    named
+        .iter()
+        .find(|(n, _)| n.ends_with("word_embeddings.weight"))
+        .map(|(_, t)| t.size()[0])
 }
 
 /// A hex SHA-256 over named tensors (sorted by name): names, dtypes, shapes and the

@@ -1,0 +1,99 @@
+//! What several commands share: device and dtype options, text files, notes on stderr.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind};
+
+/// Parses `cpu` / `cuda` / `cuda:N`; `None` picks CUDA when present.
+pub fn parse_device(s: Option<&str>) -> Result<Device> {
+    let d = match s {
+        None => return Ok(Device::cuda_if_available()),
+        Some("cpu") => Device::Cpu,
+        Some("cuda") => Device::Cuda(0),
+        Some(s) if s.starts_with("cuda:") => Device::Cuda(
+            s[5..]
+                .parse()
+                .with_context(|| format!("bad device `{s}`"))?,
+        ),
+        Some(s) => bail!("--device: expected cpu or cuda, found `{s}`"),
+    };
+    if d.is_cuda() && !tch::Cuda::is_available() {
+        bail!("--device cuda: libtorch sees no CUDA device on this machine");
+    }
+    Ok(d)
+}
+
+/// Parses `f32` / `f16` / `bf16`.
+pub fn parse_dtype(s: &str) -> Result<Kind> {
+    Ok(match s {
+        "f32" | "float32" => Kind::Float,
+        "f16" | "float16" => Kind::Half,
+        "bf16" | "bfloat16" => Kind::BFloat16,
+        other => bail!("--dtype: expected f32, f16 or bf16, found `{other}`"),
+    })
+}
+
+/// One text per line; a final newline does not add an empty text; `\r\n` accepted.
+pub fn read_lines(path: &PathBuf) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read texts file {}", path.display()))?;
+    let mut lines: Vec<String> = text
+        .split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+        .collect();
+    if text.ends_with('\n') || text.is_empty() {
+        lines.pop();
+    }
+    Ok(lines)
+}
+
+/// Texts of `path`: one per line, or the last tab-separated column of a `.tsv` /
+/// `.tsv.gz`; `.gz` is decompressed. Empty (all-blank) texts are left out.
+pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read texts file {}", path.display()))?;
+    let (text, name) = match name.strip_suffix(".gz") {
+        Some(inner) => {
+            let mut s = String::new();
+            flate2::read::GzDecoder::new(&bytes[..])
+                .read_to_string(&mut s)
+                .with_context(|| format!("{}: not a readable gzip text file", path.display()))?;
+            (s, inner.to_string())
+        }
+        None => (
+            String::from_utf8(bytes)
+                .with_context(|| format!("{}: not UTF-8 text", path.display()))?,
+            name,
+        ),
+    };
+    let tsv = name.ends_with(".tsv");
+    Ok(text
+        .lines()
+        .map(|l| {
+            let l = l.strip_suffix('\r').unwrap_or(l);
+            if tsv {
+                l.rsplit('\t').next().unwrap_or(l)
+            } else {
+                l
+            }
+        })
+        .filter(|t| !t.trim().is_empty())
+        .map(String::from)
+        .collect())
+}
+
+/// One line on stderr per `modules_to_save` module the model lacks.
+pub fn note_set_aside(adapter: &Path, set_aside: &[String]) {
+    for m in set_aside {
+        eprintln!(
+            "note: the adapter's {m} (modules_to_save) in {} was set aside: this model has no `{m}`",
+            adapter.display()
+        );
+    }
+}
