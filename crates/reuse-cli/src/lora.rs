@@ -76,14 +76,17 @@ pub struct TrainArgs {
     /// DoRA.
     #[arg(long)]
     dora: bool,
-    /// Epochs over the training split.
-    #[arg(long, default_value_t = 1)]
+    /// Epochs over the training split (3, as transformers' Trainer: one epoch left LoRA
+    /// under-trained on the sections fixture, test accuracy 0.79 against 0.85).
+    #[arg(long, default_value_t = 3)]
     epochs: usize,
     /// Stop after this many steps (overrides --epochs).
     #[arg(long)]
     max_steps: Option<usize>,
-    /// Peak learning rate (linear warmup 10% then linear decay).
-    #[arg(long, default_value_t = 1e-3)]
+    /// Peak learning rate (linear warmup 10% then linear decay). 2e-3 was chosen on the
+    /// sections fixture's dev split (0.850 against 0.837 at 1e-3, 3 epochs; the bench's
+    /// dev sweep found 2e-3 to 3e-3 best for LoRA on MiniLM).
+    #[arg(long, default_value_t = 2e-3)]
     lr: f64,
     /// Batch size. Under torchrun or `reuse launch` this is the global batch, split
     /// among the processes, so N processes train the adapter one process trains.
