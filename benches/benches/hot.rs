@@ -19,7 +19,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use reuse_continual::ewc::{fisher_empirical, fisher_exact};
 use reuse_core::data::TensorDataset;
-use reuse_core::models::{Bert, BertConfig, Want};
+use reuse_core::models::{Bert, BertConfig};
+use reuse_core::ForwardOptions;
 use reuse_core::{Activation, Mlp, WeightStorage};
 use reuse_distill::losses::{kd_loss, topk_kd_loss, KdConfig, TopKTail};
 use reuse_peft::{LoraConfig, LoraModel};
@@ -47,7 +48,7 @@ fn lora_forward(c: &mut Criterion) {
     let run = |b: &Bert| {
         tch::no_grad(|| {
             black_box(
-                b.forward(&ids, None, None, false, Want::default())
+                b.forward(&ids, None, None, false, ForwardOptions::default())
                     .unwrap()
                     .last_hidden_state,
             )

@@ -11,6 +11,7 @@
 
 mod claims;
 mod experiments;
+mod peer;
 mod plots;
 mod report;
 

@@ -27,6 +27,7 @@ use reuse_testkit::fixtures_dir;
 use tch::{Device, Tensor};
 
 use super::{mean, sample_sd, say, Ctx, Metrics, Outcome};
+use crate::peer::Peer;
 
 const MEMORY: usize = 200;
 
@@ -373,14 +374,10 @@ fn avalanche(
         .clone())
 }
 
-/// One Avalanche process kept for many runs (`avalanche_digits.py --serve`), so that its
-/// runs can alternate with ours one by one: the two sides of a time ratio then run back
-/// to back, under the same load on a shared machine.
-struct AvalancheServer {
-    child: std::process::Child,
-    stdin: Option<std::process::ChildStdin>,
-    stdout: std::io::BufReader<std::process::ChildStdout>,
-}
+/// One Avalanche process kept for many runs (`avalanche_digits.py --serve`, a [`Peer`]),
+/// so that its runs can alternate with ours one by one: the two sides of a time ratio then
+/// run back to back, under the same load on a shared machine.
+struct AvalancheServer(Peer);
 
 impl AvalancheServer {
     /// Starts the script on these train/test rows; it makes `warmup` (untimed) before it
@@ -392,68 +389,28 @@ impl AvalancheServer {
         epochs: usize,
         warmup: serde_json::Value,
     ) -> Result<Self> {
-        use std::io::BufRead;
-        use std::process::Stdio;
-        let mut child = avalanche_command(
-            ctx,
-            "avalanche_serve_spec.json",
-            train,
-            test,
-            epochs,
-            serde_json::json!({ "warmup": warmup }),
-        )?
-        .arg("--serve")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting benches/python/avalanche_digits.py --serve")?;
-        let stdin = child.stdin.take();
-        let stdout = std::io::BufReader::new(
-            child
-                .stdout
-                .take()
-                .context("avalanche_digits.py --serve: no stdout")?,
-        );
-        let mut server = Self {
-            child,
-            stdin,
-            stdout,
-        };
-        let mut line = String::new();
-        server.stdout.read_line(&mut line)?;
-        let ready: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| {
-            format!("avalanche_digits.py --serve: expected its ready line, found {line:?}")
-        })?;
+        let (peer, ready) = Peer::start(
+            "avalanche_digits",
+            &ctx.report_dir(),
+            avalanche_command(
+                ctx,
+                "avalanche_serve_spec.json",
+                train,
+                test,
+                epochs,
+                serde_json::json!({ "warmup": warmup }),
+            )?
+            .arg("--serve"),
+        )?;
         if ready["ready"] != true {
-            bail!("avalanche_digits.py --serve: expected its ready line, found {line:?}");
+            bail!("avalanche_digits.py --serve: expected its ready line, found {ready}");
         }
-        Ok(server)
+        Ok(Self(peer))
     }
 
     /// One run; its result object as the batch mode writes it.
     fn run(&mut self, run: &serde_json::Value) -> Result<serde_json::Value> {
-        use std::io::{BufRead, Write};
-        let stdin = self.stdin.as_mut().context("avalanche server closed")?;
-        writeln!(stdin, "{}", serde_json::to_string(run)?)?;
-        stdin.flush()?;
-        let mut line = String::new();
-        if self.stdout.read_line(&mut line)? == 0 {
-            bail!("avalanche_digits.py --serve exited during run {run}");
-        }
-        let v: serde_json::Value = serde_json::from_str(line.trim())
-            .with_context(|| format!("avalanche_digits.py --serve answered {line:?}"))?;
-        if let Some(e) = v.get("error") {
-            bail!("avalanche_digits.py --serve failed on run {run}: {e}");
-        }
-        Ok(v)
-    }
-}
-
-impl Drop for AvalancheServer {
-    fn drop(&mut self) {
-        // Closing stdin ends the script's loop.
-        self.stdin.take();
-        let _ = self.child.wait();
+        self.0.ask(&serde_json::to_string(run)?)
     }
 }
 
@@ -963,9 +920,8 @@ struct LmData {
 }
 
 fn lm_data(ctx: &Ctx) -> Result<LmData> {
-    use reuse_core::data::load_text_splits;
     use reuse_core::models::{SentenceEncoder, TokenizedDataset};
-    let mut s = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
+    let mut s = super::sections()?;
     if ctx.quick {
         // Keep some of every class: every 8th example.
         for d in [&mut s.train, &mut s.dev, &mut s.test] {
@@ -1120,7 +1076,7 @@ fn peft_reference(ctx: &Ctx, method: &str, seed: u64, lambda: f64) -> Result<ser
         .arg("--model")
         .arg(reuse_testkit::minilm_dir()?)
         .arg("--data")
-        .arg(fixtures_dir().join("debian_sections/sections.tsv.gz"))
+        .arg(fixtures_dir().join(super::SECTIONS_FILE))
         .arg("--spec")
         .arg(&spec_path)
         .arg("--out")

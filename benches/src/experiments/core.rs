@@ -1,13 +1,12 @@
 //! reuse-core experiments.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use indicatif::ProgressBar;
-use reuse_core::data::{load_digits, load_text_splits};
+use reuse_core::data::load_digits;
 use reuse_core::models::SentenceEncoder;
 use reuse_core::trainer::accuracy;
 use reuse_core::{Activation, Mlp, Model, TrainConfig, Trainer};
@@ -15,6 +14,7 @@ use reuse_testkit::{fixtures_dir, minilm_dir};
 use tch::Kind;
 
 use super::{insert_spread, mean, sample_sd, Ctx, Metrics, Outcome};
+use crate::peer::Peer;
 
 /// An MLP (64-128-10, ReLU) trained with AdamW on the digits fixture, seeds 0, 1, 2.
 pub fn digits_mlp(ctx: &Ctx, _bar: &ProgressBar) -> Result<Outcome> {
@@ -64,67 +64,41 @@ pub fn digits_mlp(ctx: &Ctx, _bar: &ProgressBar) -> Result<Outcome> {
 
 const BATCH: usize = 32;
 
-/// sentence-transformers in a child process (benches/python/st_embed.py --serve) that
-/// embeds the texts file once per `run` line and answers with the seconds it took.
-struct StChild {
-    child: Child,
-    to: ChildStdin,
-    from: BufReader<ChildStdout>,
-}
+/// sentence-transformers as a [`Peer`] (benches/python/st_embed.py) that embeds the
+/// texts file once per `run` line and answers with the seconds it took.
+struct StChild(Peer);
 
 impl StChild {
     fn start(ctx: &Ctx, py: &Path, model: &Path, texts: &[&str]) -> Result<Self> {
-        let tmp = ctx.root.join("target/reuse-report");
+        let tmp = ctx.report_dir();
         std::fs::create_dir_all(&tmp)?;
         let input = tmp.join("embed_texts.txt");
         std::fs::write(&input, texts.join("\n"))?;
         let device = if ctx.device.is_cuda() { "cuda" } else { "cpu" };
-        let mut child = Command::new(py)
-            .arg(ctx.root.join("benches/python/st_embed.py"))
-            .args(["--model".as_ref(), model.as_os_str()])
-            .args(["--texts".as_ref(), input.as_os_str()])
-            .args(["--batch-size", &BATCH.to_string(), "--device", device])
-            .args(["--threads", &tch::get_num_threads().to_string()])
-            .env("HF_HUB_OFFLINE", "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("running benches/python/st_embed.py")?;
-        let to = child.stdin.take().context("python stdin")?;
-        let from = BufReader::new(child.stdout.take().context("python stdout")?);
-        let mut me = Self { child, to, from };
-        let ready = me.read()?;
+        let (peer, ready) = Peer::start(
+            "st_embed",
+            &tmp,
+            Command::new(py)
+                .arg(ctx.root.join("benches/python/st_embed.py"))
+                .args(["--model".as_ref(), model.as_os_str()])
+                .args(["--texts".as_ref(), input.as_os_str()])
+                .args(["--batch-size", &BATCH.to_string(), "--device", device])
+                .args(["--threads", &tch::get_num_threads().to_string()]),
+        )?;
         ensure!(
             ready["sentences"].as_u64() == Some(texts.len() as u64),
             "st_embed.py read {} texts, expected {}",
             ready["sentences"],
             texts.len()
         );
-        Ok(me)
-    }
-
-    fn read(&mut self) -> Result<serde_json::Value> {
-        let mut line = String::new();
-        if self.from.read_line(&mut line)? == 0 {
-            bail!("st_embed.py exited early (run it by hand to see why)");
-        }
-        serde_json::from_str(&line).context("st_embed.py output")
+        Ok(Self(peer.quit_with("quit")))
     }
 
     /// Seconds for one pass over the texts.
     fn run(&mut self) -> Result<f64> {
-        writeln!(self.to, "run")?;
-        self.read()?["seconds"]
+        self.0.ask("run")?["seconds"]
             .as_f64()
             .context("st_embed.py printed no `seconds`")
-    }
-}
-
-impl Drop for StChild {
-    fn drop(&mut self) {
-        let _ = writeln!(self.to, "quit");
-        let _ = self.child.wait();
     }
 }
 
@@ -132,7 +106,7 @@ impl Drop for StChild {
 /// Rust f32, Rust bf16 and sentence-transformers, in interleaved rounds.
 pub fn minilm_embed(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let dir = minilm_dir()?;
-    let splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
+    let splits = super::sections()?;
     let mut texts: Vec<&str> = splits.test.texts.iter().map(String::as_str).collect();
     texts.truncate(ctx.size(texts.len(), 96));
     let rounds = ctx.size(if ctx.device.is_cuda() { 10 } else { 5 }, 2);

@@ -18,7 +18,8 @@ use reuse_testkit::minilm_dir;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::peft::{fixed_batch, sections};
+use super::peft::fixed_batch;
+use super::sections;
 use super::{insert_spread, median, say, Ctx, Metrics, Outcome};
 
 /// Set in a child process of `dist.lora_step` (the bench binary itself, as one rank).

@@ -8,9 +8,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
-use reuse_core::data::{load_digits, load_text_splits, BatchSource, TensorDataset};
+use reuse_core::data::{load_digits, BatchSource, TensorDataset};
 use reuse_core::models::{Bert, BertClassifier, SentenceEncoder, TokenizedDataset};
-use reuse_core::trainer::{accuracy, ForwardOptions};
+use reuse_core::trainer::accuracy;
+use reuse_core::ForwardOptions;
 use reuse_core::{Activation, Mlp, Model, Schedule, TrainConfig, Trainable, Trainer};
 use reuse_distill::cache::{build_cache, CacheConfig, TeacherCache};
 use reuse_distill::losses::KdConfig;
@@ -149,7 +150,7 @@ pub(super) fn pool(classes: &[String]) -> Result<Vec<String>> {
 /// The Debian sections splits and the unlabelled eight-section pool (cut to a few
 /// dozen texts each in quick mode).
 pub(super) fn sections_and_pool(ctx: &Ctx) -> Result<(reuse_core::data::TextSplits, Vec<String>)> {
-    let mut splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
+    let mut splits = super::sections()?;
     let mut pool_texts = pool(&splits.classes)?;
     if ctx.quick {
         splits.train.texts.truncate(96);
@@ -591,7 +592,7 @@ pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     if ctx.quick {
         texts.truncate(400);
     }
-    let splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
+    let splits = super::sections()?;
     let ood: Vec<String> = std::fs::read_to_string(fixtures_dir().join("appstream/sentences.txt"))?
         .lines()
         .map(str::to_string)

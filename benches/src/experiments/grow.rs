@@ -4,7 +4,6 @@ use std::time::Instant;
 
 use anyhow::Result;
 use indicatif::ProgressBar;
-use reuse_core::data::load_text_splits;
 use reuse_core::models::bert::Bert;
 use reuse_core::models::sentence::{load_tokenizer, tokenize};
 use reuse_core::models::{train_flops, BertConfig, BertForMaskedLm, MaskingSpec, MlmBatch};
@@ -30,7 +29,7 @@ pub fn minilm_preserve(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         Bert::from_checkpoint(cfg.clone(), &mut ck.shallow_copy(), ctx.device, Kind::Float)?;
     // Real text: the Debian sections' test texts (the growth has no training to choose
     // anything on, so any held-out text serves).
-    let splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
+    let splits = super::sections()?;
     let n_texts = ctx.size(256, 32);
     let texts: Vec<&str> = splits
         .test

@@ -136,6 +136,17 @@ pub struct Outcome {
     pub notes: Vec<String>,
 }
 
+/// The fixture the MiniLM experiments share: Debian package synopses labelled with their
+/// archive section (8 sections; train, dev and test splits).
+pub fn sections() -> Result<reuse_core::data::TextSplits> {
+    Ok(reuse_core::data::load_text_splits(
+        &reuse_testkit::fixtures_dir().join(SECTIONS_FILE),
+    )?)
+}
+
+/// The sections fixture's path under `fixtures/`.
+pub const SECTIONS_FILE: &str = "debian_sections/sections.tsv.gz";
+
 /// A progress line: above the bar on a terminal, to stderr when the bar is hidden
 /// (logs, CI), so it is never lost.
 pub fn say(bar: &ProgressBar, msg: impl AsRef<str>) {

@@ -1,24 +1,25 @@
 //! reuse-peft experiments on all-MiniLM-L6-v2 and the Debian sections fixture.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
-use reuse_core::data::{load_text_splits, TextSplits};
+use reuse_core::data::TextSplits;
+use reuse_core::loss::cross_entropy;
 use reuse_core::models::sentence::tokenize;
-use reuse_core::models::{Bert, BertClassifier, SentenceEncoder, TokenizedDataset, Want};
-use reuse_core::optim::cross_entropy;
+use reuse_core::models::{Bert, BertClassifier, SentenceEncoder, TokenizedDataset};
 use reuse_core::trainer::accuracy;
+use reuse_core::ForwardOptions;
 use reuse_core::{Checkpoint, Model, Optimizer, Schedule, TrainConfig, Trainable, Trainer};
 use reuse_peft::bottleneck::{add_bottleneck, set_active_bottlenecks};
 use reuse_peft::config::InitLoraWeights;
 use reuse_peft::{BottleneckConfig, LoraConfig, LoraModel};
-use reuse_testkit::{fixtures_dir, minilm_dir};
+use reuse_testkit::minilm_dir;
 use tch::{Kind, Tensor};
 
-use super::{insert_spread, mean, median, sample_sd, Ctx, Metrics, Outcome};
+use super::{insert_spread, mean, median, sample_sd, sections, Ctx, Metrics, Outcome};
+use crate::peer::Peer;
 
 /// Training budget shared by every method (the grid runs use it too).
 pub(super) const STEPS: usize = 300;
@@ -71,12 +72,6 @@ pub(super) fn peak_rss_mb() -> f64 {
         .flatten()
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
-}
-
-pub(super) fn sections() -> Result<TextSplits> {
-    Ok(load_text_splits(
-        &fixtures_dir().join("debian_sections/sections.tsv.gz"),
-    )?)
 }
 
 /// A fresh classifier set up for `method`, its random parts (head, adapters) drawn
@@ -473,7 +468,7 @@ pub fn inference_overhead(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let time = |b: &Bert| -> f64 {
         let start = Instant::now();
         let h = tch::no_grad(|| {
-            b.forward(&ids, mask, None, false, Want::default())
+            b.forward(&ids, mask, None, false, ForwardOptions::default())
                 .expect("valid batch")
                 .last_hidden_state
         });
@@ -600,38 +595,26 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     // the two sides so that both see the same machine load.
     bar.set_message("peft.vs_python starting python");
     let device = if ctx.device.is_cuda() { "cuda" } else { "cpu" };
-    let mut child = Command::new(&py)
-        .arg(ctx.root.join("benches/python/peft_step.py"))
-        .args([
-            "--model".as_ref(),
-            dir.as_os_str(),
-            "--batch".as_ref(),
-            batch_file.as_os_str(),
-        ])
-        .args([
-            "--device",
-            device,
-            "--threads",
-            &tch::get_num_threads().to_string(),
-            "--serve",
-        ])
-        .args(["--classes", &splits.classes.len().to_string()])
-        .env("HF_HUB_OFFLINE", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("running benches/python/peft_step.py")?;
-    let mut to_py = child.stdin.take().context("python stdin")?;
-    let mut from_py = BufReader::new(child.stdout.take().context("python stdout")?);
-    let mut read = || -> Result<serde_json::Value> {
-        let mut line = String::new();
-        if from_py.read_line(&mut line)? == 0 {
-            bail!("peft_step.py exited early");
-        }
-        Ok(serde_json::from_str(&line)?)
-    };
-    read()?; // ready
+    let (mut peer, _ready) = Peer::start(
+        "peft_step",
+        &ctx.report_dir(),
+        Command::new(&py)
+            .arg(ctx.root.join("benches/python/peft_step.py"))
+            .args([
+                "--model".as_ref(),
+                dir.as_os_str(),
+                "--batch".as_ref(),
+                batch_file.as_os_str(),
+            ])
+            .args([
+                "--device",
+                device,
+                "--threads",
+                &tch::get_num_threads().to_string(),
+                "--serve",
+            ])
+            .args(["--classes", &splits.classes.len().to_string()]),
+    )?;
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let rounds = ctx.size(STEP_ROUNDS, 2);
     for round in 0..rounds {
@@ -639,8 +622,7 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         for _ in 0..STEPS_PER_ROUND {
             ours.push(step());
         }
-        writeln!(to_py, "run {STEPS_PER_ROUND}")?;
-        let v = read()?;
+        let v = peer.ask(&format!("run {STEPS_PER_ROUND}"))?;
         theirs.extend(
             v["seconds"]
                 .as_array()
@@ -649,8 +631,7 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                 .filter_map(|x| x.as_f64()),
         );
     }
-    writeln!(to_py, "quit")?;
-    let _ = child.wait();
+    drop(peer.quit_with("quit"));
     // Pair the i-th step of each side (same round) for per-pair ratios.
     let ratios: Vec<f64> = ours.iter().zip(&theirs).map(|(a, b)| a / b).collect();
     let ms = |v: &[f64]| v.iter().map(|s| s * 1000.0).collect::<Vec<_>>();

@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
-use reuse_core::data::load_text_splits;
 use reuse_core::models::{BertConfig, SentenceEncoder};
 use reuse_core::Checkpoint;
 use reuse_quant::folder::{quantize_folder, QuantizeFolder, QuantizeReport};
@@ -55,7 +54,7 @@ fn quantized_weight_ratio(dir: &Path, modules: &[String], f32_ck: &Checkpoint) -
 pub fn minilm(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     reuse_quant::register();
     let src = minilm_dir()?;
-    let splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
+    let splits = super::sections()?;
     let take = |v: &[String], n: usize| v.iter().take(n).cloned().collect::<Vec<_>>();
     let calib = take(&splits.train.texts, ctx.size(256, 16));
     let n_train = ctx.size(splits.train.texts.len(), 200);
@@ -313,8 +312,9 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     use super::distill::{sections_and_pool, synopses, BATCH as KD_BATCH, MAX_LEN};
     use reuse_core::data::BatchSource;
     use reuse_core::models::sentence::tokenize;
-    use reuse_core::models::{BertClassifier, TokenizedDataset, Want};
+    use reuse_core::models::{BertClassifier, TokenizedDataset};
     use reuse_core::trainer::accuracy;
+    use reuse_core::ForwardOptions;
     use reuse_core::WeightStorage;
     use reuse_core::{Model, Schedule, TrainConfig};
     use reuse_distill::vocab::VocabTrim;
@@ -457,7 +457,13 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             tch::no_grad(|| -> reuse_core::Result<()> {
                 for t in &calib {
                     let (ids, _, _) = tokenize(&enc_tok, &[t.as_str()])?;
-                    bert.forward(&ids.to_device(device), None, None, false, Want::default())?;
+                    bert.forward(
+                        &ids.to_device(device),
+                        None,
+                        None,
+                        false,
+                        ForwardOptions::default(),
+                    )?;
                 }
                 Ok(())
             })
@@ -706,8 +712,9 @@ fn qlora_steps(ctx: &Ctx) -> usize {
 /// both FFN linears, the head trained) on the base folder and prints a [`QloraResult`].
 pub fn qlora_child(spec: &str) -> Result<()> {
     use reuse_core::models::sentence::tokenize;
-    use reuse_core::models::{Bert, BertClassifier, TokenizedDataset, Want};
+    use reuse_core::models::{Bert, BertClassifier, TokenizedDataset};
     use reuse_core::trainer::accuracy;
+    use reuse_core::ForwardOptions;
     use reuse_core::{Model, Schedule, TrainConfig, Trainer};
     use reuse_peft::LoraModel;
     use reuse_quant::model::{calibrate, quantize_model, Method};
@@ -721,7 +728,7 @@ pub fn qlora_child(spec: &str) -> Result<()> {
     };
     let mut ctx = Ctx::new(device, run.quick)?;
     ctx.full |= run.full;
-    let mut splits = super::peft::sections()?;
+    let mut splits = super::sections()?;
     splits.dev.texts.truncate(ctx.size(usize::MAX, 64));
     splits.dev.labels.truncate(ctx.size(usize::MAX, 64));
     splits.test.texts.truncate(ctx.size(usize::MAX, 64));
@@ -797,7 +804,13 @@ pub fn qlora_child(spec: &str) -> Result<()> {
             tch::no_grad(|| -> reuse_core::Result<()> {
                 for t in &calib {
                     let (ids, _, _) = tokenize(&tok, &[t.as_str()])?;
-                    bert.forward(&ids.to_device(device), None, None, false, Want::default())?;
+                    bert.forward(
+                        &ids.to_device(device),
+                        None,
+                        None,
+                        false,
+                        ForwardOptions::default(),
+                    )?;
                 }
                 Ok(())
             })
@@ -825,7 +838,7 @@ pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let seeds = &ctx.seeds;
     reuse_quant::register();
     let src = minilm_dir()?;
-    let splits = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
+    let splits = super::sections()?;
     let calib = calibration_texts(ctx, &splits.train.texts);
     let tmp = tempfile_dir(ctx)?;
     let int4 = tmp.join("qlora-int4");

@@ -29,25 +29,31 @@ fn synopses() -> String {
         .to_string()
 }
 
+/// `reuse distill embed` with only the required flags (on the CPU) and `extra`.
+fn distill_embed(teacher: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> Output {
+    let (t, o, texts) = (teacher.to_str().unwrap(), out.to_str().unwrap(), synopses());
+    let mut args = vec![
+        "distill",
+        "embed",
+        "--teacher",
+        t,
+        "--texts",
+        &texts,
+        "--out",
+        o,
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    reuse(&args)
+}
+
 #[test]
 fn student_loads_in_sentence_transformers_and_gives_reuse_embeds_embeddings() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("student");
     let teacher = minilm_dir().unwrap();
-    let o = reuse(&[
-        "distill",
-        "embed",
-        "--teacher",
-        teacher.to_str().unwrap(),
-        "--texts",
-        &synopses(),
-        "--out",
-        out.to_str().unwrap(),
-        "--max-texts",
-        "200",
-        "--device",
-        "cpu",
-    ]);
+    let o = distill_embed(&teacher, &out, &["--max-texts", "200"]);
     ok(&o);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -149,22 +155,7 @@ fn a_weak_student_is_named_at_the_end_of_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("student");
     let teacher = minilm_dir().unwrap();
-    let o = reuse(&[
-        "distill",
-        "embed",
-        "--teacher",
-        teacher.to_str().unwrap(),
-        "--texts",
-        &synopses(),
-        "--out",
-        out.to_str().unwrap(),
-        "--max-texts",
-        "40",
-        "--lr",
-        "1e-9",
-        "--device",
-        "cpu",
-    ]);
+    let o = distill_embed(&teacher, &out, &["--max-texts", "40", "--lr", "1e-9"]);
     ok(&o);
     let err = String::from_utf8_lossy(&o.stderr);
     let warning = err

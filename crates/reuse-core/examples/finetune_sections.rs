@@ -2,10 +2,10 @@
 //! technique in the loop (the README example; `cargo run --release -p reuse-core --example finetune_sections`).
 
 use reuse_core::data::load_text_splits;
-use reuse_core::models::{minilm_dir, Bert, BertClassifier, SentenceEncoder, TokenizedDataset};
+use reuse_core::models::{Bert, BertClassifier, SentenceEncoder, TokenizedDataset};
 use reuse_core::trainer::StepContext;
 use reuse_core::{trainer, Params, Result, Technique, TrainConfig, Trainer};
-use reuse_testkit::fixtures_dir;
+use reuse_testkit::{fixtures_dir, minilm_dir};
 use tch::{Device, Kind};
 
 struct FreezeEmbeddings;
@@ -21,7 +21,7 @@ impl Technique for FreezeEmbeddings {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let data = load_text_splits(&fixtures_dir().join("debian_sections/sections.tsv.gz"))?;
     let dir = minilm_dir()?;
     let enc = SentenceEncoder::load(&dir, Device::Cpu, Kind::Float)?;

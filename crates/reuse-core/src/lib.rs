@@ -56,13 +56,14 @@ pub mod checkpoint;
 pub mod data;
 pub mod dtype;
 mod error;
-mod fused;
 pub mod linear;
+pub mod loss;
 pub mod mlp;
 pub mod model;
 pub mod models;
 pub mod optim;
 pub mod params;
+mod shim;
 pub mod trainer;
 
 pub use checkpoint::Checkpoint;
@@ -72,12 +73,14 @@ pub use linear::{
     StorageLoader, WeightStorage, WeightTransform,
 };
 pub use mlp::{ClassificationHead, Mlp};
-pub use model::{Activation, Model, OutputDelta, OutputSlots};
+pub use model::{
+    Activation, ForwardOptions, Model, OutputDelta, OutputSlots, StepOutputs, Trainable,
+};
 pub use optim::{Optimizer, OptimizerKind, Schedule};
 pub use params::{Params, Snapshot};
 pub use trainer::{
-    ForwardOptions, RunStateConfig, SaveParams, StepContext, StepOutputs, TaskContext, Technique,
-    TrainConfig, TrainReport, Trainable, Trainer,
+    RunStateConfig, SaveParams, StepContext, TaskContext, Technique, TrainConfig, TrainReport,
+    Trainer,
 };
 
 /// CUDA if libtorch sees a GPU, else CPU.

@@ -3,8 +3,8 @@
 use tch::{Device, Tensor};
 
 use crate::data::Batch;
-use crate::model::{prefixed, Activation, Model};
-use crate::trainer::{ForwardOptions, StepOutputs, Trainable};
+use crate::model::ForwardOptions;
+use crate::model::{prefixed, Activation, Model, StepOutputs, Trainable};
 use crate::{Error, Linear, Result};
 
 /// Linears `layers.0 .. layers.{n-1}` with an activation between them (none after the last).
@@ -99,7 +99,7 @@ impl Mlp {
         }
         // Shapes: the first layer checks the input; the layers were built to chain.
         self.layers[0].check_input(x)?;
-        crate::fused::relu_mlp(x, &ws, &bs)
+        crate::shim::relu_mlp(x, &ws, &bs)
     }
 }
 

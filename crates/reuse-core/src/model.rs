@@ -1,10 +1,14 @@
-//! How techniques find layers: every model addresses its linears and block outputs by
-//! the dotted path Hugging Face uses (`encoder.layer.3.attention.self.query`).
+//! What a model is to the rest of the workspace: [`Model`], how techniques find layers
+//! (every model addresses its linears and block outputs by the dotted path Hugging Face
+//! uses, `encoder.layer.3.attention.self.query`), and the forward contract the trainer
+//! and techniques call ([`Trainable`], [`ForwardOptions`], [`StepOutputs`]).
 
 use std::any::Any;
 
 use tch::Tensor;
 
+use crate::data::Batch;
+use crate::loss::cross_entropy;
 use crate::{Error, Linear, Params, Result};
 
 /// A change to a block's output (bottleneck adapters, ...), implemented by technique
@@ -193,5 +197,63 @@ impl Activation {
                 ))
             }
         })
+    }
+}
+
+/// What a forward pass should return besides logits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForwardOptions {
+    /// Hidden states of every layer (embedding output first).
+    pub hidden_states: bool,
+    /// Attention probabilities of every layer.
+    pub attentions: bool,
+    /// The pooled representation the head sees.
+    pub pooled: bool,
+}
+
+impl ForwardOptions {
+    /// Everything either asks for.
+    pub fn union(self, o: ForwardOptions) -> ForwardOptions {
+        ForwardOptions {
+            hidden_states: self.hidden_states || o.hidden_states,
+            attentions: self.attentions || o.attentions,
+            pooled: self.pooled || o.pooled,
+        }
+    }
+}
+
+/// What a model's forward pass returns to the trainer and to techniques.
+#[derive(Debug)]
+pub struct StepOutputs {
+    /// Class logits `[b, c]`.
+    pub logits: Tensor,
+    /// Hidden states, when asked for and the model has them (feature distillation).
+    pub hidden_states: Vec<Tensor>,
+    /// Attention probabilities `[b, heads, t, t]` per layer, when asked for.
+    pub attentions: Vec<Tensor>,
+    /// The pooled features `[b, h]` the head sees, when asked for.
+    pub pooled: Option<Tensor>,
+}
+
+impl StepOutputs {
+    /// Outputs with logits only.
+    pub fn logits(logits: Tensor) -> Self {
+        Self {
+            logits,
+            hidden_states: Vec::new(),
+            attentions: Vec::new(),
+            pooled: None,
+        }
+    }
+}
+
+/// A model the trainer can train: a [`Model`] (its parameters by name) with a forward
+/// pass over batches and a task loss.
+pub trait Trainable: Model {
+    /// Forward pass for a batch; `train` enables dropout; `opts` asks for extra outputs.
+    fn forward(&self, batch: &Batch, train: bool, opts: ForwardOptions) -> Result<StepOutputs>;
+    /// The task loss. Default: cross-entropy of the logits against the labels.
+    fn loss(&self, out: &StepOutputs, batch: &Batch) -> Result<Tensor> {
+        cross_entropy(&out.logits, &batch.labels)
     }
 }

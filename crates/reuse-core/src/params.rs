@@ -159,7 +159,7 @@ impl Params {
     /// [`Params::zero_grad_in_place`] to keep zero-filled buffers.
     pub fn zero_grad(&self) {
         let ts: Vec<&Tensor> = self.entries.iter().map(|(_, t)| t).collect();
-        if !crate::optim::clear_grads(&ts) {
+        if !crate::shim::clear_grads(&ts) {
             self.zero_grad_in_place();
         }
     }

@@ -1,7 +1,8 @@
 //! BERT on tiny random configurations: Hugging Face names, loading errors, masking,
 //! extra outputs, half precision.
 
-use reuse_core::models::bert::{mean_pool, Bert, BertConfig, Want};
+use reuse_core::models::bert::{mean_pool, Bert, BertConfig};
+use reuse_core::ForwardOptions;
 use reuse_core::{Checkpoint, Error, Model};
 use tch::{Device, Kind, Tensor};
 
@@ -44,11 +45,11 @@ fn saves_and_loads_under_hugging_face_names() {
     let c = Bert::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
     let (ids, mask) = ids();
     let a = b
-        .forward(&ids, Some(&mask), None, false, Want::default())
+        .forward(&ids, Some(&mask), None, false, ForwardOptions::default())
         .unwrap()
         .last_hidden_state;
     let z = c
-        .forward(&ids, Some(&mask), None, false, Want::default())
+        .forward(&ids, Some(&mask), None, false, ForwardOptions::default())
         .unwrap()
         .last_hidden_state;
     assert!(a.equal(&z));
@@ -116,7 +117,7 @@ fn padding_does_not_change_real_tokens() {
     let b = tiny();
     let (ids, mask) = ids();
     let batch = b
-        .forward(&ids, Some(&mask), None, false, Want::default())
+        .forward(&ids, Some(&mask), None, false, ForwardOptions::default())
         .unwrap()
         .last_hidden_state;
     let alone = b
@@ -125,7 +126,7 @@ fn padding_does_not_change_real_tokens() {
             None,
             None,
             false,
-            Want::default(),
+            ForwardOptions::default(),
         )
         .unwrap()
         .last_hidden_state;
@@ -140,7 +141,7 @@ fn hidden_states_and_attentions_on_request() {
     let b = tiny();
     let (ids, mask) = ids();
     let plain = b
-        .forward(&ids, Some(&mask), None, false, Want::default())
+        .forward(&ids, Some(&mask), None, false, ForwardOptions::default())
         .unwrap();
     let full = b
         .forward(
@@ -148,9 +149,10 @@ fn hidden_states_and_attentions_on_request() {
             Some(&mask),
             None,
             false,
-            Want {
+            ForwardOptions {
                 hidden_states: true,
                 attentions: true,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -179,14 +181,14 @@ fn half_precision_tracks_f32() {
     b.save(dir.path()).unwrap();
     let (ids, mask) = ids();
     let r = b
-        .forward(&ids, Some(&mask), None, false, Want::default())
+        .forward(&ids, Some(&mask), None, false, ForwardOptions::default())
         .unwrap()
         .last_hidden_state;
     for (kind, tol) in [(Kind::Half, 2e-2), (Kind::BFloat16, 1e-1)] {
         let h = Bert::load(dir.path(), Device::Cpu, kind).unwrap();
         assert_eq!(h.kind(), kind);
         let o = h
-            .forward(&ids, Some(&mask), None, false, Want::default())
+            .forward(&ids, Some(&mask), None, false, ForwardOptions::default())
             .unwrap()
             .last_hidden_state;
         assert_eq!(o.kind(), kind);
@@ -200,16 +202,16 @@ fn dropout_only_in_training() {
     let b = tiny();
     let (ids, mask) = ids();
     let e1 = b
-        .forward(&ids, Some(&mask), None, false, Want::default())
+        .forward(&ids, Some(&mask), None, false, ForwardOptions::default())
         .unwrap()
         .last_hidden_state;
     let e2 = b
-        .forward(&ids, Some(&mask), None, false, Want::default())
+        .forward(&ids, Some(&mask), None, false, ForwardOptions::default())
         .unwrap()
         .last_hidden_state;
     assert!(e1.equal(&e2));
     let t1 = b
-        .forward(&ids, Some(&mask), None, true, Want::default())
+        .forward(&ids, Some(&mask), None, true, ForwardOptions::default())
         .unwrap()
         .last_hidden_state;
     assert!(max_diff(&t1, &e1) > 1e-3);
@@ -219,18 +221,25 @@ fn dropout_only_in_training() {
 fn a_gated_layer_at_zero_is_the_exact_identity() {
     let mut b = tiny();
     let (ids, mask) = ids();
-    let run = |b: &Bert, want: Want| b.forward(&ids, Some(&mask), None, false, want).unwrap();
-    let plain = run(&b, Want::default()).last_hidden_state;
+    let run =
+        |b: &Bert, want: ForwardOptions| b.forward(&ids, Some(&mask), None, false, want).unwrap();
+    let plain = run(&b, ForwardOptions::default()).last_hidden_state;
     // g = 1 is the plain layer.
     b.set_gate(1, Some(1.0)).unwrap();
-    assert!(max_diff(&run(&b, Want::default()).last_hidden_state, &plain) < 1e-6);
+    assert!(
+        max_diff(
+            &run(&b, ForwardOptions::default()).last_hidden_state,
+            &plain
+        ) < 1e-6
+    );
     // g = 0 on the last layer: the output is the first layer's output, bit for bit,
     // although the layer's weights are not zero (a post-LN layer cannot be the identity
     // by its weights).
     b.set_gate(1, Some(0.0)).unwrap();
-    let want = Want {
+    let want = ForwardOptions {
         hidden_states: true,
         attentions: false,
+        ..Default::default()
     };
     let out = run(&b, want);
     assert!(out.last_hidden_state.equal(&out.hidden_states[1]));
@@ -243,7 +252,7 @@ fn a_gated_layer_at_zero_is_the_exact_identity() {
     b.save(dir.path()).unwrap();
     let c = Bert::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
     assert!(c.layers[1].gate.is_some() && c.layers[0].gate.is_none());
-    assert!(run(&c, Want::default())
+    assert!(run(&c, ForwardOptions::default())
         .last_hidden_state
         .equal(&out.last_hidden_state));
     assert!(b
@@ -286,7 +295,7 @@ fn bad_inputs_are_errors_naming_what_is_wrong() {
     let b = tiny();
     let long = Tensor::zeros([1, 513], (Kind::Int64, Device::Cpu));
     let e = b
-        .forward(&long, None, None, false, Want::default())
+        .forward(&long, None, None, false, ForwardOptions::default())
         .unwrap_err()
         .to_string();
     assert!(
@@ -295,26 +304,34 @@ fn bad_inputs_are_errors_naming_what_is_wrong() {
     );
     let oov = Tensor::from_slice(&[1i64, 50]).view([1, 2]);
     let e = b
-        .forward(&oov, None, None, false, Want::default())
+        .forward(&oov, None, None, false, ForwardOptions::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("vocab_size"), "{e}");
     let (ids, _) = ids();
     let bad_mask = Tensor::ones([2, 4], (Kind::Int64, Device::Cpu));
     let e = b
-        .forward(&ids, Some(&bad_mask), None, false, Want::default())
+        .forward(
+            &ids,
+            Some(&bad_mask),
+            None,
+            false,
+            ForwardOptions::default(),
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("attention_mask"), "{e}");
     let floats = Tensor::zeros([1, 3], (Kind::Float, Device::Cpu));
     assert!(b
-        .forward(&floats, None, None, false, Want::default())
+        .forward(&floats, None, None, false, ForwardOptions::default())
         .is_err());
     // No mask means no padding: the same as an all-ones mask.
     let ones = Tensor::ones([2, 5], (Kind::Int64, Device::Cpu));
-    let a = b.forward(&ids, None, None, false, Want::default()).unwrap();
+    let a = b
+        .forward(&ids, None, None, false, ForwardOptions::default())
+        .unwrap();
     let m = b
-        .forward(&ids, Some(&ones), None, false, Want::default())
+        .forward(&ids, Some(&ones), None, false, ForwardOptions::default())
         .unwrap();
     assert!(max_diff(&a.last_hidden_state, &m.last_hidden_state) < 1e-6);
 }

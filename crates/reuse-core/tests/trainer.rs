@@ -2,7 +2,8 @@
 //! determinism, optimizer state, and whole runs saved and resumed.
 
 use reuse_core::data::{load_digits, Batch, Digits};
-use reuse_core::trainer::{accuracy, ForwardOptions, StepContext, StepOutputs, TaskContext};
+use reuse_core::trainer::{accuracy, StepContext, StepOutputs, TaskContext};
+use reuse_core::ForwardOptions;
 use reuse_core::{
     Activation, Checkpoint, Mlp, Model, Params, Result, RunStateConfig, SaveParams, Snapshot,
     Technique, TrainConfig, Trainer,

@@ -29,7 +29,7 @@
 use std::sync::{Arc, Mutex};
 
 use reuse_core::data::{Batch, BatchSource};
-use reuse_core::trainer::{predict, StepContext, Technique, Trainable};
+use reuse_core::trainer::{count_correct, StepContext, Technique, Trainable};
 use reuse_core::{Params, Result as CoreResult};
 use tch::{Device, Kind, Tensor};
 
@@ -199,8 +199,7 @@ impl DataParallel {
                 start: lo,
                 len: hi - lo,
             };
-            let (p, y) = predict(model, &part, batch_size, device)?;
-            (p.iter().zip(&y).filter(|(a, b)| a == b).count(), y.len())
+            count_correct(model, &part, batch_size, device)?
         } else {
             (0, 0)
         };

@@ -18,7 +18,8 @@
 //! error there, before any training.
 
 use reuse_core::data::Batch;
-use reuse_core::trainer::{ForwardOptions, StepContext, StepOutputs, TaskContext};
+use reuse_core::trainer::{StepContext, StepOutputs, TaskContext};
+use reuse_core::ForwardOptions;
 use reuse_core::{Error, Params, Result, Technique};
 use tch::{Kind, Tensor};
 

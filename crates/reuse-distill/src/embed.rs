@@ -50,8 +50,9 @@ use std::time::Instant;
 
 use reuse_core::data::{epoch_batches, Batch, TextDataset};
 use reuse_core::models::bert::{l2_normalize, mean_pool};
-use reuse_core::models::{Bert, SentenceEncoder, TokenizedDataset, Want};
-use reuse_core::trainer::{ForwardOptions, StepOutputs};
+use reuse_core::models::{Bert, SentenceEncoder, TokenizedDataset};
+use reuse_core::trainer::StepOutputs;
+use reuse_core::ForwardOptions;
 use reuse_core::{
     Error, Linear, Model, OutputSlots, Result, Schedule, TrainConfig, Trainable, Trainer,
 };
@@ -263,10 +264,7 @@ impl Trainable for EmbedStudent {
             .as_ref()
             .ok_or_else(|| Error::invalid("batch", "BERT needs an attention mask"))?;
         let mask = batch.padded.then_some(mask);
-        let want = Want {
-            hidden_states: opts.hidden_states,
-            attentions: opts.attentions,
-        };
+        let want = opts;
         let out = self.bert.forward(&batch.inputs, mask, None, train, want)?;
         let mut pooled = mean_pool(&out.last_hidden_state, mask);
         if self.normalize {

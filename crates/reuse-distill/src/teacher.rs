@@ -6,7 +6,8 @@
 //! teacher cache records so that it can refuse to serve another teacher's outputs.
 
 use reuse_core::data::{Batch, BatchSource};
-use reuse_core::trainer::{ForwardOptions, StepOutputs};
+use reuse_core::trainer::StepOutputs;
+use reuse_core::ForwardOptions;
 use reuse_core::{Error, Result, Trainable};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};

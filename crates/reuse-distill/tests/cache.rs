@@ -11,7 +11,8 @@ use std::time::SystemTime;
 
 use reuse_core::data::{Batch, BatchSource};
 use reuse_core::models::{Bert, BertClassifier, BertConfig};
-use reuse_core::trainer::{ForwardOptions, StepOutputs};
+use reuse_core::trainer::StepOutputs;
+use reuse_core::ForwardOptions;
 use reuse_core::{Error, Result};
 use reuse_distill::cache::{shard_file_name, BUILD_FILE, MANIFEST_FILE};
 use reuse_distill::teacher::fingerprint_tensors;

@@ -3,9 +3,10 @@
 //! mismatched students and teachers are refused before training.
 
 use reuse_core::data::{load_digits, Batch, BatchSource, TensorDataset};
+use reuse_core::loss::cross_entropy;
 use reuse_core::models::{Bert, BertClassifier, BertConfig};
-use reuse_core::optim::cross_entropy;
-use reuse_core::trainer::{accuracy, ForwardOptions, StepContext};
+use reuse_core::trainer::{accuracy, StepContext};
+use reuse_core::ForwardOptions;
 use reuse_core::{Activation, Mlp, Model, Schedule, Technique, TrainConfig, Trainable, Trainer};
 use reuse_distill::features::LayerMap;
 use reuse_distill::losses::{kd_loss, KdConfig};

@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-use reuse_core::models::bert::{Bert, BertConfig, BertOutput, Want};
+use reuse_core::models::bert::{Bert, BertConfig, EncoderOutput};
+use reuse_core::ForwardOptions;
 use reuse_core::{Checkpoint, Model};
 use reuse_distill::student::{cut_layers, save_student_folder};
 use tch::{Device, Kind, Tensor};
@@ -34,11 +35,12 @@ fn inputs() -> (Tensor, Tensor) {
     (ids, mask)
 }
 
-fn run(m: &Bert) -> BertOutput {
+fn run(m: &Bert) -> EncoderOutput {
     let (ids, mask) = inputs();
-    let want = Want {
+    let want = ForwardOptions {
         hidden_states: true,
         attentions: true,
+        ..Default::default()
     };
     tch::no_grad(|| m.forward(&ids, Some(&mask), None, false, want).unwrap())
 }

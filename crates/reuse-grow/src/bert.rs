@@ -38,10 +38,9 @@ use reuse_core::models::BertConfig;
 use reuse_core::{Checkpoint, Error, Result};
 use tch::Tensor;
 
-use crate::plan::{unit_map, Axis, Growth, Source};
+use reuse_core::models::bert::GATE;
 
-/// The config key a gated folder records its gates under.
-pub const GATES_KEY: &str = "reuse_layer_gates";
+use crate::plan::{unit_map, Axis, Growth, Source};
 
 /// What to widen; `None` keeps a size.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -331,7 +330,7 @@ pub fn widen_bert(cfg: &BertConfig, ck: &Checkpoint, spec: &WidenBert) -> Result
                     return Err(unplaced(ck, name));
                 };
                 match tail {
-                    "reuse_gate" => (None, None),
+                    t if t == GATE => (None, None),
                     "attention.self.query.weight" => (Some(&axes.query), Some(&axes.hid_in)),
                     "attention.self.query.bias" => (Some(&axes.query), None),
                     "attention.self.key.weight" => (Some(&axes.key), Some(&axes.hid_in)),
@@ -505,7 +504,7 @@ pub fn deepen_bert(cfg: &BertConfig, ck: &Checkpoint, spec: &DeepenBert) -> Resu
     for (new_l, &(src, is_new)) in plan.iter().enumerate() {
         let gated = is_new && spec.method == DepthMethod::Gated;
         for (name, tail) in &layer_tensors[src] {
-            if gated && tail == "reuse_gate" {
+            if gated && tail == GATE {
                 continue;
             }
             let t = ck.tensor(name)?;
@@ -527,10 +526,7 @@ pub fn deepen_bert(cfg: &BertConfig, ck: &Checkpoint, spec: &DeepenBert) -> Resu
         if gated {
             gated_layers.push(new_l);
             tensors.push((
-                format!(
-                    "{prefix}encoder.layer.{new_l}.{}",
-                    reuse_core::models::bert::GATE
-                ),
+                format!("{prefix}encoder.layer.{new_l}.{}", GATE),
                 Source::Fresh(Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu))),
             ));
         }

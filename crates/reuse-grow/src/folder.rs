@@ -7,7 +7,9 @@ use reuse_core::models::{Bert, BertConfig};
 use reuse_core::{Checkpoint, Error, Result};
 use tch::{Device, Kind};
 
-use crate::bert::{deepen_bert, widen_bert, DeepenBert, Grown, WidenBert, GATES_KEY};
+use reuse_core::models::bert::{GATE, GATES_CONFIG_KEY};
+
+use crate::bert::{deepen_bert, widen_bert, DeepenBert, Grown, WidenBert};
 use crate::verify::{verify_growth, Verification};
 
 /// A growth of a model folder.
@@ -135,10 +137,10 @@ pub fn grow_folder(
     }
     if !grown.gated_layers.is_empty() {
         updates.insert(
-            GATES_KEY.into(),
+            GATES_CONFIG_KEY.into(),
             serde_json::json!({
                 "layers": grown.gated_layers,
-                "tensor": "encoder.layer.N.reuse_gate",
+                "tensor": format!("encoder.layer.N.{GATE}"),
                 "computes": "x + g * (layer(x) - x)",
                 "note": "written by reuse grow depth --method gated; Hugging Face transformers ignores these gates, load with reuse"
             }),

@@ -4,7 +4,8 @@
 //! `[b, t, k·H]` is compared copy by copy with the original `[b, t, H]`; everything else
 //! is compared as is. Padded positions are left out.
 
-use reuse_core::models::bert::{mean_pool, Bert, Want};
+use reuse_core::models::bert::{mean_pool, Bert};
+use reuse_core::ForwardOptions;
 use reuse_core::{Error, Mlp, Result};
 use tch::{Kind, Tensor};
 
@@ -65,7 +66,7 @@ pub fn compare_bert(
                 mask.map(|m| m.to_device(d)).as_ref(),
                 None,
                 false,
-                Want::default(),
+                ForwardOptions::default(),
             )?
             .last_hidden_state
             .to_kind(Kind::Float)

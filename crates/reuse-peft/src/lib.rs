@@ -26,12 +26,12 @@
 //! saving the adapter writes it back.
 //!
 //! ```no_run
-//! use reuse_core::models::{minilm_dir, Bert};
+//! use reuse_core::models::Bert;
 //! use reuse_peft::{LoraConfig, LoraModel};
 //! use tch::{Device, Kind};
 //!
 //! # fn main() -> reuse_peft::Result<()> {
-//! let bert = Bert::load(&minilm_dir()?, Device::Cpu, Kind::Float)?;
+//! let bert = Bert::load(std::path::Path::new("all-MiniLM-L6-v2"), Device::Cpu, Kind::Float)?;
 //! let mut model = LoraModel::new(bert);
 //! model.add_adapter("default", LoraConfig::new(8, 16.0, &["query", "value"]))?;
 //! println!("trainable: {}", model.trainable_parameters().count()); // 73,728

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use reuse_core::data::Batch;
-use reuse_core::trainer::{ForwardOptions, StepOutputs, Trainable};
+use reuse_core::trainer::{StepOutputs, Trainable};
+use reuse_core::ForwardOptions;
 use reuse_core::{Checkpoint, Error as CoreError, Model, Params};
 use tch::{Device, Kind, Tensor};
 

@@ -2,7 +2,8 @@
 //! sum, delete), mixed-adapter batches, merge properties, bottleneck adapters.
 
 use proptest::prelude::*;
-use reuse_core::models::{Bert, BertClassifier, BertConfig, Want};
+use reuse_core::models::{Bert, BertClassifier, BertConfig};
+use reuse_core::ForwardOptions;
 use reuse_core::{Model, OutputSlots};
 use reuse_peft::bottleneck::{
     add_bottleneck, load_bottleneck, save_bottleneck, set_active_bottlenecks,
@@ -30,7 +31,7 @@ fn inputs() -> (Tensor, Tensor) {
 fn run(b: &Bert) -> Tensor {
     let (ids, mask) = inputs();
     tch::no_grad(|| {
-        b.forward(&ids, Some(&mask), None, false, Want::default())
+        b.forward(&ids, Some(&mask), None, false, ForwardOptions::default())
             .unwrap()
             .last_hidden_state
     })
@@ -78,7 +79,7 @@ fn new_adapter_changes_nothing_and_only_it_trains() {
     let labels = Tensor::from_slice(&[0i64, 1, 2]);
     let mut opt = reuse_core::Optimizer::new(Default::default(), 0.0);
     for _ in 0..3 {
-        let loss = reuse_core::optim::cross_entropy(
+        let loss = reuse_core::loss::cross_entropy(
             &m.model.logits(&ids, Some(&mask), true).unwrap(),
             &labels,
         )
@@ -159,8 +160,10 @@ fn mixed_batch_gives_each_sample_its_adapter() {
     let mixed = m
         .with_mixed_batch(&["b", BASE, "a"], Device::Cpu, |b| {
             tch::no_grad(|| {
-                Ok(b.forward(&ids, Some(&mask), None, false, Want::default())?
-                    .last_hidden_state)
+                Ok(
+                    b.forward(&ids, Some(&mask), None, false, ForwardOptions::default())?
+                        .last_hidden_state,
+                )
             })
         })
         .unwrap();
@@ -269,7 +272,7 @@ fn bottleneck_adapters_per_task() {
             .all(|n| n.contains(&format!(".{name}.adapter_"))));
         let mut opt = reuse_core::Optimizer::new(Default::default(), 0.0);
         for _ in 0..3 {
-            bert.forward(&ids, Some(&mask), None, true, Want::default())
+            bert.forward(&ids, Some(&mask), None, true, ForwardOptions::default())
                 .unwrap()
                 .last_hidden_state
                 .sum(Kind::Float)

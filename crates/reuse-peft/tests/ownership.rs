@@ -5,7 +5,8 @@
 
 use std::path::Path;
 
-use reuse_core::models::{Bert, BertClassifier, BertConfig, Want};
+use reuse_core::models::{Bert, BertClassifier, BertConfig};
+use reuse_core::ForwardOptions;
 use reuse_core::{Checkpoint, Model};
 use reuse_peft::config::InitLoraWeights;
 use reuse_peft::io::PREFIX;
@@ -32,7 +33,7 @@ fn run(b: &Bert) -> Tensor {
     let ids = Tensor::from_slice(&[2i64, 7, 9, 4, 3, 2, 5, 3, 0, 0, 2, 11, 12, 13, 3]).view([3, 5]);
     let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1]).view([3, 5]);
     tch::no_grad(|| {
-        b.forward(&ids, Some(&mask), None, false, Want::default())
+        b.forward(&ids, Some(&mask), None, false, ForwardOptions::default())
             .unwrap()
             .last_hidden_state
     })
@@ -327,8 +328,10 @@ fn mixed_batch_errors_are_errors_not_panics() {
     // Four adapter names for a batch of three samples.
     let e = m
         .with_mixed_batch(&["a", BASE, "a", "a"], Device::Cpu, |b| {
-            Ok(b.forward(&ids, None, None, false, Want::default())?
-                .last_hidden_state)
+            Ok(
+                b.forward(&ids, None, None, false, ForwardOptions::default())?
+                    .last_hidden_state,
+            )
         })
         .unwrap_err()
         .to_string();
@@ -341,8 +344,10 @@ fn mixed_batch_errors_are_errors_not_panics() {
     // As many names as samples works.
     let ok = m
         .with_mixed_batch(&["a", BASE, "a"], Device::Cpu, |b| {
-            Ok(b.forward(&ids, None, None, false, Want::default())?
-                .last_hidden_state)
+            Ok(
+                b.forward(&ids, None, None, false, ForwardOptions::default())?
+                    .last_hidden_state,
+            )
         })
         .unwrap();
     assert_eq!(ok.size(), [3, 5, 32]);

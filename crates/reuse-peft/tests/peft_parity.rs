@@ -8,7 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use reuse_core::models::{Bert, Want};
+use reuse_core::models::Bert;
+use reuse_core::ForwardOptions;
 use reuse_core::{Checkpoint, Model};
 use reuse_peft::config::InitLoraWeights;
 use reuse_peft::{LoraConfig, LoraModel, PeftError};
@@ -38,7 +39,7 @@ fn hidden(b: &Bert, r: &Checkpoint) -> Tensor {
             Some(r.tensor("attention_mask").unwrap()),
             None,
             false,
-            Want::default(),
+            ForwardOptions::default(),
         )
         .unwrap()
         .last_hidden_state

@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use reuse_core::models::folder::{check_out, write_model_folder};
 use reuse_core::models::sentence::tokenize;
-use reuse_core::models::{SentenceEncoder, Want};
+use reuse_core::models::SentenceEncoder;
+use reuse_core::ForwardOptions;
 use reuse_core::{Error, Result};
 use tch::{Device, Kind};
 
@@ -91,7 +92,7 @@ pub fn quantize_folder(
                     for t in texts {
                         let (ids, _, _) = tokenize(&tok, &[t.as_str()])?;
                         calibration_tokens += ids.numel() as i64;
-                        bert.forward(&ids, None, None, false, Want::default())?;
+                        bert.forward(&ids, None, None, false, ForwardOptions::default())?;
                     }
                     Ok(())
                 })

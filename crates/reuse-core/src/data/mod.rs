@@ -634,12 +634,5 @@ mod tests {
         assert!(d.batch(&[4], Device::Cpu).is_err());
         let two = Batch::concat(&[b.clone(), b], 0).unwrap();
         assert_eq!(two.inputs.size(), [4, 3]);
-        // cross-entropy refuses 0-d or mismatched labels instead of panicking
-        let logits = Tensor::zeros([4, 5], (tch::Kind::Float, Device::Cpu));
-        assert!(crate::optim::cross_entropy(&logits, &Tensor::from(1i64)).is_err());
-        assert!(crate::optim::cross_entropy(&logits, &Tensor::from_slice(&[1i64, 2])).is_err());
-        let ok =
-            crate::optim::cross_entropy(&logits, &Tensor::from_slice(&[0i64, 1, 2, 3])).unwrap();
-        assert!((ok.double_value(&[]) - 5f64.ln()).abs() < 1e-6);
     }
 }

@@ -10,8 +10,9 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::model::ForwardOptions;
 use crate::model::{prefixed, Activation, Model, OutputSlots};
-use crate::models::bert::{Bert, BertConfig, LayerNorm, Want};
+use crate::models::bert::{Bert, BertConfig, LayerNorm};
 use crate::{Checkpoint, Error, Linear, Result};
 
 /// `BertForMaskedLM`: encoder + tied MLM head.
@@ -207,7 +208,7 @@ impl BertForMaskedLm {
     pub fn logits(&self, input_ids: &Tensor, positions: &Tensor, train: bool) -> Result<Tensor> {
         let h = self
             .bert
-            .forward(input_ids, None, None, train, Want::default())?
+            .forward(input_ids, None, None, train, ForwardOptions::default())?
             .last_hidden_state;
         let h = h.flatten(0, 1).index_select(0, positions);
         let act = Activation::from_hf(&self.bert.config.hidden_act)?;
@@ -220,7 +221,7 @@ impl BertForMaskedLm {
     /// Mean cross-entropy over the batch's chosen positions.
     pub fn loss(&self, batch: &MlmBatch, train: bool) -> Result<Tensor> {
         let logits = self.logits(&batch.input_ids, &batch.positions, train)?;
-        crate::optim::cross_entropy(&logits, &batch.labels)
+        crate::loss::cross_entropy(&logits, &batch.labels)
     }
 }
 

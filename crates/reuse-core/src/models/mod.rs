@@ -1,10 +1,12 @@
 //! Pretrained architectures loaded from Hugging Face files by their own parameter names.
 
 pub mod bert;
+pub mod classifier;
 pub mod folder;
 pub mod mlm;
 pub mod sentence;
 
-pub use bert::{Bert, BertConfig, BertOutput, Want};
+pub use bert::{Bert, BertConfig, EncoderOutput};
+pub use classifier::BertClassifier;
 pub use mlm::{train_flops, BertForMaskedLm, MaskingSpec, MlmBatch};
-pub use sentence::{minilm_dir, BertClassifier, SentenceEncoder, TokenizedDataset};
+pub use sentence::{SentenceEncoder, TokenizedDataset};

@@ -7,43 +7,15 @@
 //! Also here: tokenized text datasets and a BERT + classification-head model for
 //! fine-tuning with the [`crate::Trainer`].
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use super::bert::{l2_normalize, mean_pool, Bert, Want};
+use super::bert::{l2_normalize, mean_pool, Bert};
 use crate::data::{Batch, BatchSource, TextDataset};
-use crate::model::Model;
-use crate::trainer::{ForwardOptions, StepOutputs, Trainable};
-use crate::{ClassificationHead, Error, Linear, OutputSlots, Result};
-
-/// Environment variable naming the all-MiniLM-L6-v2 folder (`cargo xtask setup`
-/// unpacks it and the workspace's `.cargo/config.toml` points this variable there).
-pub const MINILM_ENV: &str = "REUSE_MINILM_DIR";
-
-/// The all-MiniLM-L6-v2 folder named by `$REUSE_MINILM_DIR`: an error when the variable
-/// is unset or the folder has no `model.safetensors`. Library code takes model folders
-/// as arguments; this is for programs that let users name the model by environment.
-pub fn minilm_dir() -> Result<PathBuf> {
-    let Some(dir) = std::env::var_os(MINILM_ENV).map(PathBuf::from) else {
-        return Err(Error::invalid(
-            "model folder",
-            format!("{MINILM_ENV} is not set; point it at an all-MiniLM-L6-v2 folder (config.json, model.safetensors, tokenizer.json)"),
-        ));
-    };
-    if dir.join("model.safetensors").exists() {
-        Ok(dir)
-    } else {
-        Err(Error::invalid(
-            "model folder",
-            format!(
-                "{} (from {MINILM_ENV}) has no model.safetensors",
-                dir.display()
-            ),
-        ))
-    }
-}
+use crate::model::ForwardOptions;
+use crate::{Error, Result};
 
 /// A `tokenizer.json` set up as sentence-transformers uses it: truncation at
 /// `max_len`, padding to the longest sequence in the batch.
@@ -160,7 +132,7 @@ impl SentenceEncoder {
                 let mask = padded.then_some(&mask);
                 let out = self
                     .bert
-                    .forward(&ids, mask, None, false, Want::default())?;
+                    .forward(&ids, mask, None, false, ForwardOptions::default())?;
                 let mut e = mean_pool(&out.last_hidden_state, mask);
                 if self.normalize {
                     e = l2_normalize(&e);
@@ -287,94 +259,5 @@ impl BatchSource for TokenizedDataset {
             Some(k) => b.with_task(k),
             None => b,
         })
-    }
-}
-
-/// BERT, mean pooling and a classification head (`classifier`): text classification.
-#[derive(Debug)]
-pub struct BertClassifier {
-    /// The encoder.
-    pub bert: Bert,
-    /// The head, addressed as `classifier`.
-    pub head: ClassificationHead,
-}
-
-impl BertClassifier {
-    /// A new head of `num_classes` on `bert` (dropout = the config's hidden dropout).
-    pub fn new(bert: Bert, num_classes: i64) -> Self {
-        let head = ClassificationHead::new(
-            bert.config.hidden_size,
-            num_classes,
-            bert.config.hidden_dropout_prob,
-            bert.device(),
-        );
-        Self { bert, head }
-    }
-
-    /// Logits `[b, classes]` (f32) and, as asked, hidden states, attentions and the
-    /// pooled features. `mask` is `None` when no example is padded.
-    pub fn run(
-        &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        train: bool,
-        opts: ForwardOptions,
-    ) -> Result<StepOutputs> {
-        let want = Want {
-            hidden_states: opts.hidden_states,
-            attentions: opts.attentions,
-        };
-        let out = self.bert.forward(ids, mask, None, train, want)?;
-        let pooled = mean_pool(&out.last_hidden_state, mask);
-        let logits = self
-            .head
-            .forward(&pooled.to_kind(self.head.classifier.weight.kind()), train)?
-            .to_kind(Kind::Float);
-        Ok(StepOutputs {
-            logits,
-            hidden_states: out.hidden_states,
-            attentions: out.attentions,
-            pooled: opts.pooled.then_some(pooled),
-        })
-    }
-
-    /// Logits `[b, classes]` (f32).
-    pub fn logits(&self, ids: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        Ok(self
-            .run(ids, mask, train, ForwardOptions::default())?
-            .logits)
-    }
-}
-
-impl Model for BertClassifier {
-    fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
-        self.bert.visit_linears(f);
-        self.head.visit_linears(f);
-    }
-
-    fn visit_block_outputs(&mut self, f: &mut dyn FnMut(&str, &mut OutputSlots)) {
-        self.bert.visit_block_outputs(f);
-    }
-
-    fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut v = self.bert.named_parameters();
-        v.extend(self.head.named_parameters());
-        v
-    }
-
-    fn named_buffers(&self) -> Vec<(String, Tensor)> {
-        let mut v = self.bert.named_buffers();
-        v.extend(self.head.named_buffers());
-        v
-    }
-}
-
-impl Trainable for BertClassifier {
-    fn forward(&self, batch: &Batch, train: bool, opts: ForwardOptions) -> Result<StepOutputs> {
-        let mask = batch
-            .mask
-            .as_ref()
-            .ok_or_else(|| Error::invalid("batch", "BERT needs an attention mask"))?;
-        self.run(&batch.inputs, batch.padded.then_some(mask), train, opts)
     }
 }

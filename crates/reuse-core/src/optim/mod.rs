@@ -12,7 +12,7 @@
 //! the parameter, so small updates are not lost to bf16 rounding. f32 parameters have no
 //! master copy.
 //!
-//! AdamW's update runs in libtorch's fused kernel (`torch.optim.AdamW(fused=True)`'s,
+//! AdamW's update ([`adamw`]) runs in libtorch's fused kernel (`torch.optim.AdamW(fused=True)`'s,
 //! through a small C++ shim: tch does not expose it) for every f32 contiguous tensor:
 //! one pass over the weights, gradient and moments instead of a dozen elementwise
 //! passes, which is what the update costs on large tables. On MiniLM's 11.7M-value
@@ -20,13 +20,22 @@
 //! in tensor ops (`cargo bench --bench hot -- adamw_step`); torch's own single-tensor
 //! AdamW took 54 ms there. Other tensors (f64, not contiguous) take the same rule in
 //! tensor ops.
+//!
+//! Files: [`adamw`] and [`sgd`] hold the two update rules, [`schedule`] the learning-rate
+//! schedules; this module holds the state (per-parameter moments, f32 masters, step
+//! counts) and its checkpoint form.
 
 use std::collections::BTreeMap;
-use std::ffi::{c_char, c_int, c_void, CStr};
 
 use tch::{Kind, Tensor};
 
 use crate::{Checkpoint, Error, Params, Result};
+
+pub mod adamw;
+pub mod schedule;
+pub mod sgd;
+
+pub use schedule::Schedule;
 
 /// Which optimizer, with its hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,115 +91,6 @@ pub struct Optimizer {
     state: BTreeMap<String, ParamState>,
 }
 
-/// One parameter's AdamW update, handed to libtorch's fused kernel.
-struct Fused {
-    /// The tensor updated: the parameter, or its f32 master.
-    w: Tensor,
-    /// Its f32 gradient.
-    g: Tensor,
-    m: Tensor,
-    v: Tensor,
-    /// The bias-correction count after this update (f32 scalar on `w`'s device).
-    step: Tensor,
-    /// The half-precision parameter to copy the master into afterwards.
-    param: Option<Tensor>,
-}
-
-extern "C" {
-    fn reuse_core_fused_adamw(
-        params: *mut *mut c_void,
-        grads: *mut *mut c_void,
-        exp_avgs: *mut *mut c_void,
-        exp_avg_sqs: *mut *mut c_void,
-        steps: *mut *mut c_void,
-        n: c_int,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        weight_decay: f64,
-        eps: f64,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-}
-
-extern "C" {
-    fn reuse_core_clear_grads(
-        ts: *mut *mut c_void,
-        n: c_int,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-}
-
-/// Leaves the gradient of each of `ts` undefined (PyTorch's `set_to_none=True`); false
-/// if libtorch refused, with the gradients as they were.
-pub(crate) fn clear_grads(ts: &[&Tensor]) -> bool {
-    let mut ptrs: Vec<*mut c_void> = ts.iter().map(|t| t.as_ptr() as *mut c_void).collect();
-    let mut err = [0 as c_char; 256];
-    // SAFETY: every pointer is a live `at::Tensor*` borrowed from `ts` for the call; the
-    // shim catches every C++ exception.
-    let rc = unsafe {
-        reuse_core_clear_grads(
-            ptrs.as_mut_ptr(),
-            ptrs.len() as c_int,
-            err.as_mut_ptr(),
-            err.len(),
-        )
-    };
-    rc == 0
-}
-
-/// libtorch's fused AdamW (`torch.optim.AdamW(fused=True)`'s kernel: one pass over each
-/// tensor's memory, the same update rule) over `items`, one call per device.
-fn fused_adamw(items: &[Fused], lr: f64, b1: f64, b2: f64, wd: f64, eps: f64) -> Result<()> {
-    let mut devices: Vec<tch::Device> = Vec::new();
-    for f in items {
-        if !devices.contains(&f.w.device()) {
-            devices.push(f.w.device());
-        }
-    }
-    for d in devices {
-        let on: Vec<&Fused> = items.iter().filter(|f| f.w.device() == d).collect();
-        let ptrs = |pick: &dyn Fn(&Fused) -> &Tensor| -> Vec<*mut c_void> {
-            on.iter().map(|f| pick(f).as_ptr() as *mut c_void).collect()
-        };
-        let (mut w, mut g, mut m, mut v, mut s) = (
-            ptrs(&|f| &f.w),
-            ptrs(&|f| &f.g),
-            ptrs(&|f| &f.m),
-            ptrs(&|f| &f.v),
-            ptrs(&|f| &f.step),
-        );
-        let mut err = [0 as c_char; 1024];
-        // SAFETY: every pointer is a live `at::Tensor*` owned by `items` for the call;
-        // the shim catches every C++ exception and writes its message into `err`.
-        let rc = unsafe {
-            reuse_core_fused_adamw(
-                w.as_mut_ptr(),
-                g.as_mut_ptr(),
-                m.as_mut_ptr(),
-                v.as_mut_ptr(),
-                s.as_mut_ptr(),
-                on.len() as c_int,
-                lr,
-                b1,
-                b2,
-                wd,
-                eps,
-                err.as_mut_ptr(),
-                err.len(),
-            )
-        };
-        if rc != 0 {
-            // SAFETY: the shim writes a NUL-terminated message into `err`.
-            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
-            return Err(Error::invalid("fused AdamW step", msg.into_owned()));
-        }
-    }
-    Ok(())
-}
-
 fn is_half(k: Kind) -> bool {
     matches!(k, Kind::Half | Kind::BFloat16)
 }
@@ -225,7 +125,7 @@ impl Optimizer {
         tch::no_grad(|| -> Result<()> {
             // AdamW updates of f32 contiguous tensors, made by one fused call per device
             // after the loop; the rest is updated in the loop.
-            let mut fused: Vec<Fused> = Vec::new();
+            let mut fused: Vec<adamw::Fused> = Vec::new();
             for (name, p) in params.iter() {
                 if !p.requires_grad() {
                     continue;
@@ -283,7 +183,7 @@ impl Optimizer {
                             };
                             let _ = step.fill_(t);
                             st.step_scalar = Some(step.shallow_clone());
-                            fused.push(Fused {
+                            fused.push(adamw::Fused {
                                 step,
                                 m: m.shallow_clone(),
                                 v: v.shallow_clone(),
@@ -293,41 +193,10 @@ impl Optimizer {
                             });
                             continue;
                         }
-                        if wd != 0.0 {
-                            let _ = w.f_mul_scalar_(1.0 - lr * wd)?;
-                        }
-                        // In place, as torch's single-tensor AdamW: two temporaries per
-                        // parameter instead of eight (the update is memory-bound).
-                        let _ = m.f_mul_scalar_(b1)?.f_add_(&(&g * (1.0 - b1)))?;
-                        let _ = v.f_mul_scalar_(b2)?.f_addcmul_(&g, &(&g * (1.0 - b2)))?;
-                        let bc1 = 1.0 - b1.powf(t);
-                        let bc2 = 1.0 - b2.powf(t);
-                        let step_size = lr / bc1;
-                        // w -= step * m / (sqrt(v) / sqrt(bc2) + eps), with the
-                        // temporaries updated in place.
-                        let mut denom = v.f_sqrt()?;
-                        let _ = denom.f_div_scalar_(bc2.sqrt())?.f_add_scalar_(eps)?;
-                        let mut upd = m.f_div(&denom)?;
-                        let _ = w.f_sub_(&upd.f_mul_scalar_(step_size)?)?;
+                        adamw::update(&mut w, &g, m, v, t, lr, (b1, b2), wd, eps)?;
                     }
                     OptimizerKind::Sgd { momentum } => {
-                        let g = if wd != 0.0 { &g + &w * wd } else { g };
-                        let d = if momentum != 0.0 {
-                            match &mut st.first {
-                                Some(buf) => {
-                                    let _ = buf.f_mul_scalar_(momentum)?.f_add_(&g)?;
-                                    buf.shallow_clone()
-                                }
-                                None => {
-                                    let buf = g.copy();
-                                    st.first = Some(buf.shallow_clone());
-                                    buf
-                                }
-                            }
-                        } else {
-                            g
-                        };
-                        let _ = w.f_sub_(&(d * lr))?;
+                        sgd::update(&mut w, g, &mut st.first, lr, momentum, wd)?;
                     }
                 }
                 if st.master.is_some() {
@@ -339,7 +208,7 @@ impl Optimizer {
                 eps,
             } = kind
             {
-                fused_adamw(&fused, lr, b1, b2, wd, eps)?;
+                adamw::fused_step(&fused, lr, (b1, b2), wd, eps)?;
                 for f in &fused {
                     if let Some(p) = &f.param {
                         p.shallow_clone().f_copy_(&f.w)?;
@@ -517,92 +386,9 @@ impl Optimizer {
     }
 }
 
-/// Learning-rate schedules, as a multiplier of the base rate by step.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub enum Schedule {
-    /// The base rate throughout.
-    #[default]
-    Constant,
-    /// Linear warmup from 0, then linear decay to 0 at the last step
-    /// (`get_linear_schedule_with_warmup`).
-    Linear {
-        /// Warmup steps.
-        warmup: usize,
-    },
-    /// Linear warmup, then half a cosine to 0 (`get_cosine_schedule_with_warmup`).
-    Cosine {
-        /// Warmup steps.
-        warmup: usize,
-    },
-}
-
-impl Schedule {
-    /// The multiplier at `step` (0-based) of `total` steps.
-    pub fn factor(self, step: usize, total: usize) -> f64 {
-        let warm = |w: usize| (w > 0 && step < w).then(|| step as f64 / w as f64);
-        match self {
-            Schedule::Constant => 1.0,
-            Schedule::Linear { warmup } => warm(warmup).unwrap_or_else(|| {
-                ((total - step.min(total)) as f64 / (total - warmup.min(total)).max(1) as f64)
-                    .max(0.0)
-            }),
-            Schedule::Cosine { warmup } => warm(warmup).unwrap_or_else(|| {
-                let p =
-                    (step - warmup.min(step)) as f64 / (total - warmup.min(total)).max(1) as f64;
-                (0.5 * (1.0 + (std::f64::consts::PI * p).cos())).max(0.0)
-            }),
-        }
-    }
-}
-
-/// Cross-entropy between logits `[b, c]` and labels `[b]` (i64 in `0..c`, or -100 for a
-/// row without a label, which is left out as PyTorch's `ignore_index` leaves it out),
-/// computed in f32: the mean over labelled rows, 0 when no row has a label. Shapes are
-/// checked: 0-d or mismatched labels are an error, not a panic.
-pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let ls = logits.size();
-    if ls.len() != 2 {
-        return Err(Error::invalid(
-            "cross-entropy logits",
-            format!("expected [batch, classes], found shape {ls:?}"),
-        ));
-    }
-    crate::data::check_labels("cross-entropy labels", labels)?;
-    if labels.size()[0] != ls[0] {
-        return Err(Error::invalid(
-            "cross-entropy labels",
-            format!("{} labels for {} rows of logits", labels.size()[0], ls[0]),
-        ));
-    }
-    // Mean over the labelled rows (label -100 = unlabelled, as PyTorch's ignore_index),
-    // computed as sum / max(count, 1) so that a batch with no labelled row (all of it
-    // teacher-labelled text, say) gives 0, not NaN, without reading the count back.
-    let sum = logits
-        .to_kind(Kind::Float)
-        .log_softmax(-1, Kind::Float)
-        .f_nll_loss::<Tensor>(labels, None, tch::Reduction::Sum, -100)?;
-    let count = labels.ne(-100).sum(Kind::Float).clamp_min(1.0);
-    Ok(sum / count)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cross_entropy_leaves_out_unlabelled_rows_and_is_zero_without_any() {
-        let logits = Tensor::from_slice(&[2.0f32, 0.0, 0.0, 1.0, 3.0, -1.0]).view([3, 2]);
-        let labels = Tensor::from_slice(&[0i64, -100, 1]);
-        let got = cross_entropy(&logits, &labels).unwrap().double_value(&[]);
-        // By hand: -log softmax(2, 0)[0] and -log softmax(3, -1)[1], averaged over 2 rows.
-        let l0 = (1.0 + (-2.0f64).exp()).ln();
-        let l2 = 4.0 + (1.0 + (-4.0f64).exp()).ln();
-        assert!((got - (l0 + l2) / 2.0).abs() < 1e-6, "{got}");
-        let none = Tensor::from_slice(&[-100i64, -100, -100]);
-        let z = cross_entropy(&logits.set_requires_grad(true), &none).unwrap();
-        assert_eq!(z.double_value(&[]), 0.0);
-        z.backward();
-    }
 
     #[test]
     fn adamw_matches_the_pytorch_update_rule() {
@@ -703,19 +489,6 @@ mod tests {
         // step1: -0.1; step2: buf = 0.9*1+1 = 1.9 -> -0.19; total -0.29
         let v = p.double_value(&[0]);
         assert!((v + 0.29).abs() < 1e-6, "{v}");
-    }
-
-    #[test]
-    fn schedules_warm_up_and_decay() {
-        let l = Schedule::Linear { warmup: 10 };
-        assert_eq!(l.factor(0, 100), 0.0);
-        assert!((l.factor(5, 100) - 0.5).abs() < 1e-12);
-        assert!((l.factor(10, 100) - 1.0).abs() < 1e-12);
-        assert!((l.factor(55, 100) - 0.5).abs() < 1e-12);
-        let c = Schedule::Cosine { warmup: 0 };
-        assert!((c.factor(0, 100) - 1.0).abs() < 1e-12);
-        assert!((c.factor(50, 100) - 0.5).abs() < 1e-12);
-        assert!(c.factor(100, 100).abs() < 1e-12);
     }
 
     fn grad_step(opt: &mut Optimizer, params: &Params, g: f32, lr: f64) {

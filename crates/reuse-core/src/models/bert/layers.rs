@@ -1,0 +1,192 @@
+//! BERT's parts: LayerNorm, embeddings, one encoder layer, and the tables of their
+//! Hugging Face paths that loading, listing and visiting walk.
+
+use tch::Tensor;
+
+use crate::model::OutputSlots;
+use crate::Linear;
+
+/// LayerNorm with `weight` / `bias`.
+#[derive(Debug)]
+pub struct LayerNorm {
+    /// Scale.
+    pub weight: Tensor,
+    /// Shift.
+    pub bias: Tensor,
+    /// Epsilon.
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// Normalises the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm(
+            [self.weight.size()[0]],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
+    }
+    /// `weight` and `bias` (shallow handles).
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("weight".into(), self.weight.shallow_clone()),
+            ("bias".into(), self.bias.shallow_clone()),
+        ]
+    }
+}
+
+/// Word + position + token-type embeddings, then LayerNorm.
+#[derive(Debug)]
+pub struct BertEmbeddings {
+    /// `word_embeddings.weight` `[vocab, hidden]`.
+    pub word_embeddings: Tensor,
+    /// `position_embeddings.weight` `[max_pos, hidden]`.
+    pub position_embeddings: Tensor,
+    /// `token_type_embeddings.weight` `[types, hidden]`.
+    pub token_type_embeddings: Tensor,
+    /// `LayerNorm`.
+    pub layer_norm: LayerNorm,
+}
+
+/// Which dimension a layer's linear reads or writes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Dim {
+    Hidden,
+    Inter,
+}
+
+/// The linears of one encoder layer, in forward order: path under
+/// `encoder.layer.{i}`, input dimension, output dimension. Loading, the tensor list and
+/// the visitor all walk this one table (with [`BertLayer::linears`]), so they cannot
+/// disagree.
+pub(crate) const LAYER_LINEARS: [(&str, Dim, Dim); 6] = [
+    ("attention.self.query", Dim::Hidden, Dim::Hidden),
+    ("attention.self.key", Dim::Hidden, Dim::Hidden),
+    ("attention.self.value", Dim::Hidden, Dim::Hidden),
+    ("attention.output.dense", Dim::Hidden, Dim::Hidden),
+    ("intermediate.dense", Dim::Hidden, Dim::Inter),
+    ("output.dense", Dim::Inter, Dim::Hidden),
+];
+/// The LayerNorms of one encoder layer, in forward order.
+pub(crate) const LAYER_NORMS: [&str; 2] = ["attention.output.LayerNorm", "output.LayerNorm"];
+/// The block-output slots of one layer: where bottleneck adapters attach.
+pub(crate) const LAYER_SLOTS: [&str; 2] = ["attention.output", "output"];
+/// The embedding tables, under `embeddings.`.
+pub(crate) const EMBEDDINGS: [&str; 3] = [
+    "word_embeddings",
+    "position_embeddings",
+    "token_type_embeddings",
+];
+/// The layer gate's one name: its parameter, `encoder.layer.{i}.reuse_gate`.
+pub const GATE: &str = "reuse_gate";
+
+/// The `config.json` key under which a folder with gated layers lists them (and names
+/// the [`GATE`] tensor), so a reader knows why transformers ignores a tensor.
+pub const GATES_CONFIG_KEY: &str = "reuse_layer_gates";
+
+/// One post-LN encoder layer.
+#[derive(Debug)]
+pub struct BertLayer {
+    /// `attention.self.query`.
+    pub query: Linear,
+    /// `attention.self.key`.
+    pub key: Linear,
+    /// `attention.self.value`.
+    pub value: Linear,
+    /// `attention.output.dense`.
+    pub attention_output: Linear,
+    /// `attention.output.LayerNorm`.
+    pub attention_norm: LayerNorm,
+    /// `intermediate.dense`.
+    pub intermediate: Linear,
+    /// `output.dense`.
+    pub output: Linear,
+    /// `output.LayerNorm`.
+    pub output_norm: LayerNorm,
+    /// Slots on the attention output (before residual + LayerNorm).
+    pub attention_slots: OutputSlots,
+    /// Slots on the FFN output (before residual + LayerNorm).
+    pub output_slots: OutputSlots,
+    /// Optional residual gate `g` (`[1]`, parameter `encoder.layer.{i}.reuse_gate`): the
+    /// layer computes `x + g * (layer(x) - x)`. With `g = 0` the layer is the exact
+    /// identity, which no weights of a post-LN BERT layer can achieve; depth growth
+    /// inserts layers this way and trains `g` up from 0. Absent by default, and then
+    /// free: the forward pass is the plain layer.
+    pub gate: Option<Tensor>,
+}
+
+impl BertLayer {
+    /// The linears in [`LAYER_LINEARS`] order.
+    pub(crate) fn linears(&self) -> [&Linear; 6] {
+        [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attention_output,
+            &self.intermediate,
+            &self.output,
+        ]
+    }
+
+    /// The linears in [`LAYER_LINEARS`] order, mutably.
+    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 6] {
+        [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.attention_output,
+            &mut self.intermediate,
+            &mut self.output,
+        ]
+    }
+
+    pub(crate) fn norms(&self) -> [&LayerNorm; 2] {
+        [&self.attention_norm, &self.output_norm]
+    }
+
+    pub(crate) fn slots(&self) -> [&OutputSlots; 2] {
+        [&self.attention_slots, &self.output_slots]
+    }
+
+    pub(crate) fn slots_mut(&mut self) -> [&mut OutputSlots; 2] {
+        [&mut self.attention_slots, &mut self.output_slots]
+    }
+
+    /// Builds a layer from the table order: `linears` as [`LAYER_LINEARS`], `norms` as
+    /// [`LAYER_NORMS`].
+    pub(crate) fn from_parts(
+        linears: [Linear; 6],
+        norms: [LayerNorm; 2],
+        gate: Option<Tensor>,
+    ) -> Self {
+        let [query, key, value, attention_output, intermediate, output] = linears;
+        let [attention_norm, output_norm] = norms;
+        Self {
+            query,
+            key,
+            value,
+            attention_output,
+            attention_norm,
+            intermediate,
+            output,
+            output_norm,
+            attention_slots: OutputSlots::default(),
+            output_slots: OutputSlots::default(),
+            gate,
+        }
+    }
+}
+
+/// What [`Bert::forward`](super::Bert::forward) returns, as transformers'
+/// `BaseModelOutput` (its `BertOutput` is the FFN's output module, a different thing).
+#[derive(Debug)]
+pub struct EncoderOutput {
+    /// `[b, t, hidden]`.
+    pub last_hidden_state: Tensor,
+    /// Embedding output then each layer's output (layers + 1 tensors), when asked.
+    pub hidden_states: Vec<Tensor>,
+    /// Each layer's attention probabilities `[b, heads, t, t]`, when asked.
+    pub attentions: Vec<Tensor>,
+}

@@ -1,0 +1,161 @@
+//! The C++ shims' one home: every `extern "C"` function of `cpp/*.cpp` (compiled by
+//! `build.rs` against the same libtorch) and its safe wrapper. Each shim catches every
+//! C++ exception and hands its message back through an error buffer.
+//!
+//! - `mlp_shim.cpp`: a ReLU MLP as one autograd node ([`relu_mlp`]);
+//! - `optim_shim.cpp`: libtorch's fused AdamW kernel ([`fused_adamw`]) and
+//!   `set_to_none` gradients ([`clear_grads`]), which tch does not expose.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+
+use tch::Tensor;
+
+use crate::{Error, Result};
+
+extern "C" {
+    fn reuse_core_relu_mlp(
+        x: *mut c_void,
+        ws: *mut *mut c_void,
+        bs: *mut *mut c_void,
+        n: c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> *mut c_void;
+}
+
+extern "C" {
+    fn reuse_core_fused_adamw(
+        params: *mut *mut c_void,
+        grads: *mut *mut c_void,
+        exp_avgs: *mut *mut c_void,
+        exp_avg_sqs: *mut *mut c_void,
+        steps: *mut *mut c_void,
+        n: c_int,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+}
+
+extern "C" {
+    fn reuse_core_clear_grads(
+        ts: *mut *mut c_void,
+        n: c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+}
+
+/// Leaves the gradient of each of `ts` undefined (PyTorch's `set_to_none=True`); false
+/// if libtorch refused, with the gradients as they were.
+pub(crate) fn clear_grads(ts: &[&Tensor]) -> bool {
+    let mut ptrs: Vec<*mut c_void> = ts.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+    let mut err = [0 as c_char; 256];
+    // SAFETY: every pointer is a live `at::Tensor*` borrowed from `ts` for the call; the
+    // shim catches every C++ exception.
+    let rc = unsafe {
+        reuse_core_clear_grads(
+            ptrs.as_mut_ptr(),
+            ptrs.len() as c_int,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    rc == 0
+}
+
+/// Pointers to the `at::Tensor`s behind `ts`, for a shim call.
+fn ptrs(ts: &[&Tensor]) -> Vec<*mut c_void> {
+    ts.iter().map(|t| t.as_ptr() as *mut c_void).collect()
+}
+
+/// `x` through layers `(ws[i], bs[i])` with a ReLU between them (none after the last),
+/// recorded as one autograd node when gradients are on. `Ok(None)` when the node does
+/// not apply (autocast is on).
+pub(crate) fn relu_mlp(x: &Tensor, ws: &[&Tensor], bs: &[&Tensor]) -> Result<Option<Tensor>> {
+    let mut w: Vec<*mut c_void> = ws.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+    let mut b: Vec<*mut c_void> = bs.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+    let mut err = [0 as c_char; 1024];
+    // SAFETY: every pointer is a live `at::Tensor*` borrowed for the call; the shim
+    // catches every C++ exception, and on success returns a new heap `at::Tensor*`
+    // whose ownership passes to the `Tensor` made from it.
+    let out = unsafe {
+        reuse_core_relu_mlp(
+            x.as_ptr() as *mut c_void,
+            w.as_mut_ptr(),
+            b.as_mut_ptr(),
+            w.len() as c_int,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if out.is_null() {
+        // SAFETY: the shim writes a NUL-terminated message (empty: not applicable).
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+        if msg.is_empty() {
+            return Ok(None);
+        }
+        return Err(Error::invalid("mlp forward", msg.into_owned()));
+    }
+    // SAFETY: `out` is a heap `at::Tensor*` that nothing else owns (see above).
+    Ok(Some(unsafe { Tensor::from_ptr(out as *mut _) }))
+}
+
+/// Tensors of one fused AdamW call, all on one device: the updated tensors `w`, their
+/// f32 gradients `g`, moments `m` and `v`, and each one's bias-correction count `step`
+/// (an f32 scalar on the device), index for index.
+pub(crate) struct AdamwTensors<'a> {
+    pub w: Vec<&'a Tensor>,
+    pub g: Vec<&'a Tensor>,
+    pub m: Vec<&'a Tensor>,
+    pub v: Vec<&'a Tensor>,
+    pub step: Vec<&'a Tensor>,
+}
+
+/// libtorch's fused AdamW (`torch.optim.AdamW(fused=True)`'s kernel: one pass over each
+/// tensor's memory, the same update rule) over tensors of one device.
+pub(crate) fn fused_adamw(
+    t: &AdamwTensors<'_>,
+    lr: f64,
+    (b1, b2): (f64, f64),
+    wd: f64,
+    eps: f64,
+) -> Result<()> {
+    let (mut w, mut g, mut m, mut v, mut s) = (
+        ptrs(&t.w),
+        ptrs(&t.g),
+        ptrs(&t.m),
+        ptrs(&t.v),
+        ptrs(&t.step),
+    );
+    let mut err = [0 as c_char; 1024];
+    // SAFETY: every pointer is a live `at::Tensor*` borrowed from `t` for the call; the
+    // shim catches every C++ exception and writes its message into `err`.
+    let rc = unsafe {
+        reuse_core_fused_adamw(
+            w.as_mut_ptr(),
+            g.as_mut_ptr(),
+            m.as_mut_ptr(),
+            v.as_mut_ptr(),
+            s.as_mut_ptr(),
+            w.len() as c_int,
+            lr,
+            b1,
+            b2,
+            wd,
+            eps,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        // SAFETY: the shim writes a NUL-terminated message into `err`.
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+        return Err(Error::invalid("fused AdamW step", msg.into_owned()));
+    }
+    Ok(())
+}
