@@ -264,13 +264,15 @@ impl AccuracyMatrix {
         let mut bar = ChartBuilder::on(&scale)
             .margin_top(40)
             .margin_bottom(45)
-            .margin_right(40)
-            .y_label_area_size(35)
+            .margin_left(5)
+            .margin_right(10)
+            .right_y_label_area_size(45)
             .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
         bar.configure_mesh()
             .disable_mesh()
             .disable_x_axis()
             .y_labels(6)
+            .y_label_style(("sans-serif", 13))
             .y_label_formatter(&|v| format!("{v:.1}"))
             .draw()?;
         bar.draw_series((0..50).map(|k| {
