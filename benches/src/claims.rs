@@ -51,445 +51,33 @@ pub struct Row {
     pub size: String,
 }
 
-fn pm(v: f64, sd: f64) -> String {
+pub(crate) fn pm(v: f64, sd: f64) -> String {
     format!("{v:.4} ± {sd:.4}")
 }
 
 /// `a` is at least as good as `b` when their means are within one of the larger sd, or
 /// `a` is above.
-fn at_least(a: f64, sa: f64, b: f64, sb: f64) -> bool {
+pub(crate) fn at_least(a: f64, sa: f64, b: f64, sb: f64) -> bool {
     a >= b - sa.max(sb)
 }
 
-/// Forgetting of method `m` (`scenario.method`) below the naive baseline's.
-fn forgetting_below_naive(g: &Get, m: &str) -> (String, String, Option<bool>) {
-    let scenario = m.split('.').next().unwrap_or(m);
-    let f = g(&format!("{m}.forgetting"));
-    let n = g(&format!("{scenario}.naive.forgetting"));
-    (
-        format!("{f:.3}"),
-        format!(
-            "sd {:.3}; naive forgets {n:.3}",
-            g(&format!("{m}.forgetting_sd"))
-        ),
-        Some(f < n),
-    )
+/// Every claim, in the table's order: each experiment file declares the rows it
+/// measures (its `CLAIMS`), next to the code that measures them.
+pub fn all() -> Vec<&'static Claim> {
+    use crate::experiments::{continual, core, dist, distill, grow, peft, quant};
+    [
+        peft::CLAIMS,
+        distill::CLAIMS,
+        continual::CLAIMS,
+        grow::CLAIMS,
+        quant::CLAIMS,
+        core::CLAIMS,
+        dist::CLAIMS,
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
-
-/// Average accuracy of `m` at least Avalanche's for the same method and scenario.
-fn at_least_avalanche(g: &Get, m: &str) -> (String, String, Option<bool>) {
-    let (a, sa) = (
-        g(&format!("{m}.avg_accuracy")),
-        g(&format!("{m}.avg_accuracy_sd")),
-    );
-    let (b, sb) = (
-        g(&format!("avalanche.{m}.avg_accuracy")),
-        g(&format!("avalanche.{m}.avg_accuracy_sd")),
-    );
-    (
-        format!("{a:.4}"),
-        format!("sd {sa:.4}; Avalanche {}", pm(b, sb)),
-        Some(at_least(a, sa, b, sb)),
-    )
-}
-
-/// `m`'s time over Avalanche's, at most a quarter.
-fn quarter_of_avalanche_time(g: &Get, m: &str) -> (String, String, Option<bool>) {
-    let r = g(&format!("{m}.time_ratio"));
-    let (lo, hi) = (
-        g(&format!("{m}.time_ratio_min")),
-        g(&format!("{m}.time_ratio_max")),
-    );
-    // Reports made before the runs were interleaved pair by pair have no range: their
-    // ratio is of the mean seconds over seeds.
-    let spread = if lo.is_nan() || hi.is_nan() {
-        "mean seconds over seeds, both sides".to_string()
-    } else {
-        format!("median over seeds of back-to-back pairs, range {lo:.2}-{hi:.2}")
-    };
-    (format!("{r:.2}x"), spread, Some(r <= 0.25))
-}
-
-pub const CLAIMS: &[Claim] = &[
-    Claim {
-        text: "LoRA trains under 1% of the weights",
-        experiment: "peft.minilm_sections",
-        target: "< 1% trainable",
-        keys: &["lora.trainable_fraction"],
-        eval: |g| {
-            let f = g("lora.trainable_fraction");
-            (format!("{:.3}%", 100.0 * f), "exact".into(), Some(f < 0.01))
-        },
-    },
-    Claim {
-        text: "... at >= 0.98x full fine-tuning's accuracy",
-        experiment: "peft.minilm_sections",
-        target: ">= 0.98x",
-        keys: &[
-            "lora_over_full_accuracy",
-            "lora.test_accuracy",
-            "lora.test_accuracy_sd",
-            "full.test_accuracy",
-            "full.test_accuracy_sd",
-        ],
-        eval: |g| {
-            let r = g("lora_over_full_accuracy");
-            (
-                format!("{r:.3}x"),
-                format!(
-                    "LoRA {} vs full {} (3 seeds)",
-                    pm(g("lora.test_accuracy"), g("lora.test_accuracy_sd")),
-                    pm(g("full.test_accuracy"), g("full.test_accuracy_sd"))
-                ),
-                Some(r >= 0.98),
-            )
-        },
-    },
-    Claim {
-        text: "A distilled student keeps >= 0.95x its teacher's accuracy (MiniLM, 2 of 6 layers, KD with unlabelled text)",
-        experiment: "distill.minilm_sections",
-        target: ">= 0.95x",
-        keys: &[
-            "student_kd_over_teacher",
-            "student_kd.test_accuracy",
-            "student_kd.test_accuracy_sd",
-            "teacher.test_accuracy",
-        ],
-        eval: |g| {
-            let r = g("student_kd_over_teacher");
-            (
-                format!("{r:.3}x"),
-                format!(
-                    "student {} vs teacher {:.4}",
-                    pm(g("student_kd.test_accuracy"), g("student_kd.test_accuracy_sd")),
-                    g("teacher.test_accuracy")
-                ),
-                Some(r >= 0.95),
-            )
-        },
-    },
-    Claim {
-        text: "... and KD trains it at least as well as hard labels alone (same student, lr and budget)",
-        experiment: "distill.minilm_sections",
-        target: "KD >= hard labels (means over seeds)",
-        keys: &[
-            "student_kd.test_accuracy",
-            "student_kd.test_accuracy_sd",
-            "student_hard.test_accuracy",
-            "student_hard.test_accuracy_sd",
-        ],
-        eval: |g| {
-            let (kd, hard) = (
-                g("student_kd.test_accuracy"),
-                g("student_hard.test_accuracy"),
-            );
-            (
-                format!("{:+.2} points", 100.0 * (kd - hard)),
-                format!(
-                    "KD {} vs hard labels {}",
-                    pm(kd, g("student_kd.test_accuracy_sd")),
-                    pm(hard, g("student_hard.test_accuracy_sd"))
-                ),
-                Some(kd >= hard),
-            )
-        },
-    },
-    Claim {
-        text: "... at a fraction of the size",
-        experiment: "distill.minilm_sections",
-        target: "< 1x the teacher's parameters",
-        keys: &["params_ratio", "params_ratio_without_embeddings"],
-        eval: |g| {
-            let r = g("params_ratio");
-            (
-                format!("{r:.3}x"),
-                format!(
-                    "{:.3}x without the embedding table",
-                    g("params_ratio_without_embeddings")
-                ),
-                Some(r < 1.0),
-            )
-        },
-    },
-    Claim {
-        text: "... and several times the speed",
-        experiment: "distill.minilm_sections",
-        target: ">= 2.5x faster inference",
-        keys: &["inference_speedup_median", "inference_speedup_sd"],
-        eval: |g| {
-            let s = g("inference_speedup_median");
-            (
-                format!("{s:.2}x"),
-                format!("sd {:.2} over rounds", g("inference_speedup_sd")),
-                Some(s >= 2.5),
-            )
-        },
-    },
-    Claim {
-        text: "A teacher cache makes KD epochs >= 2x faster",
-        experiment: "distill.minilm_sections",
-        target: ">= 2x",
-        keys: &[
-            "cached_epoch_speedup",
-            "live_epoch_seconds_median",
-            "cached_epoch_seconds_median",
-        ],
-        eval: |g| {
-            let s = g("cached_epoch_speedup");
-            (
-                format!("{s:.2}x"),
-                format!(
-                    "live {:.1} s vs cached {:.1} s per epoch (medians)",
-                    g("live_epoch_seconds_median"),
-                    g("cached_epoch_seconds_median")
-                ),
-                Some(s >= 2.0),
-            )
-        },
-    },
-    Claim {
-        text: "A distilled student keeps >= 0.95x its teacher's accuracy (digits MLP, 1.6% of its size)",
-        experiment: "distill.digits_mlp",
-        target: ">= 0.95x",
-        keys: &[
-            "student_kd_over_teacher",
-            "student_kd.test_accuracy",
-            "student_kd.test_accuracy_sd",
-            "params_ratio",
-        ],
-        eval: |g| {
-            let r = g("student_kd_over_teacher");
-            (
-                format!("{r:.3}x"),
-                format!(
-                    "student {} at {:.3}x the parameters",
-                    pm(g("student_kd.test_accuracy"), g("student_kd.test_accuracy_sd")),
-                    g("params_ratio")
-                ),
-                Some(r >= 0.95),
-            )
-        },
-    },
-    Claim {
-        text: "Replay avoids catastrophic forgetting (split digits, class-incremental)",
-        experiment: "continual.split_digits",
-        target: "forgetting below naive's",
-        keys: &[
-            "class_il.replay.forgetting",
-            "class_il.replay.forgetting_sd",
-            "class_il.naive.forgetting",
-        ],
-        eval: |g| forgetting_below_naive(g, "class_il.replay"),
-    },
-    Claim {
-        text: "... at least as well as Avalanche on the same protocol",
-        experiment: "continual.split_digits",
-        target: ">= Avalanche's average accuracy (within 1 sd)",
-        keys: &[
-            "class_il.replay.avg_accuracy",
-            "class_il.replay.avg_accuracy_sd",
-            "avalanche.class_il.replay.avg_accuracy",
-            "avalanche.class_il.replay.avg_accuracy_sd",
-        ],
-        eval: |g| at_least_avalanche(g, "class_il.replay"),
-    },
-    Claim {
-        text: "... in <= 0.25x Avalanche's time",
-        experiment: "continual.split_digits",
-        target: "<= 0.25x",
-        keys: &["class_il.replay.time_ratio"],
-        eval: |g| quarter_of_avalanche_time(g, "class_il.replay"),
-    },
-    Claim {
-        text: "EWC avoids catastrophic forgetting (permuted digits, domain-incremental)",
-        experiment: "continual.permuted_digits",
-        target: "forgetting below naive's",
-        keys: &[
-            "permuted.ewc.forgetting",
-            "permuted.ewc.forgetting_sd",
-            "permuted.naive.forgetting",
-        ],
-        eval: |g| forgetting_below_naive(g, "permuted.ewc"),
-    },
-    Claim {
-        text: "... at least as well as Avalanche on the same protocol",
-        experiment: "continual.permuted_digits",
-        target: ">= Avalanche's average accuracy (within 1 sd)",
-        keys: &[
-            "permuted.ewc.avg_accuracy",
-            "permuted.ewc.avg_accuracy_sd",
-            "avalanche.permuted.ewc.avg_accuracy",
-            "avalanche.permuted.ewc.avg_accuracy_sd",
-        ],
-        eval: |g| at_least_avalanche(g, "permuted.ewc"),
-    },
-    Claim {
-        text: "... in <= 0.25x Avalanche's time",
-        experiment: "continual.permuted_digits",
-        target: "<= 0.25x",
-        keys: &["permuted.ewc.time_ratio"],
-        eval: |g| quarter_of_avalanche_time(g, "permuted.ewc"),
-    },
-    Claim {
-        text: "A grown model reaches the scratch model's loss with >= 30% less compute",
-        experiment: "grow.train_faster",
-        target: "flops_saving >= 0.30",
-        // flops_saving is reported only when every seed's grown run reached scratch's
-        // final loss.
-        keys: &["grown.reached_target_runs"],
-        eval: |g| {
-            let s = g("flops_saving");
-            if s.is_nan() {
-                return (
-                    "not reached".into(),
-                    format!(
-                        "the grown model reached scratch's final loss in {:.0} run(s) of the \
-                         seeds only",
-                        g("grown.reached_target_runs")
-                    ),
-                    Some(false),
-                );
-            }
-            (
-                format!("{s:.3}"),
-                format!("sd {:.3} over seeds", g("flops_saving_sd")),
-                Some(s >= 0.3),
-            )
-        },
-    },
-    Claim {
-        text: "... and ends no worse than scratch (held-out masked-LM loss)",
-        experiment: "grow.train_faster",
-        target: "grown final loss <= scratch's",
-        keys: &[
-            "grown.final_loss",
-            "grown.final_loss_sd",
-            "scratch.final_loss",
-            "scratch.final_loss_sd",
-        ],
-        eval: |g| {
-            let (a, b) = (g("grown.final_loss"), g("scratch.final_loss"));
-            (
-                format!("{a:.3}"),
-                format!(
-                    "sd {:.3}; scratch {}",
-                    g("grown.final_loss_sd"),
-                    pm(b, g("scratch.final_loss_sd"))
-                ),
-                Some(a <= b),
-            )
-        },
-    },
-    Claim {
-        text: "Distillation + quantization is >= 95% smaller",
-        experiment: "quant.distill_plus_quant",
-        target: ">= 0.95 size reduction",
-        keys: &["size_reduction", "size_mb_student_int4", "size_mb_teacher"],
-        eval: |g| {
-            let r = g("size_reduction");
-            (
-                format!("{r:.3}"),
-                format!(
-                    "{:.2} MB vs the teacher's {:.2} MB",
-                    g("size_mb_student_int4"),
-                    g("size_mb_teacher")
-                ),
-                Some(r >= 0.95),
-            )
-        },
-    },
-    Claim {
-        text: "... at >= 0.90x the teacher's accuracy",
-        experiment: "quant.distill_plus_quant",
-        target: ">= 0.90x",
-        keys: &[
-            "accuracy_relative",
-            "student_int4.test_accuracy",
-            "student_int4.test_accuracy_sd",
-        ],
-        eval: |g| {
-            let r = g("accuracy_relative");
-            (
-                format!("{r:.3}x"),
-                format!(
-                    "int4 student {}",
-                    pm(
-                        g("student_int4.test_accuracy"),
-                        g("student_int4.test_accuracy_sd")
-                    )
-                ),
-                Some(r >= 0.9),
-            )
-        },
-    },
-    Claim {
-        text: "Peer: LoRA training step, reuse / PyTorch + PEFT (same batch, threads)",
-        experiment: "peft.vs_python",
-        target: "ratio (< 1: reuse faster)",
-        keys: &[
-            "step_ratio_rust_over_python",
-            "paired_step_ratio_rust_over_python_sd",
-        ],
-        eval: |g| {
-            (
-                format!("{:.3}", g("step_ratio_rust_over_python")),
-                format!(
-                    "sd {:.3} over paired steps",
-                    g("paired_step_ratio_rust_over_python_sd")
-                ),
-                None,
-            )
-        },
-    },
-    Claim {
-        text: "Peer: sentence embedding time, reuse f32 / sentence-transformers",
-        experiment: "core.minilm_embed",
-        target: "ratio (< 1: reuse faster)",
-        keys: &["rust_f32_time_over_st_median", "rust_f32_time_over_st_sd"],
-        eval: |g| {
-            (
-                format!("{:.3}", g("rust_f32_time_over_st_median")),
-                format!("sd {:.3} over rounds", g("rust_f32_time_over_st_sd")),
-                None,
-            )
-        },
-    },
-    Claim {
-        text: "Peer: data-parallel LoRA step on 2 processes, reuse / PyTorch DDP (Gloo)",
-        experiment: "dist.lora_step",
-        target: "<= 1 (no slower)",
-        keys: &[
-            "ratio_2p_reuse_over_torch",
-            "round_ratio_2p_reuse_over_torch_min",
-            "round_ratio_2p_reuse_over_torch_max",
-        ],
-        eval: |g| {
-            let r = g("ratio_2p_reuse_over_torch");
-            (
-                format!("{r:.3}"),
-                format!(
-                    "per round {:.2}-{:.2}",
-                    g("round_ratio_2p_reuse_over_torch_min"),
-                    g("round_ratio_2p_reuse_over_torch_max")
-                ),
-                Some(r <= 1.0),
-            )
-        },
-    },
-    Claim {
-        text: "Peer: continual MiniLM + LoRA with replay, reuse / PyTorch + PEFT time",
-        experiment: "continual.minilm_sections",
-        target: "ratio (< 1: reuse faster)",
-        keys: &["replay.time_ratio"],
-        eval: |g| {
-            (
-                format!("{:.3}", g("replay.time_ratio")),
-                "seed 0, same settings".into(),
-                None,
-            )
-        },
-    },
-];
 
 /// Every claim's row, filled from `report` (the contents of one `report.json`).
 pub fn rows(report: &Value) -> Vec<Row> {
@@ -505,8 +93,8 @@ pub fn rows(report: &Value) -> Vec<Row> {
                 .collect()
         })
         .unwrap_or_default();
-    CLAIMS
-        .iter()
+    all()
+        .into_iter()
         .map(|c| {
             let row = |figure: String, spread: String, status: Status| Row {
                 text: c.text,
@@ -577,13 +165,14 @@ mod tests {
     /// A report in which every experiment the claims read ran and reported every metric
     /// they need, each set to `value(key)`.
     fn full_report(value: impl Fn(&str) -> f64) -> Value {
-        let mut ids: Vec<&str> = CLAIMS.iter().map(|c| c.experiment).collect();
+        let claims = all();
+        let mut ids: Vec<&str> = claims.iter().map(|c| c.experiment).collect();
         ids.dedup();
         let experiments: Vec<Value> = ids
             .iter()
             .map(|id| {
                 let mut m = serde_json::Map::new();
-                for c in CLAIMS.iter().filter(|c| c.experiment == *id) {
+                for c in claims.iter().filter(|c| c.experiment == *id) {
                     for k in c.keys {
                         m.insert(k.to_string(), json!(value(k)));
                     }
@@ -625,7 +214,7 @@ mod tests {
             }
         };
         let rows = rows(&full_report(good));
-        assert_eq!(rows.len(), CLAIMS.len());
+        assert_eq!(rows.len(), all().len());
         for r in &rows {
             assert!(
                 matches!(r.status, Status::Met | Status::Shown),
@@ -742,7 +331,8 @@ mod tests {
             "class_il.replay.time_ratio_max" => 0.4,
             _ => f64::NAN,
         };
-        let (fig, spread, met) = quarter_of_avalanche_time(&with, "class_il.replay");
+        let (fig, spread, met) =
+            crate::experiments::continual::quarter_of_avalanche_time(&with, "class_il.replay");
         assert_eq!(fig, "0.30x");
         assert!(spread.contains("range 0.20-0.40"), "{spread}");
         assert_eq!(met, Some(false));
@@ -753,7 +343,8 @@ mod tests {
                 f64::NAN
             }
         };
-        let (_, spread, met) = quarter_of_avalanche_time(&older, "class_il.replay");
+        let (_, spread, met) =
+            crate::experiments::continual::quarter_of_avalanche_time(&older, "class_il.replay");
         assert_eq!(spread, "mean seconds over seeds, both sides");
         assert_eq!(met, Some(true));
     }

@@ -27,6 +27,7 @@ use reuse_testkit::fixtures_dir;
 use tch::{Device, Tensor};
 
 use super::{mean, sample_sd, say, Ctx, Metrics, Outcome};
+use crate::claims::{at_least, pm, Claim, Get};
 use crate::peer::Peer;
 
 const MEMORY: usize = 200;
@@ -1218,4 +1219,130 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         peer_notes.join(", ")
     ));
     Ok(Outcome { metrics: m, notes })
+}
+
+/// The claims-table rows this file's experiments measure (see `crate::claims`).
+pub const CLAIMS: &[Claim] = &[
+    Claim {
+        text: "Replay avoids catastrophic forgetting (split digits, class-incremental)",
+        experiment: "continual.split_digits",
+        target: "forgetting below naive's",
+        keys: &[
+            "class_il.replay.forgetting",
+            "class_il.replay.forgetting_sd",
+            "class_il.naive.forgetting",
+        ],
+        eval: |g| forgetting_below_naive(g, "class_il.replay"),
+    },
+    Claim {
+        text: "... at least as well as Avalanche on the same protocol",
+        experiment: "continual.split_digits",
+        target: ">= Avalanche's average accuracy (within 1 sd)",
+        keys: &[
+            "class_il.replay.avg_accuracy",
+            "class_il.replay.avg_accuracy_sd",
+            "avalanche.class_il.replay.avg_accuracy",
+            "avalanche.class_il.replay.avg_accuracy_sd",
+        ],
+        eval: |g| at_least_avalanche(g, "class_il.replay"),
+    },
+    Claim {
+        text: "... in <= 0.25x Avalanche's time",
+        experiment: "continual.split_digits",
+        target: "<= 0.25x",
+        keys: &["class_il.replay.time_ratio"],
+        eval: |g| quarter_of_avalanche_time(g, "class_il.replay"),
+    },
+    Claim {
+        text: "EWC avoids catastrophic forgetting (permuted digits, domain-incremental)",
+        experiment: "continual.permuted_digits",
+        target: "forgetting below naive's",
+        keys: &[
+            "permuted.ewc.forgetting",
+            "permuted.ewc.forgetting_sd",
+            "permuted.naive.forgetting",
+        ],
+        eval: |g| forgetting_below_naive(g, "permuted.ewc"),
+    },
+    Claim {
+        text: "... at least as well as Avalanche on the same protocol",
+        experiment: "continual.permuted_digits",
+        target: ">= Avalanche's average accuracy (within 1 sd)",
+        keys: &[
+            "permuted.ewc.avg_accuracy",
+            "permuted.ewc.avg_accuracy_sd",
+            "avalanche.permuted.ewc.avg_accuracy",
+            "avalanche.permuted.ewc.avg_accuracy_sd",
+        ],
+        eval: |g| at_least_avalanche(g, "permuted.ewc"),
+    },
+    Claim {
+        text: "... in <= 0.25x Avalanche's time",
+        experiment: "continual.permuted_digits",
+        target: "<= 0.25x",
+        keys: &["permuted.ewc.time_ratio"],
+        eval: |g| quarter_of_avalanche_time(g, "permuted.ewc"),
+    },
+    Claim {
+        text: "Peer: continual MiniLM + LoRA with replay, reuse / PyTorch + PEFT time",
+        experiment: "continual.minilm_sections",
+        target: "ratio (< 1: reuse faster)",
+        keys: &["replay.time_ratio"],
+        eval: |g| {
+            (
+                format!("{:.3}", g("replay.time_ratio")),
+                "seed 0, same settings".into(),
+                None,
+            )
+        },
+    },
+];
+
+/// Forgetting of method `m` (`scenario.method`) below the naive baseline's.
+fn forgetting_below_naive(g: &Get, m: &str) -> (String, String, Option<bool>) {
+    let scenario = m.split('.').next().unwrap_or(m);
+    let f = g(&format!("{m}.forgetting"));
+    let n = g(&format!("{scenario}.naive.forgetting"));
+    (
+        format!("{f:.3}"),
+        format!(
+            "sd {:.3}; naive forgets {n:.3}",
+            g(&format!("{m}.forgetting_sd"))
+        ),
+        Some(f < n),
+    )
+}
+
+/// Average accuracy of `m` at least Avalanche's for the same method and scenario.
+fn at_least_avalanche(g: &Get, m: &str) -> (String, String, Option<bool>) {
+    let (a, sa) = (
+        g(&format!("{m}.avg_accuracy")),
+        g(&format!("{m}.avg_accuracy_sd")),
+    );
+    let (b, sb) = (
+        g(&format!("avalanche.{m}.avg_accuracy")),
+        g(&format!("avalanche.{m}.avg_accuracy_sd")),
+    );
+    (
+        format!("{a:.4}"),
+        format!("sd {sa:.4}; Avalanche {}", pm(b, sb)),
+        Some(at_least(a, sa, b, sb)),
+    )
+}
+
+/// `m`'s time over Avalanche's, at most a quarter.
+pub(crate) fn quarter_of_avalanche_time(g: &Get, m: &str) -> (String, String, Option<bool>) {
+    let r = g(&format!("{m}.time_ratio"));
+    let (lo, hi) = (
+        g(&format!("{m}.time_ratio_min")),
+        g(&format!("{m}.time_ratio_max")),
+    );
+    // Reports made before the runs were interleaved pair by pair have no range: their
+    // ratio is of the mean seconds over seeds.
+    let spread = if lo.is_nan() || hi.is_nan() {
+        "mean seconds over seeds, both sides".to_string()
+    } else {
+        format!("median over seeds of back-to-back pairs, range {lo:.2}-{hi:.2}")
+    };
+    (format!("{r:.2}x"), spread, Some(r <= 0.25))
 }

@@ -14,6 +14,7 @@ use reuse_testkit::{fixtures_dir, minilm_dir};
 use tch::Kind;
 
 use super::{insert_spread, mean, sample_sd, Ctx, Metrics, Outcome};
+use crate::claims::Claim;
 use crate::peer::Peer;
 
 /// An MLP (64-128-10, ReLU) trained with AdamW on the digits fixture, seeds 0, 1, 2.
@@ -199,3 +200,18 @@ pub fn minilm_embed(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     );
     Ok(Outcome { metrics: m, notes })
 }
+
+/// The claims-table rows this file's experiments measure (see `crate::claims`).
+pub const CLAIMS: &[Claim] = &[Claim {
+    text: "Peer: sentence embedding time, reuse f32 / sentence-transformers",
+    experiment: "core.minilm_embed",
+    target: "ratio (< 1: reuse faster)",
+    keys: &["rust_f32_time_over_st_median", "rust_f32_time_over_st_sd"],
+    eval: |g| {
+        (
+            format!("{:.3}", g("rust_f32_time_over_st_median")),
+            format!("sd {:.3} over rounds", g("rust_f32_time_over_st_sd")),
+            None,
+        )
+    },
+}];

@@ -21,6 +21,7 @@ use tch::{Device, Kind, Tensor};
 use super::peft::fixed_batch;
 use super::sections;
 use super::{insert_spread, median, say, Ctx, Metrics, Outcome};
+use crate::claims::Claim;
 
 /// Set in a child process of `dist.lora_step` (the bench binary itself, as one rank).
 pub const DIST_CHILD: &str = "REUSE_BENCH_DIST_CHILD";
@@ -386,3 +387,27 @@ pub fn lora_step(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         ],
     })
 }
+
+/// The claims-table rows this file's experiments measure (see `crate::claims`).
+pub const CLAIMS: &[Claim] = &[Claim {
+    text: "Peer: data-parallel LoRA step on 2 processes, reuse / PyTorch DDP (Gloo)",
+    experiment: "dist.lora_step",
+    target: "<= 1 (no slower)",
+    keys: &[
+        "ratio_2p_reuse_over_torch",
+        "round_ratio_2p_reuse_over_torch_min",
+        "round_ratio_2p_reuse_over_torch_max",
+    ],
+    eval: |g| {
+        let r = g("ratio_2p_reuse_over_torch");
+        (
+            format!("{r:.3}"),
+            format!(
+                "per round {:.2}-{:.2}",
+                g("round_ratio_2p_reuse_over_torch_min"),
+                g("round_ratio_2p_reuse_over_torch_max")
+            ),
+            Some(r <= 1.0),
+        )
+    },
+}];

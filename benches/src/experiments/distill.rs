@@ -21,6 +21,7 @@ use reuse_testkit::{fixtures_dir, minilm_dir};
 use tch::{Device, Kind, Tensor};
 
 use super::{insert_spread, mean, median, sample_sd, Ctx, Metrics, Outcome};
+use crate::claims::{pm, Claim};
 
 fn summary(m: &mut Metrics, name: &str, v: &[f64]) {
     m.insert(format!("{name}.test_accuracy"), mean(v));
@@ -794,3 +795,132 @@ pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         ],
     })
 }
+
+/// The claims-table rows this file's experiments measure (see `crate::claims`).
+pub const CLAIMS: &[Claim] = &[
+    Claim {
+        text: "A distilled student keeps >= 0.95x its teacher's accuracy (MiniLM, 2 of 6 layers, KD with unlabelled text)",
+        experiment: "distill.minilm_sections",
+        target: ">= 0.95x",
+        keys: &[
+            "student_kd_over_teacher",
+            "student_kd.test_accuracy",
+            "student_kd.test_accuracy_sd",
+            "teacher.test_accuracy",
+        ],
+        eval: |g| {
+            let r = g("student_kd_over_teacher");
+            (
+                format!("{r:.3}x"),
+                format!(
+                    "student {} vs teacher {:.4}",
+                    pm(g("student_kd.test_accuracy"), g("student_kd.test_accuracy_sd")),
+                    g("teacher.test_accuracy")
+                ),
+                Some(r >= 0.95),
+            )
+        },
+    },
+    Claim {
+        text: "... and KD trains it at least as well as hard labels alone (same student, lr and budget)",
+        experiment: "distill.minilm_sections",
+        target: "KD >= hard labels (means over seeds)",
+        keys: &[
+            "student_kd.test_accuracy",
+            "student_kd.test_accuracy_sd",
+            "student_hard.test_accuracy",
+            "student_hard.test_accuracy_sd",
+        ],
+        eval: |g| {
+            let (kd, hard) = (
+                g("student_kd.test_accuracy"),
+                g("student_hard.test_accuracy"),
+            );
+            (
+                format!("{:+.2} points", 100.0 * (kd - hard)),
+                format!(
+                    "KD {} vs hard labels {}",
+                    pm(kd, g("student_kd.test_accuracy_sd")),
+                    pm(hard, g("student_hard.test_accuracy_sd"))
+                ),
+                Some(kd >= hard),
+            )
+        },
+    },
+    Claim {
+        text: "... at a fraction of the size",
+        experiment: "distill.minilm_sections",
+        target: "< 1x the teacher's parameters",
+        keys: &["params_ratio", "params_ratio_without_embeddings"],
+        eval: |g| {
+            let r = g("params_ratio");
+            (
+                format!("{r:.3}x"),
+                format!(
+                    "{:.3}x without the embedding table",
+                    g("params_ratio_without_embeddings")
+                ),
+                Some(r < 1.0),
+            )
+        },
+    },
+    Claim {
+        text: "... and several times the speed",
+        experiment: "distill.minilm_sections",
+        target: ">= 2.5x faster inference",
+        keys: &["inference_speedup_median", "inference_speedup_sd"],
+        eval: |g| {
+            let s = g("inference_speedup_median");
+            (
+                format!("{s:.2}x"),
+                format!("sd {:.2} over rounds", g("inference_speedup_sd")),
+                Some(s >= 2.5),
+            )
+        },
+    },
+    Claim {
+        text: "A teacher cache makes KD epochs >= 2x faster",
+        experiment: "distill.minilm_sections",
+        target: ">= 2x",
+        keys: &[
+            "cached_epoch_speedup",
+            "live_epoch_seconds_median",
+            "cached_epoch_seconds_median",
+        ],
+        eval: |g| {
+            let s = g("cached_epoch_speedup");
+            (
+                format!("{s:.2}x"),
+                format!(
+                    "live {:.1} s vs cached {:.1} s per epoch (medians)",
+                    g("live_epoch_seconds_median"),
+                    g("cached_epoch_seconds_median")
+                ),
+                Some(s >= 2.0),
+            )
+        },
+    },
+    Claim {
+        text: "A distilled student keeps >= 0.95x its teacher's accuracy (digits MLP, 1.6% of its size)",
+        experiment: "distill.digits_mlp",
+        target: ">= 0.95x",
+        keys: &[
+            "student_kd_over_teacher",
+            "student_kd.test_accuracy",
+            "student_kd.test_accuracy_sd",
+            "params_ratio",
+        ],
+        eval: |g| {
+            let r = g("student_kd_over_teacher");
+            (
+                format!("{r:.3}x"),
+                format!(
+                    "student {} at {:.3}x the parameters",
+                    pm(g("student_kd.test_accuracy"), g("student_kd.test_accuracy_sd")),
+                    g("params_ratio")
+                ),
+                Some(r >= 0.95),
+            )
+        },
+    },
+];

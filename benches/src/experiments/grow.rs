@@ -14,6 +14,7 @@ use reuse_testkit::{fixtures_dir, minilm_dir};
 use tch::{Device, Kind, Tensor};
 
 use super::{Ctx, Metrics, Outcome};
+use crate::claims::{pm, Claim};
 
 /// A growth to measure, planned on demand.
 type Plan<'a> = Box<dyn Fn() -> reuse_core::Result<Grown> + 'a>;
@@ -802,3 +803,57 @@ pub fn train_faster(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     ];
     Ok(Outcome { metrics: m, notes })
 }
+
+/// The claims-table rows this file's experiments measure (see `crate::claims`).
+pub const CLAIMS: &[Claim] = &[
+    Claim {
+        text: "A grown model reaches the scratch model's loss with >= 30% less compute",
+        experiment: "grow.train_faster",
+        target: "flops_saving >= 0.30",
+        // flops_saving is reported only when every seed's grown run reached scratch's
+        // final loss.
+        keys: &["grown.reached_target_runs"],
+        eval: |g| {
+            let s = g("flops_saving");
+            if s.is_nan() {
+                return (
+                    "not reached".into(),
+                    format!(
+                        "the grown model reached scratch's final loss in {:.0} run(s) of the \
+                         seeds only",
+                        g("grown.reached_target_runs")
+                    ),
+                    Some(false),
+                );
+            }
+            (
+                format!("{s:.3}"),
+                format!("sd {:.3} over seeds", g("flops_saving_sd")),
+                Some(s >= 0.3),
+            )
+        },
+    },
+    Claim {
+        text: "... and ends no worse than scratch (held-out masked-LM loss)",
+        experiment: "grow.train_faster",
+        target: "grown final loss <= scratch's",
+        keys: &[
+            "grown.final_loss",
+            "grown.final_loss_sd",
+            "scratch.final_loss",
+            "scratch.final_loss_sd",
+        ],
+        eval: |g| {
+            let (a, b) = (g("grown.final_loss"), g("scratch.final_loss"));
+            (
+                format!("{a:.3}"),
+                format!(
+                    "sd {:.3}; scratch {}",
+                    g("grown.final_loss_sd"),
+                    pm(b, g("scratch.final_loss_sd"))
+                ),
+                Some(a <= b),
+            )
+        },
+    },
+];

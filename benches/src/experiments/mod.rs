@@ -1,12 +1,12 @@
 //! The experiment registry, and what experiments share: the context, their outcome
 //! (metrics and notes) and summary statistics for repeated measurements.
 
-mod continual;
-mod core;
+pub mod continual;
+pub mod core;
 pub mod dist;
-mod distill;
-mod grow;
-mod peft;
+pub mod distill;
+pub mod grow;
+pub mod peft;
 pub mod quant;
 
 use std::collections::BTreeMap;

@@ -19,6 +19,7 @@ use reuse_testkit::minilm_dir;
 use tch::{Kind, Tensor};
 
 use super::{insert_spread, mean, median, sample_sd, sections, Ctx, Metrics, Outcome};
+use crate::claims::{pm, Claim};
 use crate::peer::Peer;
 
 /// Training budget shared by every method (the grid runs use it too).
@@ -664,3 +665,60 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         ],
     })
 }
+
+/// The claims-table rows this file's experiments measure (see `crate::claims`).
+pub const CLAIMS: &[Claim] = &[
+    Claim {
+        text: "LoRA trains under 1% of the weights",
+        experiment: "peft.minilm_sections",
+        target: "< 1% trainable",
+        keys: &["lora.trainable_fraction"],
+        eval: |g| {
+            let f = g("lora.trainable_fraction");
+            (format!("{:.3}%", 100.0 * f), "exact".into(), Some(f < 0.01))
+        },
+    },
+    Claim {
+        text: "... at >= 0.98x full fine-tuning's accuracy",
+        experiment: "peft.minilm_sections",
+        target: ">= 0.98x",
+        keys: &[
+            "lora_over_full_accuracy",
+            "lora.test_accuracy",
+            "lora.test_accuracy_sd",
+            "full.test_accuracy",
+            "full.test_accuracy_sd",
+        ],
+        eval: |g| {
+            let r = g("lora_over_full_accuracy");
+            (
+                format!("{r:.3}x"),
+                format!(
+                    "LoRA {} vs full {} (3 seeds)",
+                    pm(g("lora.test_accuracy"), g("lora.test_accuracy_sd")),
+                    pm(g("full.test_accuracy"), g("full.test_accuracy_sd"))
+                ),
+                Some(r >= 0.98),
+            )
+        },
+    },
+    Claim {
+        text: "Peer: LoRA training step, reuse / PyTorch + PEFT (same batch, threads)",
+        experiment: "peft.vs_python",
+        target: "ratio (< 1: reuse faster)",
+        keys: &[
+            "step_ratio_rust_over_python",
+            "paired_step_ratio_rust_over_python_sd",
+        ],
+        eval: |g| {
+            (
+                format!("{:.3}", g("step_ratio_rust_over_python")),
+                format!(
+                    "sd {:.3} over paired steps",
+                    g("paired_step_ratio_rust_over_python_sd")
+                ),
+                None,
+            )
+        },
+    },
+];

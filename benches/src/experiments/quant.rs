@@ -15,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::distill::{fit_probe, probe_accuracy, row_cosines};
 use super::{insert_spread, mean, sample_sd, Ctx, Metrics, Outcome};
+use crate::claims::{pm, Claim};
 
 const BATCH: usize = 32;
 
@@ -983,3 +984,49 @@ pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     }
     Ok(Outcome { metrics: m, notes })
 }
+
+/// The claims-table rows this file's experiments measure (see `crate::claims`).
+pub const CLAIMS: &[Claim] = &[
+    Claim {
+        text: "Distillation + quantization is >= 95% smaller",
+        experiment: "quant.distill_plus_quant",
+        target: ">= 0.95 size reduction",
+        keys: &["size_reduction", "size_mb_student_int4", "size_mb_teacher"],
+        eval: |g| {
+            let r = g("size_reduction");
+            (
+                format!("{r:.3}"),
+                format!(
+                    "{:.2} MB vs the teacher's {:.2} MB",
+                    g("size_mb_student_int4"),
+                    g("size_mb_teacher")
+                ),
+                Some(r >= 0.95),
+            )
+        },
+    },
+    Claim {
+        text: "... at >= 0.90x the teacher's accuracy",
+        experiment: "quant.distill_plus_quant",
+        target: ">= 0.90x",
+        keys: &[
+            "accuracy_relative",
+            "student_int4.test_accuracy",
+            "student_int4.test_accuracy_sd",
+        ],
+        eval: |g| {
+            let r = g("accuracy_relative");
+            (
+                format!("{r:.3}x"),
+                format!(
+                    "int4 student {}",
+                    pm(
+                        g("student_int4.test_accuracy"),
+                        g("student_int4.test_accuracy_sd")
+                    )
+                ),
+                Some(r >= 0.9),
+            )
+        },
+    },
+];
