@@ -24,6 +24,7 @@
 
 use std::path::Path;
 
+use reuse_core::models::bert::{layer_of, layer_path};
 use reuse_core::models::folder::write_model_folder;
 pub use reuse_core::models::folder::{check_out, SHARED_FILES};
 use reuse_core::models::{Bert, BertConfig};
@@ -93,12 +94,10 @@ pub fn cut_layers(teacher: &Bert, layers: &[usize]) -> Result<Bert> {
     let names: Vec<String> = state.names().map(String::from).collect();
     for name in names {
         let t = state.remove(&name).expect("listed");
-        match name.strip_prefix("encoder.layer.") {
-            Some(rest) => {
-                let (idx, tail) = rest.split_once('.').expect("encoder.layer.N.<name>");
-                let idx: usize = idx.parse().expect("a layer number");
+        match layer_of(&name) {
+            Some((idx, tail)) => {
                 if let Some(new) = layers.iter().position(|&l| l == idx) {
-                    ck.insert(format!("encoder.layer.{new}.{tail}"), t);
+                    ck.insert(layer_path(new, tail), t);
                 }
             }
             None => {

@@ -38,7 +38,7 @@ use reuse_core::models::BertConfig;
 use reuse_core::{Checkpoint, Error, Result};
 use tch::Tensor;
 
-use reuse_core::models::bert::GATE;
+use reuse_core::models::bert::{checkpoint_prefix, layer_of, layer_path, GATE, WORD_EMBEDDINGS};
 
 use crate::plan::{unit_map, Axis, Growth, Source};
 
@@ -117,16 +117,10 @@ fn invalid(what: &str, reason: String) -> Error {
 
 /// `bert.` when the checkpoint is a `BertFor*` model's, else empty.
 fn prefix_of(ck: &Checkpoint) -> Result<&'static str> {
-    if ck.get("embeddings.word_embeddings.weight").is_some() {
-        Ok("")
-    } else if ck.get("bert.embeddings.word_embeddings.weight").is_some() {
-        Ok("bert.")
-    } else {
-        Err(Error::MissingTensor {
-            path: ck.source().map(|p| p.to_path_buf()),
-            tensor: "embeddings.word_embeddings.weight".into(),
-        })
-    }
+    checkpoint_prefix(ck).ok_or_else(|| Error::MissingTensor {
+        path: ck.source().map(|p| p.to_path_buf()),
+        tensor: WORD_EMBEDDINGS.into(),
+    })
 }
 
 /// Axes of the grown model's dimensions.
@@ -321,12 +315,7 @@ pub fn widen_bert(cfg: &BertConfig, ck: &Checkpoint, spec: &WidenBert) -> Result
             "pooler.dense.weight" => (Some(&axes.hid_out), Some(&axes.hid_in)),
             "pooler.dense.bias" => (Some(&axes.hid_out), None),
             _ => {
-                let Some(tail) = local
-                    .strip_prefix("encoder.layer.")
-                    .and_then(|r| r.split_once('.'))
-                    .filter(|(n, _)| n.parse::<usize>().is_ok())
-                    .map(|(_, t)| t)
-                else {
+                let Some((_, tail)) = layer_of(local) else {
                     return Err(unplaced(ck, name));
                 };
                 match tail {
@@ -464,11 +453,7 @@ pub fn deepen_bert(cfg: &BertConfig, ck: &Checkpoint, spec: &DeepenBert) -> Resu
     let mut others = Vec::new();
     for name in ck.names() {
         let local = name.strip_prefix(prefix).unwrap_or(name);
-        match local
-            .strip_prefix("encoder.layer.")
-            .and_then(|r| r.split_once('.'))
-            .and_then(|(n, t)| n.parse::<usize>().ok().map(|n| (n, t)))
-        {
+        match layer_of(local) {
             Some((l, tail)) if l < depth => {
                 layer_tensors[l].push((name.to_string(), tail.to_string()))
             }
@@ -486,7 +471,7 @@ pub fn deepen_bert(cfg: &BertConfig, ck: &Checkpoint, spec: &DeepenBert) -> Resu
     if let Some(l) = layer_tensors.iter().position(|v| v.is_empty()) {
         return Err(Error::MissingTensor {
             path: ck.source().map(|p| p.to_path_buf()),
-            tensor: format!("{prefix}encoder.layer.{l}.*"),
+            tensor: format!("{prefix}{}", layer_path(l, "*")),
         });
     }
     let mut tensors = Vec::new();
@@ -516,7 +501,7 @@ pub fn deepen_bert(cfg: &BertConfig, ck: &Checkpoint, spec: &DeepenBert) -> Resu
                 axes[0] = Some(a);
             }
             tensors.push((
-                format!("{prefix}encoder.layer.{new_l}.{tail}"),
+                format!("{prefix}{}", layer_path(new_l, tail)),
                 Source::Tensor {
                     name: name.clone(),
                     axes,
@@ -526,7 +511,7 @@ pub fn deepen_bert(cfg: &BertConfig, ck: &Checkpoint, spec: &DeepenBert) -> Resu
         if gated {
             gated_layers.push(new_l);
             tensors.push((
-                format!("{prefix}encoder.layer.{new_l}.{}", GATE),
+                format!("{prefix}{}", layer_path(new_l, GATE)),
                 Source::Fresh(Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu))),
             ));
         }

@@ -38,8 +38,8 @@ use crate::weight::QuantizedWeight;
 /// The `quant_method` of folders this crate writes.
 pub const QUANT_METHOD: &str = "reuse";
 
-/// The key of the embedding table that `embeddings: true` quantizes.
-pub const WORD_EMBEDDINGS: &str = "embeddings.word_embeddings.weight";
+/// The key of the embedding table that `embeddings: true` quantizes (core's name for it).
+pub use reuse_core::models::bert::WORD_EMBEDDINGS;
 
 /// `config.json`'s `quantization_config` for a folder this crate wrote.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -4,7 +4,7 @@
 use tch::Tensor;
 
 use crate::model::OutputSlots;
-use crate::Linear;
+use crate::{Checkpoint, Linear};
 
 /// LayerNorm with `weight` / `bias`.
 #[derive(Debug)]
@@ -79,6 +79,29 @@ pub(crate) const EMBEDDINGS: [&str; 3] = [
     "position_embeddings",
     "token_type_embeddings",
 ];
+/// The word-embedding table's path in a `BertModel` checkpoint.
+pub const WORD_EMBEDDINGS: &str = "embeddings.word_embeddings.weight";
+
+/// The prefix of a checkpoint's encoder tensors: `""` for a `BertModel`'s, `"bert."` for
+/// a `BertFor*` model's (as transformers saves them); `None` when it holds no BERT
+/// word-embedding table under either.
+pub fn checkpoint_prefix(ck: &Checkpoint) -> Option<&'static str> {
+    ["", "bert."]
+        .into_iter()
+        .find(|p| ck.get(&format!("{p}{WORD_EMBEDDINGS}")).is_some())
+}
+
+/// `(i, tail)` of a tensor named `encoder.layer.{i}.{tail}`; `None` for any other name.
+pub fn layer_of(name: &str) -> Option<(usize, &str)> {
+    let (i, tail) = name.strip_prefix("encoder.layer.")?.split_once('.')?;
+    Some((i.parse().ok()?, tail))
+}
+
+/// The name of tensor `tail` of encoder layer `i`: `encoder.layer.{i}.{tail}`.
+pub fn layer_path(i: usize, tail: &str) -> String {
+    format!("encoder.layer.{i}.{tail}")
+}
+
 /// The layer gate's one name: its parameter, `encoder.layer.{i}.reuse_gate`.
 pub const GATE: &str = "reuse_gate";
 

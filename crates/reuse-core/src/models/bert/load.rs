@@ -121,9 +121,7 @@ impl Bert {
         kind: Kind,
     ) -> Result<Self> {
         config.validate()?;
-        if ck.get("embeddings.word_embeddings.weight").is_none()
-            && ck.get("bert.embeddings.word_embeddings.weight").is_some()
-        {
+        if checkpoint_prefix(ck) == Some("bert.") {
             let names: Vec<String> = ck
                 .names()
                 .filter(|n| n.starts_with("bert."))

@@ -31,7 +31,10 @@ mod pooling;
 
 pub use config::BertConfig;
 use layers::*;
-pub use layers::{BertEmbeddings, BertLayer, EncoderOutput, LayerNorm, GATE, GATES_CONFIG_KEY};
+pub use layers::{
+    checkpoint_prefix, layer_of, layer_path, BertEmbeddings, BertLayer, EncoderOutput, LayerNorm,
+    GATE, GATES_CONFIG_KEY, WORD_EMBEDDINGS,
+};
 pub use pooling::{l2_normalize, mean_pool};
 
 /// A BERT encoder (`BertModel` without heads; the pooler is kept if the file has one).
