@@ -213,3 +213,32 @@ pub struct EncoderOutput {
     /// Each layer's attention probabilities `[b, heads, t, t]`, when asked.
     pub attentions: Vec<Tensor>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_paths_round_trip_and_prefixes_are_found() {
+        assert_eq!(
+            layer_of("encoder.layer.11.attention.self.query.weight"),
+            Some((11, "attention.self.query.weight"))
+        );
+        assert_eq!(layer_of(&layer_path(3, GATE)), Some((3, GATE)));
+        for other in [
+            "embeddings.word_embeddings.weight",
+            "encoder.layer.x.output.dense.weight",
+            "encoder.layer.2",
+            "bert.encoder.layer.0.output.dense.weight",
+        ] {
+            assert_eq!(layer_of(other), None, "{other}");
+        }
+        let table = || Tensor::zeros([4, 2], (tch::Kind::Float, tch::Device::Cpu));
+        let mut ck = Checkpoint::new();
+        assert_eq!(checkpoint_prefix(&ck), None);
+        ck.insert(format!("bert.{WORD_EMBEDDINGS}"), table());
+        assert_eq!(checkpoint_prefix(&ck), Some("bert."));
+        ck.insert(WORD_EMBEDDINGS, table());
+        assert_eq!(checkpoint_prefix(&ck), Some(""));
+    }
+}
