@@ -189,6 +189,66 @@ impl Checkpoint {
         Self::from_bytes(&bytes, path, device)
     }
 
+    /// Loads a model folder's weights: `model.safetensors`, or the shards that
+    /// `model.safetensors.index.json` lists (its `weight_map`, tensor name to file), all
+    /// into one checkpoint. A shard that holds a tensor the index puts elsewhere, or a
+    /// tensor the index names but no shard holds, is an error naming both.
+    pub fn load_folder(dir: &Path, device: Device) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if !index.exists() || single.exists() {
+            return Self::load(single, device);
+        }
+        let text = fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let corrupt = |reason: String| Error::Corrupt {
+            path: index.clone(),
+            reason,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| corrupt(format!("not JSON: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| corrupt("no `weight_map` object".into()))?;
+        let mut files = std::collections::BTreeSet::new();
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| corrupt(format!("`weight_map.{name}` is not a file name")))?;
+            // Shards sit beside the index: no paths out of the folder.
+            if file.contains('/') || file.contains('\\') || file == ".." {
+                return Err(corrupt(format!(
+                    "`weight_map.{name}` names `{file}`, not a file in the folder"
+                )));
+            }
+            files.insert(file.to_string());
+        }
+        let mut out = Checkpoint {
+            source: Some(index.clone()),
+            ..Default::default()
+        };
+        for file in &files {
+            let shard = Self::load(dir.join(file), device)?;
+            for (name, t) in shard.tensors {
+                if map.get(&name).and_then(|f| f.as_str()) != Some(file.as_str()) {
+                    return Err(corrupt(format!(
+                        "shard `{file}` holds `{name}`, which the index puts in {}",
+                        map.get(&name)
+                            .map_or("no file".to_string(), |f| f.to_string())
+                    )));
+                }
+                out.tensors.insert(name, t);
+            }
+            out.metadata.extend(shard.metadata);
+        }
+        if let Some(missing) = map.keys().find(|n| !out.tensors.contains_key(*n)) {
+            return Err(corrupt(format!(
+                "`{missing}` is in the index but in none of its shards"
+            )));
+        }
+        Ok(out)
+    }
+
     /// Saves atomically (temp file, fsync, rename): on any failure the old file, if
     /// there was one, is left as it was.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {

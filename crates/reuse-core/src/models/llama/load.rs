@@ -1,0 +1,172 @@
+//! Building a [`CausalLm`] from a checkpoint by Hugging Face names (walking the
+//! family's architecture table), or at random.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::model::OutputSlots;
+use crate::models::arch::NormKind;
+use crate::{Checkpoint, Error, Linear, Result};
+
+use super::{inv_freq, CausalLm, DecoderLayer, LlamaConfig, RmsNorm};
+
+fn take(
+    ck: &mut Checkpoint,
+    name: &str,
+    shape: &[i64],
+    device: Device,
+    kind: Kind,
+) -> Result<Tensor> {
+    let t = ck.take_with_shape(name, shape)?;
+    let found = t.kind();
+    if !matches!(found, Kind::Float | Kind::Half | Kind::BFloat16) {
+        return Err(Error::DtypeMismatch {
+            path: ck.source().map(Path::to_path_buf),
+            tensor: name.into(),
+            expected: "a floating dtype (F32, F16, BF16)".into(),
+            found: format!("{found:?}"),
+        });
+    }
+    Ok(t.to_kind(kind).to_device(device).set_requires_grad(true))
+}
+
+impl CausalLm {
+    /// Loads `config.json` and the weights (`model.safetensors`, or the shards of
+    /// `model.safetensors.index.json`) of a Hugging Face Llama-family folder, in `kind`
+    /// (f32, f16, bf16) on `device`. Parameters are trainable, as in PyTorch.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let config = LlamaConfig::load(&dir.join("config.json"))?;
+        let mut ck = Checkpoint::load_folder(dir, Device::Cpu)?;
+        Self::from_checkpoint(config, &mut ck, device, kind)
+    }
+
+    /// Builds the model from checkpoint tensors (taken out of `ck`) by Hugging Face name.
+    /// With `tie_word_embeddings`, a `lm_head.weight` in the checkpoint must equal the
+    /// embedding table (transformers saves it either way) and is dropped; without it,
+    /// `lm_head.weight` is required. Tensors the model does not use are left in `ck`.
+    pub fn from_checkpoint(
+        config: LlamaConfig,
+        ck: &mut Checkpoint,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
+        config.validate()?;
+        let a = config.architecture();
+        debug_assert_eq!(a.norm, NormKind::RmsNorm);
+        let dims = config.dims();
+        let json = config.to_json();
+        let h = config.hidden_size;
+        let eps = config.rms_norm_eps;
+        let embed_tokens = take(ck, a.embedding, &[config.vocab_size, h], device, kind)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers as usize);
+        for i in 0..config.num_hidden_layers as usize {
+            let mut linears = Vec::with_capacity(a.linears.len());
+            for spec in a.linears {
+                let p = a.layer_path(i, spec.path);
+                let shape = spec.weight_shape(&dims);
+                let w = take(ck, &format!("{p}.weight"), &shape, device, kind)?;
+                let b = if spec.has_bias(&json) {
+                    Some(take(ck, &format!("{p}.bias"), &[shape[0]], device, kind)?)
+                } else {
+                    None
+                };
+                linears.push(Linear::from_tensors(w, b)?);
+            }
+            let mut norms = Vec::with_capacity(2);
+            for n in a.norms {
+                let w = take(
+                    ck,
+                    &a.layer_path(i, &format!("{n}.weight")),
+                    &[h],
+                    device,
+                    kind,
+                )?;
+                norms.push(RmsNorm { weight: w, eps });
+            }
+            let [input_layernorm, post_attention_layernorm]: [RmsNorm; 2] =
+                norms.try_into().expect("two norms");
+            layers.push(DecoderLayer {
+                linears,
+                input_layernorm,
+                post_attention_layernorm,
+                attention_slots: OutputSlots::default(),
+                mlp_slots: OutputSlots::default(),
+            });
+        }
+        let final_norm = a.final_norm.expect("a decoder has a final norm");
+        let norm = RmsNorm {
+            weight: take(ck, &format!("{final_norm}.weight"), &[h], device, kind)?,
+            eps,
+        };
+        let head = a.head.expect("a causal LM has a head");
+        let head_name = format!("{head}.weight");
+        let lm_head = if config.tie_word_embeddings {
+            if let Some(w) = ck.remove(&head_name) {
+                let same = w.size() == embed_tokens.size()
+                    && w.to_kind(Kind::Float).to_device(device).allclose(
+                        &embed_tokens.to_kind(Kind::Float),
+                        0.0,
+                        0.0,
+                        false,
+                    );
+                if !same {
+                    return Err(Error::invalid(
+                        head_name,
+                        "config.json says tie_word_embeddings but the checkpoint's lm_head differs from the embedding table",
+                    ));
+                }
+            }
+            None
+        } else {
+            let w = take(ck, &head_name, &[config.vocab_size, h], device, kind)?;
+            Some(Linear::from_tensors(w, None)?)
+        };
+        Ok(Self {
+            inv_freq: inv_freq(&config, device)?,
+            arch: a,
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// A randomly initialised model as transformers initialises the family (N(0, 0.02)
+    /// weights, zero biases, unit norms), in f32, for tests and from-scratch training.
+    pub fn random(config: LlamaConfig, device: Device) -> Result<Self> {
+        config.validate()?;
+        let a = config.architecture();
+        let dims = config.dims();
+        let json = config.to_json();
+        let h = config.hidden_size;
+        let mut ck = Checkpoint::new();
+        let f = (Kind::Float, Device::Cpu);
+        let n = |shape: &[i64]| Tensor::randn(shape, f) * 0.02;
+        ck.insert(a.embedding, n(&[config.vocab_size, h]));
+        for i in 0..config.num_hidden_layers as usize {
+            for spec in a.linears {
+                let p = a.layer_path(i, spec.path);
+                let shape = spec.weight_shape(&dims);
+                ck.insert(format!("{p}.weight"), n(&shape));
+                if spec.has_bias(&json) {
+                    ck.insert(format!("{p}.bias"), Tensor::zeros([shape[0]], f));
+                }
+            }
+            for name in a.norms {
+                ck.insert(
+                    a.layer_path(i, &format!("{name}.weight")),
+                    Tensor::ones([h], f),
+                );
+            }
+        }
+        let final_norm = a.final_norm.expect("a decoder has a final norm");
+        ck.insert(format!("{final_norm}.weight"), Tensor::ones([h], f));
+        if !config.tie_word_embeddings {
+            let head = a.head.expect("a causal LM has a head");
+            ck.insert(format!("{head}.weight"), n(&[config.vocab_size, h]));
+        }
+        Self::from_checkpoint(config, &mut ck, device, Kind::Float)
+    }
+}
