@@ -74,7 +74,7 @@ pub use linear::{
 };
 pub use mlp::{ClassificationHead, Mlp};
 pub use model::{
-    Activation, ForwardOptions, Model, OutputDelta, OutputSlots, StepOutputs, Trainable,
+    Activation, Evaluation, ForwardOptions, Model, OutputDelta, OutputSlots, StepOutputs, Trainable,
 };
 pub use optim::{Optimizer, OptimizerKind, Schedule};
 pub use params::{Params, Snapshot};

@@ -7,7 +7,7 @@ use std::any::Any;
 
 use tch::Tensor;
 
-use crate::data::Batch;
+use crate::data::{Batch, BatchSource};
 use crate::loss::cross_entropy;
 use crate::{Error, Linear, Params, Result};
 
@@ -209,6 +209,11 @@ pub struct ForwardOptions {
     pub attentions: bool,
     /// The pooled representation the head sees.
     pub pooled: bool,
+    /// Every position's logits, from models that otherwise leave them out: a causal
+    /// LM's loss reads its final hidden state through the head in chunks
+    /// ([`StepOutputs::last_hidden`]), so `[tokens, vocab]` logits exist only when a
+    /// technique asks (distillation does). Classifiers always return logits.
+    pub logits: bool,
 }
 
 impl ForwardOptions {
@@ -218,6 +223,7 @@ impl ForwardOptions {
             hidden_states: self.hidden_states || o.hidden_states,
             attentions: self.attentions || o.attentions,
             pooled: self.pooled || o.pooled,
+            logits: self.logits || o.logits,
         }
     }
 }
@@ -225,8 +231,13 @@ impl ForwardOptions {
 /// What a model's forward pass returns to the trainer and to techniques.
 #[derive(Debug)]
 pub struct StepOutputs {
-    /// Class logits `[b, c]`.
+    /// Class logits `[b, c]`, or token logits `[b, t, vocab]` (causal LMs: only when
+    /// [`ForwardOptions::logits`] asks; otherwise an undefined tensor, and the loss reads
+    /// `last_hidden`).
     pub logits: Tensor,
+    /// The final hidden state `[b, t, hidden]` a causal LM's head reads, when the model
+    /// computes its loss from it.
+    pub last_hidden: Option<Tensor>,
     /// Hidden states, when asked for and the model has them (feature distillation).
     pub hidden_states: Vec<Tensor>,
     /// Attention probabilities `[b, heads, t, t]` per layer, when asked for.
@@ -240,6 +251,7 @@ impl StepOutputs {
     pub fn logits(logits: Tensor) -> Self {
         Self {
             logits,
+            last_hidden: None,
             hidden_states: Vec::new(),
             attentions: Vec::new(),
             pooled: None,
@@ -255,5 +267,48 @@ pub trait Trainable: Model {
     /// The task loss. Default: cross-entropy of the logits against the labels.
     fn loss(&self, out: &StepOutputs, batch: &Batch) -> Result<Tensor> {
         cross_entropy(&out.logits, &batch.labels)
+    }
+    /// The figure the trainer reports on an eval set (eval mode, no gradient), when the
+    /// model chooses its own: causal LMs report mean token NLL. `None` (the default):
+    /// accuracy, for classifiers. Callers use [`crate::trainer::evaluate`].
+    fn evaluate(
+        &self,
+        _data: &dyn BatchSource,
+        _batch_size: usize,
+        _device: tch::Device,
+    ) -> Result<Option<Evaluation>> {
+        Ok(None)
+    }
+}
+
+/// What [`Trainable::evaluate`] measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Evaluation {
+    /// Fraction of examples classified right (higher is better).
+    Accuracy(f64),
+    /// Mean negative log-likelihood of the labelled tokens, in nats (lower is better),
+    /// over `tokens` tokens; perplexity is its exponential.
+    TokenNll {
+        /// Mean NLL.
+        nll: f64,
+        /// Labelled tokens it averages over.
+        tokens: usize,
+    },
+}
+
+impl Evaluation {
+    /// The figure: accuracy, or mean token NLL.
+    pub fn value(&self) -> f64 {
+        match *self {
+            Evaluation::Accuracy(a) => a,
+            Evaluation::TokenNll { nll, .. } => nll,
+        }
+    }
+    /// Its name in reports: `accuracy` or `token_nll`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Evaluation::Accuracy(_) => "accuracy",
+            Evaluation::TokenNll { .. } => "token_nll",
+        }
     }
 }

@@ -271,6 +271,7 @@ impl Trainable for EmbedStudent {
             pooled = l2_normalize(&pooled);
         }
         Ok(StepOutputs {
+            last_hidden: None,
             logits: pooled.shallow_clone(),
             hidden_states: out.hidden_states,
             attentions: out.attentions,

@@ -15,6 +15,7 @@ use tch::{Device, Tensor};
 use crate::{Error, Result};
 
 pub mod labelled;
+pub mod lm;
 
 /// One training or evaluation batch.
 ///
@@ -31,7 +32,9 @@ pub struct Batch {
     /// Whether any example is padded (some mask entry is 0). Known by the source on the
     /// host, so models need not read the mask back from the device to find out.
     pub padded: bool,
-    /// Class labels `[b]` (i64).
+    /// Labels (i64, -100 = no label): one class per example `[b]`, or one target token
+    /// per position `[b, t]` for causal LMs (aligned with `inputs`, as transformers
+    /// takes them: the model shifts them by one).
     pub labels: Tensor,
     /// Index of each example in the source it was drawn from.
     pub indices: Vec<i64>,
@@ -84,6 +87,20 @@ impl Batch {
     /// True for an empty batch.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Labelled targets: examples with a label for `[b]` labels; for `[b, t]` token
+    /// labels, positions 1.. with a label (the first position of a row has no earlier
+    /// token to predict it from). What a loss averages over, and what data-parallel
+    /// runs weight their gradients by. Reads the labels back from the device.
+    pub fn num_targets(&self) -> i64 {
+        let l = if self.labels.dim() == 2 {
+            let t = self.labels.size()[1];
+            self.labels.narrow(1, 1, (t - 1).max(0))
+        } else {
+            self.labels.shallow_clone()
+        };
+        l.ne(-100).sum(tch::Kind::Int64).int64_value(&[])
     }
 
     /// The batch on another device.
@@ -192,7 +209,29 @@ impl Batch {
             let xs: Vec<&Tensor> = batches.iter().map(|b| &b.inputs).collect();
             (Tensor::cat(&xs, 0), None, false)
         };
-        let labels: Vec<&Tensor> = batches.iter().map(|b| &b.labels).collect();
+        let token_labels = first.labels.dim() == 2;
+        if let Some(i) = batches
+            .iter()
+            .position(|b| (b.labels.dim() == 2) != token_labels)
+        {
+            return Err(Error::invalid(
+                "batch concat",
+                format!("batch {i} has labels {:?}, batch 0 {:?}: one class per example and one token per position do not mix", batches[i].labels.size(), first.labels.size()),
+            ));
+        }
+        // Token labels are padded like the inputs, with -100 (no label).
+        let labels: Vec<Tensor> = batches
+            .iter()
+            .map(|b| {
+                let t = inputs.size()[1];
+                let have = b.labels.size().get(1).copied().unwrap_or(t);
+                if token_labels && have < t {
+                    b.labels.pad([0, t - have], "constant", Some(-100.0))
+                } else {
+                    b.labels.shallow_clone()
+                }
+            })
+            .collect();
         let task_ids = tasks.then(|| {
             let t: Vec<&Tensor> = batches
                 .iter()
@@ -211,13 +250,13 @@ impl Batch {
     }
 }
 
-/// Labels must be a 1-D i64 tensor; returns their count.
+/// Labels must be an i64 tensor `[n]` (classes) or `[n, t]` (tokens); returns `n`.
 pub(crate) fn check_labels(what: &str, labels: &Tensor) -> Result<i64> {
-    if labels.dim() != 1 {
+    if labels.dim() != 1 && labels.dim() != 2 {
         return Err(Error::invalid(
             what,
             format!(
-                "expected 1-D class labels [n], found shape {:?}",
+                "expected class labels [n] or token labels [n, t], found shape {:?}",
                 labels.size()
             ),
         ));
@@ -614,11 +653,11 @@ mod tests {
         let e = TensorDataset::new(x.shallow_clone(), scalar.shallow_clone())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("1-D") && e.contains("[]"), "{e}");
+        assert!(e.contains("[n]") && e.contains("[]"), "{e}");
         let e = Batch::new(x.shallow_clone(), scalar)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("1-D"), "{e}");
+        assert!(e.contains("[n]"), "{e}");
         let floats = Tensor::zeros([4], (tch::Kind::Float, Device::Cpu));
         assert!(TensorDataset::new(x.shallow_clone(), floats).is_err());
         let y = Tensor::from_slice(&[0i64, 1, 2, 3]);

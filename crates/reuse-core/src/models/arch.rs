@@ -335,9 +335,14 @@ mod tests {
 
     #[test]
     fn model_types_dispatch_and_unknown_ones_are_named() {
-        assert!(std::ptr::eq(for_model_type("llama").unwrap(), &LLAMA));
-        assert!(std::ptr::eq(for_model_type("qwen2").unwrap(), &QWEN2));
-        assert!(std::ptr::eq(for_model_type("bert").unwrap(), &BERT));
+        for (ty, class) in [
+            ("llama", Some("LlamaForCausalLM")),
+            ("qwen2", Some("Qwen2ForCausalLM")),
+            ("mistral", Some("MistralForCausalLM")),
+            ("bert", None),
+        ] {
+            assert_eq!(for_model_type(ty).unwrap().hf_class, class);
+        }
         let e = for_model_type("gpt_neox").unwrap_err().to_string();
         assert!(e.contains("gpt_neox") && e.contains("llama"), "{e}");
     }

@@ -45,6 +45,7 @@ impl BertClassifier {
             .forward(&pooled.to_kind(self.head.classifier.weight.kind()), train)?
             .to_kind(Kind::Float);
         Ok(StepOutputs {
+            last_hidden: None,
             logits,
             hidden_states: out.hidden_states,
             attentions: out.attentions,

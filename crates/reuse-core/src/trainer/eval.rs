@@ -1,10 +1,11 @@
-//! Prediction and accuracy over a data source (eval mode, no gradient).
+//! Prediction, accuracy and each model's own evaluation over a data source (eval mode,
+//! no gradient).
 
 use tch::Device;
 
 use crate::data::{epoch_batches, BatchSource};
 use crate::model::ForwardOptions;
-use crate::model::Trainable;
+use crate::model::{Evaluation, Trainable};
 use crate::Result;
 
 /// Predicted classes and labels for every example of `data`, in order (eval mode, no grad).
@@ -51,4 +52,20 @@ pub fn accuracy(
 ) -> Result<f64> {
     let (right, total) = count_correct(model, data, batch_size, device)?;
     Ok(right as f64 / total.max(1) as f64)
+}
+
+/// The model's own figure on `data` ([`Trainable::evaluate`]: mean token NLL for causal
+/// LMs), or accuracy for a model that has none.
+pub fn evaluate(
+    model: &dyn Trainable,
+    data: &dyn BatchSource,
+    batch_size: usize,
+    device: Device,
+) -> Result<Evaluation> {
+    match model.evaluate(data, batch_size, device)? {
+        Some(e) => Ok(e),
+        None => Ok(Evaluation::Accuracy(accuracy(
+            model, data, batch_size, device,
+        )?)),
+    }
 }

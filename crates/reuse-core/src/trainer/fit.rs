@@ -5,7 +5,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Device, Kind, Tensor};
 
-use super::eval::accuracy;
+use super::eval::evaluate;
 use super::{Position, StepContext, Technique, TrainReport, Trainer};
 use crate::data::{epoch_batches, BatchSource};
 use crate::model::ForwardOptions;
@@ -192,9 +192,9 @@ impl Trainer {
                 }
                 if let (Some(every), Some(ev)) = (c.eval_every, eval) {
                     if pos.step % every == 0 {
-                        report
-                            .evals
-                            .push((pos.step, accuracy(model, ev, c.batch_size, c.device)?));
+                        let e = evaluate(model, ev, c.batch_size, c.device)?;
+                        report.eval_metric = e.name();
+                        report.evals.push((pos.step, e.value()));
                     }
                 }
                 if let Some(rs) = &c.run_state {
@@ -212,9 +212,9 @@ impl Trainer {
         report.steps = pos.step;
         if let Some(ev) = eval {
             if report.evals.last().map(|e| e.0) != Some(pos.step) {
-                report
-                    .evals
-                    .push((pos.step, accuracy(model, ev, c.batch_size, c.device)?));
+                let e = evaluate(model, ev, c.batch_size, c.device)?;
+                report.eval_metric = e.name();
+                report.evals.push((pos.step, e.value()));
             }
         }
         if let Some(rs) = &c.run_state {

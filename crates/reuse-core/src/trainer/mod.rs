@@ -49,7 +49,7 @@ mod fit;
 mod run_state;
 
 pub use crate::model::{ForwardOptions, StepOutputs, Trainable};
-pub use eval::{accuracy, count_correct, predict};
+pub use eval::{accuracy, count_correct, evaluate, predict};
 
 /// Where the loop is, as every hook sees it.
 #[derive(Debug, Clone, Copy)]
@@ -247,8 +247,11 @@ pub struct TrainReport {
     pub steps: usize,
     /// Loss (task + extra terms, summed over micro-batches) of each optimizer step.
     pub losses: Vec<f64>,
-    /// (step, accuracy) of each evaluation.
+    /// (step, figure) of each evaluation: the model's [`crate::Evaluation`] (accuracy
+    /// for classifiers, mean token NLL for causal LMs), named by `eval_metric`.
     pub evals: Vec<(usize, f64)>,
+    /// The name of the evaluations' figure (`accuracy`, `token_nll`); empty before one.
+    pub eval_metric: &'static str,
     /// Wall-clock seconds of this `fit` call.
     pub seconds: f64,
     /// Training examples per second in this `fit` call.

@@ -27,9 +27,11 @@ use crate::{Checkpoint, Error, Linear, Result};
 mod config;
 pub mod generate;
 mod load;
+mod train;
 
 pub use config::{LlamaConfig, RopeScaling};
-pub use generate::{GenerateOptions, Generated, KvCache, Sampling};
+pub use generate::{GenerateOptions, Generated, KvCache, Sampling, StopReason};
+pub use train::{perplexity, LOSS_CHUNK};
 
 /// RMSNorm: `weight * x / sqrt(mean(x^2) + eps)`, the statistics in f32.
 #[derive(Debug)]

@@ -230,7 +230,9 @@ fn a_batch_generates_what_its_rows_generate_alone() {
         let batch = m.generate(&prompts, &opts, &mut |_, _| {}).unwrap();
         if sampling == Sampling::Greedy {
             for (i, p) in prompts.iter().enumerate() {
-                let alone = m.generate(std::slice::from_ref(p), &opts, &mut |_, _| {}).unwrap();
+                let alone = m
+                    .generate(std::slice::from_ref(p), &opts, &mut |_, _| {})
+                    .unwrap();
                 assert_eq!(alone.tokens[0], batch.tokens[i], "row {i}");
             }
         } else {
