@@ -53,7 +53,6 @@ fn quantized_weight_ratio(dir: &Path, modules: &[String], f32_ck: &Checkpoint) -
 /// probe's test accuracy (trained on the f32 embeddings) before and after, and embed
 /// throughput in interleaved rounds.
 pub fn minilm(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
-    reuse_quant::register();
     let src = minilm_dir()?;
     let splits = super::sections()?;
     let take = |v: &[String], n: usize| v.iter().take(n).cloned().collect::<Vec<_>>();
@@ -159,7 +158,7 @@ pub fn minilm(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     for v in &variants[1..] {
         encoders.push((
             v.name.clone(),
-            SentenceEncoder::load(&v.dir, device, Kind::Float)?,
+            SentenceEncoder::load_with(&v.dir, &reuse_quant::load_options(device, Kind::Float))?,
         ));
     }
     // Out of domain: sentences of AppStream descriptions (full English prose), unlike the
@@ -322,7 +321,6 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     use reuse_quant::model::{calibrate, quantize_model, Method};
     use reuse_quant::QuantizedWeight;
 
-    reuse_quant::register();
     let dir = minilm_dir()?;
     let device = ctx.device;
     let (splits, pool_texts) = sections_and_pool(ctx)?;
@@ -720,7 +718,6 @@ pub fn qlora_child(spec: &str) -> Result<()> {
     use reuse_peft::LoraModel;
     use reuse_quant::model::{calibrate, quantize_model, Method};
 
-    reuse_quant::register();
     let run: QloraRun = serde_json::from_str(spec).context("quant.qlora child spec")?;
     let device = if run.cuda {
         Device::Cuda(0)
@@ -734,7 +731,11 @@ pub fn qlora_child(spec: &str) -> Result<()> {
     splits.dev.labels.truncate(ctx.size(usize::MAX, 64));
     splits.test.texts.truncate(ctx.size(usize::MAX, 64));
     splits.test.labels.truncate(ctx.size(usize::MAX, 64));
-    let tok = SentenceEncoder::load(&run.base, Device::Cpu, Kind::Float)?.tokenizer;
+    let tok = SentenceEncoder::load_with(
+        &run.base,
+        &reuse_quant::load_options(Device::Cpu, Kind::Float),
+    )?
+    .tokenizer;
     let max_len = super::peft::MAX_LEN;
     let train = TokenizedDataset::new(&tok, &splits.train, max_len)?;
     let dev = TokenizedDataset::new(&tok, &splits.dev, max_len)?;
@@ -743,7 +744,7 @@ pub fn qlora_child(spec: &str) -> Result<()> {
     let n_classes = splits.classes.len() as i64;
     tch::manual_seed(run.seed as i64);
     let mut model = LoraModel::new(BertClassifier::new(
-        Bert::load(&run.base, device, Kind::Float)?,
+        Bert::load_with(&run.base, &reuse_quant::load_options(device, Kind::Float))?,
         n_classes,
     ));
     let mut lcfg = super::peft::lora_config("lora")?;
@@ -780,7 +781,11 @@ pub fn qlora_child(spec: &str) -> Result<()> {
         let head = merged.head;
         let fresh = || -> Result<BertClassifier> {
             let mut ck = state.shallow_copy();
-            let bert = Bert::from_checkpoint(bert_cfg.clone(), &mut ck, device, Kind::Float)?;
+            let bert = Bert::from_checkpoint_with(
+                bert_cfg.clone(),
+                &mut ck,
+                &reuse_quant::load_options(device, Kind::Float),
+            )?;
             let c = BertClassifier::new(bert, n_classes);
             tch::no_grad(|| {
                 for ((_, mut dst), (_, src)) in c
@@ -837,7 +842,6 @@ pub fn qlora_child(spec: &str) -> Result<()> {
 /// process per run, f32 and int4 alternating).
 pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let seeds = &ctx.seeds;
-    reuse_quant::register();
     let src = minilm_dir()?;
     let splits = super::sections()?;
     let calib = calibration_texts(ctx, &splits.train.texts);

@@ -205,12 +205,13 @@ fn load_teacher(a: &CacheArgs, device: Device, texts: &TextDataset) -> Result<Lo
         );
     };
     let num_classes = head.size()[0];
-    let enc = SentenceEncoder::load(&base, device, Kind::Float).with_context(|| {
-        format!(
-            "cannot load the teacher's base model from {}",
-            base.display()
-        )
-    })?;
+    let enc = SentenceEncoder::load_with(&base, &reuse_quant::load_options(device, Kind::Float))
+        .with_context(|| {
+            format!(
+                "cannot load the teacher's base model from {}",
+                base.display()
+            )
+        })?;
     let classes: Option<Vec<String>> = config
         .extra
         .get("reuse_classes")

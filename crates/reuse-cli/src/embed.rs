@@ -44,7 +44,7 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let texts = read_lines(&a.texts)?;
-    let mut enc = SentenceEncoder::load(&a.model, device, kind)
+    let mut enc = SentenceEncoder::load_with(&a.model, &reuse_quant::load_options(device, kind))
         .with_context(|| format!("cannot load model from {}", a.model.display()))?;
     if !a.adapters.is_empty() {
         let mut lm = LoraModel::new(enc.bert);

@@ -146,8 +146,11 @@ fn merge(a: MergeArgs) -> Result<()> {
     {
         bail!("--out {} already exists and is not empty", a.out.display());
     }
-    let bert = Bert::load(&a.model, tch::Device::Cpu, Kind::Float)
-        .with_context(|| format!("cannot load model from {}", a.model.display()))?;
+    let bert = Bert::load_with(
+        &a.model,
+        &reuse_quant::load_options(tch::Device::Cpu, Kind::Float),
+    )
+    .with_context(|| format!("cannot load model from {}", a.model.display()))?;
     let mut lm = LoraModel::new(bert);
     let loaded = lm
         .load_adapter(&a.adapter, "merge")
@@ -225,7 +228,7 @@ fn train(a: TrainArgs) -> Result<()> {
     }
     let opts = a.columns.options(a.format.as_deref(), a.seed)?;
     let splits = load_labelled(&data, &opts)?;
-    let enc = SentenceEncoder::load(&a.model, device, Kind::Float)
+    let enc = SentenceEncoder::load_with(&a.model, &reuse_quant::load_options(device, Kind::Float))
         .with_context(|| format!("cannot load model from {}", a.model.display()))?;
     let train = TokenizedDataset::new(&enc.tokenizer, &splits.train, a.max_len)?;
     let dev = TokenizedDataset::new(&enc.tokenizer, &splits.dev, a.max_len)?;

@@ -72,8 +72,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Quantized model folders load wherever a model folder does.
-    reuse_quant::register();
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),

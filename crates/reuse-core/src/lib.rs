@@ -69,8 +69,8 @@ pub mod trainer;
 pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};
 pub use linear::{
-    capture_linears, register_storage_loader, storage_loader, CapturedLinear, Linear, LinearDelta,
-    StorageLoader, WeightStorage, WeightTransform,
+    capture_linears, CapturedLinear, Linear, LinearDelta, StorageLoader, WeightStorage,
+    WeightTransform,
 };
 pub use mlp::{ClassificationHead, Mlp};
 pub use model::{

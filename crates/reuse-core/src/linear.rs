@@ -37,10 +37,10 @@ pub trait WeightStorage: Send {
 /// embedding table) from a checkpoint, taking its tensors out of `ck`, given the
 /// weight's logical shape, the model folder's `quantization_config` (from its
 /// `config.json`), and the device and float dtype the model computes in. `Ok(None)`:
-/// this weight is stored dense. Crates that define a storage register a loader under a
-/// `quant_method` ([`register_storage_loader`]); model loaders look it up by the
-/// folder's `quantization_config.quant_method`, as Hugging Face `transformers` finds a
-/// quantizer.
+/// this weight is stored dense. Crates that define a storage export a loader under a
+/// `quant_method`; a caller passes it in [`crate::models::LoadOptions::storage`] and
+/// model loaders pick it by the folder's `quantization_config.quant_method`, as Hugging
+/// Face `transformers` finds a quantizer. Nothing global needs priming.
 pub type StorageLoader = fn(
     name: &str,
     shape: [i64; 2],
@@ -49,27 +49,6 @@ pub type StorageLoader = fn(
     device: Device,
     kind: Kind,
 ) -> Result<Option<Box<dyn WeightStorage>>>;
-
-static STORAGE_LOADERS: std::sync::RwLock<std::collections::BTreeMap<String, StorageLoader>> =
-    std::sync::RwLock::new(std::collections::BTreeMap::new());
-
-/// Registers `loader` for model folders whose `quantization_config.quant_method` is
-/// `method` (replacing any earlier one). reuse-quant's `register()` calls this.
-pub fn register_storage_loader(method: &str, loader: StorageLoader) {
-    STORAGE_LOADERS
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(method.to_string(), loader);
-}
-
-/// The loader registered for `method`, if any.
-pub fn storage_loader(method: &str) -> Option<StorageLoader> {
-    STORAGE_LOADERS
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(method)
-        .copied()
-}
 
 /// A function of the weight applied on every forward (an inference mask: `w * mask`),
 /// so a masked layer costs one element-wise product, not an extra GEMM.

@@ -65,7 +65,8 @@ pub fn quantize_folder(
 ) -> Result<QuantizeReport> {
     check_out(out, overwrite)?;
     let t0 = Instant::now();
-    let mut enc = SentenceEncoder::load(src, Device::Cpu, Kind::Float)?;
+    // Loaded with this crate's storage so that a quantized source gets the message below.
+    let mut enc = SentenceEncoder::load_with(src, &crate::load_options(Device::Cpu, Kind::Float))?;
     if enc.bert.config.extra.contains_key("quantization_config") {
         return Err(Error::invalid(
             format!("{}", src.join("config.json").display()),
@@ -162,7 +163,6 @@ pub fn quantize_folder(
 /// reads.
 pub fn dequantize_folder(src: &Path, out: &Path, overwrite: bool) -> Result<()> {
     check_out(out, overwrite)?;
-    crate::register();
     let cfg_path = src.join("config.json");
     let config = reuse_core::models::BertConfig::load(&cfg_path)?;
     if !config.extra.contains_key("quantization_config") {
@@ -171,7 +171,8 @@ pub fn dequantize_folder(src: &Path, out: &Path, overwrite: bool) -> Result<()> 
             "not a quantized model (config.json has no quantization_config)",
         ));
     }
-    let mut bert = reuse_core::models::Bert::load(src, Device::Cpu, Kind::Float)?;
+    let mut bert =
+        reuse_core::models::Bert::load_with(src, &crate::load_options(Device::Cpu, Kind::Float))?;
     reuse_core::Model::visit_linears(&mut bert, &mut |_, l| {
         let _ = l.densify(false);
     });

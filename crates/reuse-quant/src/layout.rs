@@ -176,9 +176,16 @@ pub fn load_storage(
     }
 }
 
-/// Registers this crate's loader with reuse-core, so that `Bert::load`,
-/// `SentenceEncoder::load` and everything built on them load quantized folders. Cheap;
-/// call it once at start-up (calling it again is harmless).
-pub fn register() {
-    reuse_core::register_storage_loader(QUANT_METHOD, load_storage);
+/// This crate's storage loader under its `quant_method`, for
+/// [`reuse_core::models::LoadOptions::with_storage`]: with it, `Bert::load_with`,
+/// `SentenceEncoder::load_with` and `CausalLm::load_with` load quantized folders.
+pub const STORAGE: [(&str, reuse_core::StorageLoader); 1] = [(QUANT_METHOD, load_storage)];
+
+/// Load options on `device` in `kind` that read this crate's quantized folders (and
+/// dense ones).
+pub fn load_options(
+    device: tch::Device,
+    kind: tch::Kind,
+) -> reuse_core::models::LoadOptions<'static> {
+    reuse_core::models::LoadOptions::new(device, kind).with_storage(&STORAGE)
 }

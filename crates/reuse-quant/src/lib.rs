@@ -18,7 +18,7 @@
 //!   with GPTQ's Hessians gathered by running it on calibration inputs
 //!   ([`model::calibrate`]);
 //! * [`layout`]: the safetensors layout and `config.json` entry of a quantized model
-//!   folder, and the loader that lets core's BERT loader read it ([`register`]);
+//!   folder, and the loader that lets core's model loaders read it ([`STORAGE`], [`load_options`]: passed explicitly, nothing global);
 //! * [`folder`]: a model folder in, a quantized model folder out (`reuse quantize`).
 //!
 //! ```
@@ -49,6 +49,6 @@ pub mod model;
 pub mod spec;
 pub mod weight;
 
-pub use layout::register;
+pub use layout::{load_options, STORAGE};
 pub use spec::QuantSpec;
 pub use weight::QuantizedWeight;

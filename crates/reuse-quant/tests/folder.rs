@@ -24,7 +24,8 @@ fn texts() -> (Vec<String>, Vec<String>) {
 }
 
 fn encode(dir: &Path, texts: &[String]) -> Tensor {
-    let enc = SentenceEncoder::load(dir, Device::Cpu, Kind::Float).unwrap();
+    let enc = SentenceEncoder::load_with(dir, &reuse_quant::load_options(Device::Cpu, Kind::Float))
+        .unwrap();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     enc.encode(&refs, 32).unwrap()
 }
@@ -54,7 +55,6 @@ fn tmp() -> tempfile::TempDir {
 /// in-memory quantized model's exactly, and close to the f32 model's on real texts.
 #[test]
 fn int8_folder_loads_like_any_model_and_keeps_the_embeddings() {
-    reuse_quant::register();
     let src = minilm_dir().unwrap();
     let (_, dev) = texts();
     let dir = tmp();
@@ -84,11 +84,15 @@ fn int8_folder_loads_like_any_model_and_keeps_the_embeddings() {
     assert_eq!(cfg["quantization_config"]["bits"], 8);
     assert_eq!(cfg["model_type"], "bert");
 
-    let mut loaded = SentenceEncoder::load(&out, Device::Cpu, Kind::Float).unwrap();
+    let mut loaded =
+        SentenceEncoder::load_with(&out, &reuse_quant::load_options(Device::Cpu, Kind::Float))
+            .unwrap();
     assert_eq!(stored_paths(&mut loaded), report.config.modules);
 
     // The same quantization in memory gives the same embeddings.
-    let mut mem = SentenceEncoder::load(&src, Device::Cpu, Kind::Float).unwrap();
+    let mut mem =
+        SentenceEncoder::load_with(&src, &reuse_quant::load_options(Device::Cpu, Kind::Float))
+            .unwrap();
     quantize_model(&mut mem.bert, QuantSpec::int8(), &Method::Rtn, &|_| true).unwrap();
     let refs: Vec<&str> = dev.iter().map(String::as_str).collect();
     let a = loaded.encode(&refs, 32).unwrap();
@@ -111,7 +115,6 @@ fn int8_folder_loads_like_any_model_and_keeps_the_embeddings() {
 /// table quantized too loads back.
 #[test]
 fn int4_gptq_beats_round_to_nearest_on_held_out_texts() {
-    reuse_quant::register();
     let src = minilm_dir().unwrap();
     let (calib, dev) = texts();
     let f32_emb = encode(&src, &dev);
@@ -173,13 +176,21 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 /// nothing written where it should not be.
 #[test]
 fn bad_quantized_folders_and_settings_are_clear_errors() {
-    reuse_quant::register();
     let src = minilm_dir().unwrap();
     let dir = tmp();
     let good = dir.path().join("good");
     quantize_folder(&src, &good, &opts(QuantSpec::int4(32, false)), false).unwrap();
 
     // A group size that does not divide the weights: nothing written.
+    // Without this crate's loader passed, the folder is refused with the way to load it.
+    let e = SentenceEncoder::load(&good, Device::Cpu, Kind::Float)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("quant_method `reuse`") && e.contains("load_options"),
+        "{e}"
+    );
+
     let out = dir.path().join("bad-group");
     let e = quantize_folder(&src, &out, &opts(QuantSpec::int4(100, true)), false).unwrap_err();
     let msg = e.to_string();
@@ -209,7 +220,11 @@ fn bad_quantized_folders_and_settings_are_clear_errors() {
         .remove("encoder.layer.2.output.dense.weight_scale")
         .unwrap();
     ck.save(&w).unwrap();
-    let e = SentenceEncoder::load(&broken, Device::Cpu, Kind::Float).unwrap_err();
+    let e = SentenceEncoder::load_with(
+        &broken,
+        &reuse_quant::load_options(Device::Cpu, Kind::Float),
+    )
+    .unwrap_err();
     let msg = e.to_string();
     assert!(
         msg.contains("encoder.layer.2.output.dense.weight_scale")
@@ -223,24 +238,30 @@ fn bad_quantized_folders_and_settings_are_clear_errors() {
     edit_config(&other, |v| {
         v["quantization_config"]["quant_method"] = "awq".into()
     });
-    let e = SentenceEncoder::load(&other, Device::Cpu, Kind::Float).unwrap_err();
+    let e =
+        SentenceEncoder::load_with(&other, &reuse_quant::load_options(Device::Cpu, Kind::Float))
+            .unwrap_err();
     assert!(
         e.to_string()
-            .contains("no loader is registered for quant_method `awq`"),
+            .contains("quant_method `awq`) and no loader for it was passed"),
         "{e}"
     );
     edit_config(&other, |v| {
         v["quantization_config"]["quant_method"] = "reuse".into();
         v["quantization_config"]["bits"] = 3.into();
     });
-    let e = SentenceEncoder::load(&other, Device::Cpu, Kind::Float).unwrap_err();
+    let e =
+        SentenceEncoder::load_with(&other, &reuse_quant::load_options(Device::Cpu, Kind::Float))
+            .unwrap_err();
     assert!(
         e.to_string().contains("bits must be 8 or 4, found 3"),
         "{e}"
     );
 
     // The source was only read.
-    let again = SentenceEncoder::load(&src, Device::Cpu, Kind::Float).unwrap();
+    let again =
+        SentenceEncoder::load_with(&src, &reuse_quant::load_options(Device::Cpu, Kind::Float))
+            .unwrap();
     assert!(!again.bert.config.extra.contains_key("quantization_config"));
     let _: PathBuf = good;
 }
@@ -250,7 +271,9 @@ fn bad_quantized_folders_and_settings_are_clear_errors() {
 #[test]
 fn quantized_weights_are_buffers_not_parameters() {
     let src = minilm_dir().unwrap();
-    let mut enc = SentenceEncoder::load(&src, Device::Cpu, Kind::Float).unwrap();
+    let mut enc =
+        SentenceEncoder::load_with(&src, &reuse_quant::load_options(Device::Cpu, Kind::Float))
+            .unwrap();
     let before = enc.bert.named_parameters().len();
     let done = quantize_model(&mut enc.bert, QuantSpec::int8(), &Method::Rtn, &|p| {
         p.contains("attention.self")

@@ -67,6 +67,41 @@ pub fn write_model_folder(
     let config_text =
         serde_json::to_string_pretty(&json).map_err(|e| Error::invalid("config", e.to_string()))?;
 
+    write_folder_whole(out, overwrite, &mut |tmp: &Path| {
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |e| Error::io(p, e)
+        };
+        let cfg_out = tmp.join("config.json");
+        std::fs::write(&cfg_out, &config_text).map_err(io(&cfg_out))?;
+        weights.save(tmp.join("model.safetensors"))?;
+        for f in SHARED_FILES {
+            let src = src_dir.join(f);
+            if src.is_file() {
+                std::fs::copy(&src, tmp.join(f)).map_err(io(&src))?;
+            }
+        }
+        for m in module_folders(src_dir)? {
+            let src = src_dir.join(&m);
+            if src.is_dir() {
+                copy_dir(&src, &tmp.join(&m))?;
+            }
+        }
+        finish(tmp)
+    })
+}
+
+/// Builds a folder whole or not at all: `fill` writes its files into a fresh folder
+/// beside `out`, which then replaces `out` by a rename (an empty `out` is removed first;
+/// a non-empty one, allowed by `overwrite`, is moved aside and removed only once the new
+/// folder is in place). On any error nothing is left where a user would take it for a
+/// complete folder, and a previous `out` is intact.
+pub fn write_folder_whole(
+    out: &Path,
+    overwrite: bool,
+    fill: &mut dyn FnMut(&Path) -> Result<()>,
+) -> Result<()> {
+    check_out(out, overwrite)?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -86,22 +121,7 @@ pub fn write_model_folder(
             let p = p.to_path_buf();
             move |e| Error::io(p, e)
         };
-        let cfg_out = tmp.join("config.json");
-        std::fs::write(&cfg_out, config_text).map_err(io(&cfg_out))?;
-        weights.save(tmp.join("model.safetensors"))?;
-        for f in SHARED_FILES {
-            let src = src_dir.join(f);
-            if src.is_file() {
-                std::fs::copy(&src, tmp.join(f)).map_err(io(&src))?;
-            }
-        }
-        for m in module_folders(src_dir)? {
-            let src = src_dir.join(&m);
-            if src.is_dir() {
-                copy_dir(&src, &tmp.join(&m))?;
-            }
-        }
-        finish(&tmp)?;
+        fill(&tmp)?;
         // Move into place: an empty `out` is removed first; a non-empty one (allowed by
         // `overwrite`) is moved aside and removed only once the new folder is in place.
         let replaced = if out.exists() {

@@ -13,3 +13,86 @@ pub use classifier::BertClassifier;
 pub use llama::{CausalLm, LlamaConfig};
 pub use mlm::{train_flops, BertForMaskedLm, MaskingSpec, MlmBatch};
 pub use sentence::{SentenceEncoder, TokenizedDataset};
+
+use tch::{Device, Kind};
+
+use crate::linear::StorageLoader;
+
+/// How to load a model folder: where, in what dtype, and which weight-storage loaders
+/// to use for a folder whose `config.json` has a `quantization_config` (by its
+/// `quant_method`; reuse-quant exports its own as `reuse_quant::STORAGE`). Passed
+/// explicitly: nothing global needs priming.
+#[derive(Clone, Copy)]
+pub struct LoadOptions<'a> {
+    /// Device of the loaded weights.
+    pub device: Device,
+    /// Float dtype of the loaded weights (f32, f16, bf16).
+    pub kind: Kind,
+    /// `(quant_method, loader)` pairs.
+    pub storage: &'a [(&'a str, StorageLoader)],
+}
+
+impl std::fmt::Debug for LoadOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("device", &self.device)
+            .field("kind", &self.kind)
+            .field(
+                "storage",
+                &self.storage.iter().map(|s| s.0).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl LoadOptions<'static> {
+    /// Dense weights only, on `device` in `kind`.
+    pub fn new(device: Device, kind: Kind) -> Self {
+        Self {
+            device,
+            kind,
+            storage: &[],
+        }
+    }
+}
+
+impl<'a> LoadOptions<'a> {
+    /// The same with these storage loaders.
+    pub fn with_storage(self, storage: &'a [(&'a str, StorageLoader)]) -> Self {
+        Self { storage, ..self }
+    }
+
+    /// The loader a folder's `quantization_config` asks for (`None` without one), or an
+    /// error naming the `quant_method` nobody passed.
+    pub(crate) fn storage_for(
+        &self,
+        quantization_config: Option<&serde_json::Value>,
+    ) -> crate::Result<Option<(StorageLoader, serde_json::Value)>> {
+        let Some(qc) = quantization_config else {
+            return Ok(None);
+        };
+        let method = qc
+            .get("quant_method")
+            .and_then(|m| m.as_str())
+            .ok_or_else(|| {
+                crate::Error::invalid(
+                    "config.json quantization_config",
+                    format!("expected a `quant_method` string, found {qc}"),
+                )
+            })?;
+        let load = self
+            .storage
+            .iter()
+            .find(|(m, _)| *m == method)
+            .map(|(_, l)| *l)
+            .ok_or_else(|| {
+                crate::Error::invalid(
+                    "config.json quantization_config",
+                    format!(
+                        "the folder is quantized (quant_method `{method}`) and no loader for it was passed: load it with LoadOptions::with_storage (reuse-quant's is `reuse_quant::STORAGE`, its `load_options` builds the options)"
+                    ),
+                )
+            })?;
+        Ok(Some((load, qc.clone())))
+    }
+}

@@ -81,15 +81,21 @@ pub struct SentenceEncoder {
 
 impl SentenceEncoder {
     /// Loads a sentence-transformers model folder (config.json, model.safetensors,
-    /// tokenizer.json, and optionally sentence_bert_config.json and modules.json).
+    /// tokenizer.json, and optionally sentence_bert_config.json and modules.json). A
+    /// quantized folder needs [`SentenceEncoder::load_with`] and its storage loader.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Self::load_with(dir, &crate::models::LoadOptions::new(device, kind))
+    }
+
+    /// [`SentenceEncoder::load`] with options (storage loaders for a quantized folder).
+    pub fn load_with(dir: &Path, opts: &crate::models::LoadOptions<'_>) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::io(
                 dir,
                 std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
             ));
         }
-        let bert = Bert::load(dir, device, kind)?;
+        let bert = Bert::load_with(dir, opts)?;
         let sb = dir.join("sentence_bert_config.json");
         let max_seq_length = if sb.exists() {
             let text = std::fs::read_to_string(&sb).map_err(|e| Error::io(&sb, e))?;

@@ -4,6 +4,7 @@
 use tch::Tensor;
 
 use crate::model::OutputSlots;
+use crate::models::arch::{LinearSpec, BERT};
 use crate::{Checkpoint, Linear};
 
 /// LayerNorm with `weight` / `bias`.
@@ -50,29 +51,15 @@ pub struct BertEmbeddings {
     pub layer_norm: LayerNorm,
 }
 
-/// Which dimension a layer's linear reads or writes.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Dim {
-    Hidden,
-    Inter,
-}
-
-/// The linears of one encoder layer, in forward order: path under
-/// `encoder.layer.{i}`, input dimension, output dimension. Loading, the tensor list and
-/// the visitor all walk this one table (with [`BertLayer::linears`]), so they cannot
-/// disagree.
-pub(crate) const LAYER_LINEARS: [(&str, Dim, Dim); 6] = [
-    ("attention.self.query", Dim::Hidden, Dim::Hidden),
-    ("attention.self.key", Dim::Hidden, Dim::Hidden),
-    ("attention.self.value", Dim::Hidden, Dim::Hidden),
-    ("attention.output.dense", Dim::Hidden, Dim::Hidden),
-    ("intermediate.dense", Dim::Hidden, Dim::Inter),
-    ("output.dense", Dim::Inter, Dim::Hidden),
-];
+/// The linears of one encoder layer, in forward order (path under `encoder.layer.{i}`,
+/// dimensions, bias): BERT's architecture table ([`crate::models::arch::BERT`]).
+/// Loading, the tensor list and the visitor all walk it (with [`BertLayer::linears`]),
+/// so they cannot disagree.
+pub(crate) const LAYER_LINEARS: &[LinearSpec] = BERT.linears;
 /// The LayerNorms of one encoder layer, in forward order.
-pub(crate) const LAYER_NORMS: [&str; 2] = ["attention.output.LayerNorm", "output.LayerNorm"];
+pub(crate) const LAYER_NORMS: &[&str] = BERT.norms;
 /// The block-output slots of one layer: where bottleneck adapters attach.
-pub(crate) const LAYER_SLOTS: [&str; 2] = ["attention.output", "output"];
+pub(crate) const LAYER_SLOTS: &[&str] = BERT.slots;
 /// The embedding tables, under `embeddings.`.
 pub(crate) const EMBEDDINGS: [&str; 3] = [
     "word_embeddings",
@@ -80,7 +67,7 @@ pub(crate) const EMBEDDINGS: [&str; 3] = [
     "token_type_embeddings",
 ];
 /// The word-embedding table's path in a `BertModel` checkpoint.
-pub const WORD_EMBEDDINGS: &str = "embeddings.word_embeddings.weight";
+pub const WORD_EMBEDDINGS: &str = BERT.embedding;
 
 /// The prefix of a checkpoint's encoder tensors: `""` for a `BertModel`'s, `"bert."` for
 /// a `BertFor*` model's (as transformers saves them); `None` when it holds no BERT
@@ -93,13 +80,12 @@ pub fn checkpoint_prefix(ck: &Checkpoint) -> Option<&'static str> {
 
 /// `(i, tail)` of a tensor named `encoder.layer.{i}.{tail}`; `None` for any other name.
 pub fn layer_of(name: &str) -> Option<(usize, &str)> {
-    let (i, tail) = name.strip_prefix("encoder.layer.")?.split_once('.')?;
-    Some((i.parse().ok()?, tail))
+    BERT.layer_of(name)
 }
 
 /// The name of tensor `tail` of encoder layer `i`: `encoder.layer.{i}.{tail}`.
 pub fn layer_path(i: usize, tail: &str) -> String {
-    format!("encoder.layer.{i}.{tail}")
+    BERT.layer_path(i, tail)
 }
 
 /// The layer gate's one name: its parameter, `encoder.layer.{i}.reuse_gate`.

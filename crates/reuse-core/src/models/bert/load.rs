@@ -5,12 +5,23 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::linear::{storage_loader, StorageLoader};
+use crate::linear::StorageLoader;
 use crate::model::Activation;
+use crate::models::LoadOptions;
 use crate::{Checkpoint, Error, Linear, Result, WeightStorage};
 
 use super::layers::*;
 use super::{Bert, BertConfig};
+
+/// BERT's dimensions for the architecture table: heads span the hidden size.
+fn dims(hidden: i64, inter: i64) -> crate::models::arch::Dims {
+    crate::models::arch::Dims {
+        hidden,
+        inter,
+        heads: hidden,
+        kv_heads: hidden,
+    }
+}
 
 struct Loader<'a> {
     ck: &'a mut Checkpoint,
@@ -76,13 +87,11 @@ impl Loader<'_> {
     }
     pub(crate) fn layer(&mut self, c: &BertConfig, i: i64) -> Result<BertLayer> {
         let p = format!("encoder.layer.{i}");
-        let dim = |d: Dim| match d {
-            Dim::Hidden => c.hidden_size,
-            Dim::Inter => c.intermediate_size,
-        };
+        let dims = dims(c.hidden_size, c.intermediate_size);
         let mut lin = Vec::with_capacity(6);
-        for (name, di, dout) in LAYER_LINEARS {
-            lin.push(self.linear(&format!("{p}.{name}"), dim(di), dim(dout))?);
+        for spec in LAYER_LINEARS {
+            let [o, i] = spec.weight_shape(&dims);
+            lin.push(self.linear(&format!("{p}.{}", spec.path), i, o)?);
         }
         let mut norms = Vec::with_capacity(2);
         for name in LAYER_NORMS {
@@ -104,11 +113,18 @@ impl Loader<'_> {
 
 impl Bert {
     /// Loads `config.json` and `model.safetensors` from a Hugging Face model folder, in
-    /// `kind` (f32, f16, bf16) on `device`. Parameters are trainable, as in PyTorch.
+    /// `kind` (f32, f16, bf16) on `device`. Parameters are trainable, as in PyTorch. A
+    /// quantized folder needs [`Bert::load_with`] and its storage loader.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Self::load_with(dir, &LoadOptions::new(device, kind))
+    }
+
+    /// [`Bert::load`] with options: a quantized folder's weights load through the
+    /// storage loader `opts` passes for its `quant_method`.
+    pub fn load_with(dir: &Path, opts: &LoadOptions<'_>) -> Result<Self> {
         let config = BertConfig::load(&dir.join("config.json"))?;
-        let mut ck = Checkpoint::load(dir.join("model.safetensors"), Device::Cpu)?;
-        Self::from_checkpoint(config, &mut ck, device, kind)
+        let mut ck = Checkpoint::load_folder(dir, Device::Cpu)?;
+        Self::from_checkpoint_with(config, &mut ck, opts)
     }
 
     /// Builds the model from checkpoint tensors (taken out of `ck`), by Hugging Face name.
@@ -120,6 +136,16 @@ impl Bert {
         device: Device,
         kind: Kind,
     ) -> Result<Self> {
+        Self::from_checkpoint_with(config, ck, &LoadOptions::new(device, kind))
+    }
+
+    /// [`Bert::from_checkpoint`] with options (storage loaders for a quantized folder).
+    pub fn from_checkpoint_with(
+        config: BertConfig,
+        ck: &mut Checkpoint,
+        opts: &LoadOptions<'_>,
+    ) -> Result<Self> {
+        let (device, kind) = (opts.device, opts.kind);
         config.validate()?;
         if checkpoint_prefix(ck) == Some("bert.") {
             let names: Vec<String> = ck
@@ -134,30 +160,7 @@ impl Bert {
         }
         let c = &config;
         let (h, eps) = (c.hidden_size, c.layer_norm_eps);
-        let quant = match c.extra.get("quantization_config") {
-            None => None,
-            Some(qc) => {
-                let method = qc
-                    .get("quant_method")
-                    .and_then(|m| m.as_str())
-                    .ok_or_else(|| {
-                        Error::invalid(
-                            "config.json quantization_config",
-                            format!("expected a `quant_method` string, found {qc}"),
-                        )
-                    })?;
-                let load = storage_loader(method).ok_or_else(|| {
-                    Error::invalid(
-                        "config.json quantization_config",
-                        format!(
-                            "no loader is registered for quant_method `{method}` (reuse-quant's \
-                             is `reuse`: call reuse_quant::register() first; the reuse CLI does)"
-                        ),
-                    )
-                })?;
-                Some((load, qc.clone()))
-            }
-        };
+        let quant = opts.storage_for(c.extra.get("quantization_config"))?;
         let mut l = Loader {
             ck,
             kind,
@@ -226,12 +229,9 @@ impl Bert {
         norm(&mut ck, "embeddings.LayerNorm");
         for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
-            let dim = |d: Dim| match d {
-                Dim::Hidden => h,
-                Dim::Inter => f,
-            };
-            for (name, di, dout) in LAYER_LINEARS {
-                let (i_, o) = (dim(di), dim(dout));
+            for spec in LAYER_LINEARS {
+                let name = spec.path;
+                let [o, i_] = spec.weight_shape(&dims(h, f));
                 ck.insert(format!("{p}.{name}.weight"), n(&[o, i_]));
                 ck.insert(
                     format!("{p}.{name}.bias"),

@@ -102,8 +102,8 @@ impl Bert {
             let lins = l.linears();
             // Forward order: q, k, v, attention.output.dense, its LayerNorm, FFN in,
             // FFN out, its LayerNorm.
-            for (k, (name, _, _)) in LAYER_LINEARS.iter().enumerate() {
-                v.extend(lin(&format!("{p}.{name}"), lins[k]));
+            for (k, spec) in LAYER_LINEARS.iter().enumerate() {
+                v.extend(lin(&format!("{p}.{}", spec.path), lins[k]));
                 if k == 3 {
                     v.extend(prefixed(
                         &format!("{p}.{}", LAYER_NORMS[0]),
@@ -331,8 +331,8 @@ impl Bert {
 impl Model for Bert {
     fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
         for (i, l) in self.layers.iter_mut().enumerate() {
-            for ((name, _, _), lin) in LAYER_LINEARS.iter().zip(l.linears_mut()) {
-                f(&format!("encoder.layer.{i}.{name}"), lin);
+            for (spec, lin) in LAYER_LINEARS.iter().zip(l.linears_mut()) {
+                f(&layer_path(i, spec.path), lin);
             }
         }
         if let Some(p) = &mut self.pooler {
@@ -355,11 +355,8 @@ impl Model for Bert {
     fn named_buffers(&self) -> Vec<(String, Tensor)> {
         let mut v = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            for ((name, _, _), lin) in LAYER_LINEARS.iter().zip(l.linears()) {
-                v.extend(prefixed(
-                    &format!("encoder.layer.{i}.{name}"),
-                    lin.named_buffers(),
-                ));
+            for (spec, lin) in LAYER_LINEARS.iter().zip(l.linears()) {
+                v.extend(prefixed(&layer_path(i, spec.path), lin.named_buffers()));
             }
         }
         if let Some(p) = &self.pooler {

@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model::OutputSlots;
 use crate::models::arch::NormKind;
+use crate::models::LoadOptions;
 use crate::{Checkpoint, Error, Linear, Result};
 
 use super::{inv_freq, CausalLm, DecoderLayer, LlamaConfig, RmsNorm};
@@ -36,9 +37,15 @@ impl CausalLm {
     /// `model.safetensors.index.json`) of a Hugging Face Llama-family folder, in `kind`
     /// (f32, f16, bf16) on `device`. Parameters are trainable, as in PyTorch.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Self::load_with(dir, &LoadOptions::new(device, kind))
+    }
+
+    /// [`CausalLm::load`] with options: a quantized folder's weights load through the
+    /// storage loader `opts` passes for its `quant_method`.
+    pub fn load_with(dir: &Path, opts: &LoadOptions<'_>) -> Result<Self> {
         let config = LlamaConfig::load(&dir.join("config.json"))?;
         let mut ck = Checkpoint::load_folder(dir, Device::Cpu)?;
-        Self::from_checkpoint(config, &mut ck, device, kind)
+        Self::from_checkpoint_with(config, &mut ck, opts)
     }
 
     /// Builds the model from checkpoint tensors (taken out of `ck`) by Hugging Face name.
@@ -51,27 +58,57 @@ impl CausalLm {
         device: Device,
         kind: Kind,
     ) -> Result<Self> {
+        Self::from_checkpoint_with(config, ck, &LoadOptions::new(device, kind))
+    }
+
+    /// [`CausalLm::from_checkpoint`] with options (storage loaders for a quantized
+    /// folder: a linear whose weight the loader finds stored keeps it that way).
+    pub fn from_checkpoint_with(
+        config: LlamaConfig,
+        ck: &mut Checkpoint,
+        opts: &LoadOptions<'_>,
+    ) -> Result<Self> {
+        let (device, kind) = (opts.device, opts.kind);
         config.validate()?;
+        let quant = opts.storage_for(config.extra.get("quantization_config"))?;
+        let stored = |ck: &mut Checkpoint, name: &str, shape: [i64; 2]| match &quant {
+            None => Ok(None),
+            Some((load, qc)) => load(name, shape, qc, ck, device, kind),
+        };
         let a = config.architecture();
         debug_assert_eq!(a.norm, NormKind::RmsNorm);
         let dims = config.dims();
         let json = config.to_json();
         let h = config.hidden_size;
         let eps = config.rms_norm_eps;
-        let embed_tokens = take(ck, a.embedding, &[config.vocab_size, h], device, kind)?;
+        let embed_shape = [config.vocab_size, h];
+        let embed_tokens = match stored(ck, a.embedding, embed_shape)? {
+            // A quantized table is dequantized once: lookups need rows, not a matmul.
+            Some(s) => s
+                .dequantize()
+                .to_kind(kind)
+                .to_device(device)
+                .set_requires_grad(true),
+            None => take(ck, a.embedding, &embed_shape, device, kind)?,
+        };
         let mut layers = Vec::with_capacity(config.num_hidden_layers as usize);
         for i in 0..config.num_hidden_layers as usize {
             let mut linears = Vec::with_capacity(a.linears.len());
             for spec in a.linears {
                 let p = a.layer_path(i, spec.path);
                 let shape = spec.weight_shape(&dims);
-                let w = take(ck, &format!("{p}.weight"), &shape, device, kind)?;
                 let b = if spec.has_bias(&json) {
                     Some(take(ck, &format!("{p}.bias"), &[shape[0]], device, kind)?)
                 } else {
                     None
                 };
-                linears.push(Linear::from_tensors(w, b)?);
+                linears.push(match stored(ck, &format!("{p}.weight"), shape)? {
+                    Some(s) => Linear::from_storage(s, b)?,
+                    None => {
+                        let w = take(ck, &format!("{p}.weight"), &shape, device, kind)?;
+                        Linear::from_tensors(w, b)?
+                    }
+                });
             }
             let mut norms = Vec::with_capacity(2);
             for n in a.norms {
@@ -119,8 +156,11 @@ impl CausalLm {
             }
             None
         } else {
-            let w = take(ck, &head_name, &[config.vocab_size, h], device, kind)?;
-            Some(Linear::from_tensors(w, None)?)
+            let shape = [config.vocab_size, h];
+            Some(match stored(ck, &head_name, shape)? {
+                Some(s) => Linear::from_storage(s, None)?,
+                None => Linear::from_tensors(take(ck, &head_name, &shape, device, kind)?, None)?,
+            })
         };
         Ok(Self {
             inv_freq: inv_freq(&config, device)?,

@@ -123,6 +123,61 @@ impl Trainable for CausalLm {
     }
 }
 
+impl CausalLm {
+    /// Next-token NLL of whole token sequences (eval mode, no gradient): for each row,
+    /// the sum over its positions 1.. of -log p(token | earlier tokens), and how many
+    /// positions that is (its length - 1). Rows run `batch_size` at a time, longest
+    /// first, right-padded; the head runs per row on its real positions only.
+    pub fn sequence_nlls(&self, rows: &[Vec<i64>], batch_size: usize) -> Result<Vec<(f64, usize)>> {
+        let device = self.device();
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(rows[i].len()));
+        let mut out = vec![(0.0, 0usize); rows.len()];
+        tch::no_grad(|| -> Result<()> {
+            for chunk in order.chunks(batch_size.max(1)) {
+                let t = chunk.iter().map(|&i| rows[i].len()).max().unwrap_or(0);
+                if t < 2 {
+                    continue;
+                }
+                let (mut ids, mut mask) = (Vec::new(), Vec::new());
+                for &i in chunk {
+                    let r = &rows[i];
+                    ids.extend(r.iter().copied().chain(std::iter::repeat_n(0, t - r.len())));
+                    mask.extend(
+                        std::iter::repeat_n(1i64, r.len())
+                            .chain(std::iter::repeat_n(0, t - r.len())),
+                    );
+                }
+                let shape = [chunk.len() as i64, t as i64];
+                let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
+                let padded = chunk.iter().any(|&i| rows[i].len() < t);
+                let mask = padded.then(|| Tensor::from_slice(&mask).view(shape).to_device(device));
+                let o =
+                    self.forward(&ids, mask.as_ref(), None, false, ForwardOptions::default())?;
+                for (k, &i) in chunk.iter().enumerate() {
+                    let n = rows[i].len() as i64;
+                    if n < 2 {
+                        continue;
+                    }
+                    let h = o.last_hidden_state.get(k as i64).narrow(0, 0, n - 1);
+                    let logp = self
+                        .logits(&h, false)?
+                        .to_kind(tch::Kind::Float)
+                        .log_softmax(-1, tch::Kind::Float);
+                    let target = ids.get(k as i64).narrow(0, 1, n - 1).unsqueeze(1);
+                    let nll = -logp
+                        .gather(1, &target, false)
+                        .sum(tch::Kind::Double)
+                        .double_value(&[]);
+                    out[i] = (nll, (n - 1) as usize);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
 /// Mean NLL as perplexity.
 pub fn perplexity(nll: f64) -> f64 {
     nll.exp()
