@@ -1,4 +1,5 @@
-//! `reuse inspect`: the header of any safetensors file, validated.
+//! `reuse inspect`: the header of any safetensors file, validated; or a GGUF file's
+//! metadata and tensors.
 
 use std::path::PathBuf;
 
@@ -9,7 +10,7 @@ use serde_json::json;
 /// Arguments of `reuse inspect`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The safetensors file.
+    /// The safetensors or `.gguf` file.
     file: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -17,6 +18,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if reuse_core::models::lm::is_gguf(&a.file) {
+        return gguf(&a);
+    }
     let bytes =
         std::fs::read(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes)
@@ -70,5 +74,51 @@ pub fn run(a: Args) -> Result<()> {
     for (k, v) in &metadata {
         println!("metadata {k} = {v}");
     }
+    Ok(())
+}
+
+/// A GGUF file: version, metadata (long arrays summarised) and tensors (name, ggml type,
+/// PyTorch shape, bytes).
+fn gguf(a: &Args) -> Result<()> {
+    let f = reuse_core::gguf::GgufFile::open(&a.file)?;
+    let total: u64 = f.tensors().iter().map(|t| t.n_elements()).sum();
+    if a.json {
+        let v = json!({
+            "file": a.file.display().to_string(),
+            "format": "gguf",
+            "version": f.version(),
+            "parameters": total,
+            "metadata": f.metadata().iter().map(|(k, v)| (k.clone(), json!(v.describe()))).collect::<serde_json::Map<_, _>>(),
+            "tensors": f.tensors().iter().map(|t| json!({
+                "name": t.name(),
+                "type": t.ggml_type().name(),
+                "shape": t.shape(),
+                "bytes": t.n_bytes(),
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("GGUF v{} ({} bytes)", f.version(), f.file_size());
+    for (k, v) in f.metadata() {
+        println!("metadata {k} = {}", v.describe());
+    }
+    let width = f
+        .tensors()
+        .iter()
+        .map(|t| t.name().len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!("\n{:width$}  {:5}  shape", "name", "type");
+    for t in f.tensors() {
+        println!(
+            "{:width$}  {:5}  {:?}",
+            t.name(),
+            t.ggml_type().name(),
+            t.shape()
+        );
+    }
+    println!("\n{} tensors, {total} parameters", f.tensors().len());
     Ok(())
 }

@@ -1,7 +1,11 @@
 //! `reuse`: command-line access to the reuse toolkit.
 //!
-//! * `reuse inspect FILE.safetensors` lists tensors, dtypes, shapes, parameter count
-//!   and metadata of any safetensors file (`--json` for machines).
+//! * `reuse inspect FILE.safetensors|FILE.gguf` lists tensors, dtypes, shapes, parameter
+//!   count and metadata of any safetensors or GGUF file (`--json` for machines).
+//! * `reuse generate` continues prompts with a causal LM (a `.gguf` file or a model
+//!   folder), greedy or sampled, optionally through its chat template; `reuse lm score`
+//!   gives per-text NLL and perplexity; `reuse convert` writes a GGUF as a Hugging Face
+//!   folder.
 //! * `reuse embed --model DIR --texts FILE` writes sentence embeddings of one text per
 //!   line, as sentence-transformers would compute them, optionally with PEFT adapters.
 //! * `reuse lora merge` folds a PEFT adapter into a complete model folder;
@@ -24,12 +28,15 @@
 //! Errors are one line on stderr and a non-zero exit status, never a panic backtrace.
 
 mod columns;
+mod convert;
 mod distill;
 mod distill_embed;
 mod embed;
+mod generate;
 mod grow;
 mod inspect;
 mod launch;
+mod lm;
 mod lora;
 mod quantize;
 mod shared;
@@ -48,8 +55,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show the tensors (name, dtype, shape), parameter count and metadata of a safetensors file.
+    /// Show the tensors (name, dtype, shape), parameter count and metadata of a safetensors or GGUF file.
     Inspect(inspect::Args),
+    /// Continue prompts with a causal LM (a .gguf file or a model folder).
+    Generate(generate::Args),
+    /// Causal language models: score texts (per-text NLL, perplexity).
+    #[command(subcommand)]
+    Lm(lm::Command),
+    /// Write a .gguf causal LM as a Hugging Face folder transformers loads.
+    Convert(convert::Args),
     /// Compute sentence embeddings (mean pooling + L2 norm, as sentence-transformers) for one text per line.
     Embed(embed::Args),
     /// LoRA adapters: merge into a base model, or train on labelled text.
@@ -74,6 +88,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Lm(c) => lm::run(c),
+        Command::Convert(a) => convert::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Lora(c) => lora::run(c),
         Command::Distill(c) => distill::run(c),

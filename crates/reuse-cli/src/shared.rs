@@ -97,3 +97,14 @@ pub fn note_set_aside(adapter: &Path, set_aside: &[String]) {
         );
     }
 }
+
+/// A causal LM with its tokenizer from a `.gguf` file or a model folder, quantized
+/// folders included; an error that names the path otherwise.
+pub fn load_lm(
+    path: &Path,
+    device: Device,
+    kind: Kind,
+) -> Result<reuse_core::models::lm::LanguageModel> {
+    reuse_core::models::lm::LanguageModel::load(path, &reuse_quant::load_options(device, kind))
+        .with_context(|| format!("cannot load a causal LM from {}", path.display()))
+}

@@ -5,6 +5,7 @@ pub mod bert;
 pub mod classifier;
 pub mod folder;
 pub mod llama;
+pub mod lm;
 pub mod mlm;
 pub mod sentence;
 
