@@ -727,6 +727,22 @@ fn tiny_llama_state_dict_is_hugging_face_layout() {
 }
 
 #[test]
+fn llama_q_bias_is_unpermuted_too() {
+    // llama.cpp permutes q/k biases with their weights (attention_bias models).
+    let bias = values(HIDDEN as usize, 77);
+    let hf = Tensor::from_slice(&bias);
+    let stored = Vec::<f32>::try_from(&llama::permute_rows(&hf, HEADS).unwrap()).unwrap();
+    assert_ne!(stored, bias);
+    let mut w = tiny_llama();
+    w.tensor_f32("blk.0.attn_q.bias", &[HIDDEN], &stored, GgmlType::F32)
+        .unwrap();
+    let f = open(w.to_bytes()).unwrap();
+    let b = llama::load_tensor(&f, "blk.0.attn_q.bias", Device::Cpu).unwrap();
+    assert_eq!(to_vec(&b), bias);
+    assert_eq!(llama::hf_config(&f).unwrap()["attention_bias"], true);
+}
+
+#[test]
 fn hf_config_of_tiny_llama() {
     let f = open(tiny_llama().to_bytes()).unwrap();
     let c = llama::hf_config(&f).unwrap();

@@ -383,22 +383,47 @@ pub fn load_state_dict(file: &GgufFile, device: Device) -> Result<Vec<(String, T
             continue;
         }
         let hf = hf_name_or_error(file, name)?;
-        let mut t = file.dequantize(name, device)?;
-        if let Some(n) = permuted_heads(file, name)? {
-            t = unpermute_rows(&t, n).map_err(|e| rename(e, file, name))?;
-        }
-        out.push((hf, t));
+        out.push((hf, load_tensor(file, name, device)?));
     }
     Ok(out)
 }
 
 /// One tensor as f32 in Hugging Face's layout, by its GGUF name (Q/K rows unpermuted).
 pub fn load_tensor(file: &GgufFile, gguf_name: &str, device: Device) -> Result<Tensor> {
-    let t = file.dequantize(gguf_name, device)?;
-    match permuted_heads(file, gguf_name)? {
-        Some(n) => unpermute_rows(&t, n).map_err(|e| rename(e, file, gguf_name)),
-        None => Ok(t),
+    let Some(n) = permuted_heads(file, gguf_name)? else {
+        return file.dequantize(gguf_name, device);
+    };
+    let info = file.tensor(gguf_name)?;
+    if info.dims().len() == 2 {
+        // A weight: reorder whole rows while dequantizing, no tensor op needed.
+        let rows = info.shape()[0];
+        let order = hf_row_order(rows, n).map_err(|e| rename(e, file, gguf_name))?;
+        file.dequantize_rows(gguf_name, device, Some(&order))
+    } else {
+        let t = file.dequantize(gguf_name, device)?;
+        unpermute_rows(&t, n).map_err(|e| rename(e, file, gguf_name))
     }
+}
+
+/// For each Hugging Face row of a permuted Q/K weight, the GGUF row it comes from: HF row
+/// (head h, half p, i) is GGUF row (head h, i, pair p).
+fn hf_row_order(rows: i64, n_head: i64) -> Result<Vec<usize>> {
+    if n_head <= 0 || rows % (2 * n_head) != 0 {
+        return Err(Error::invalid(
+            "RoPE row permutation",
+            format!("{rows} rows cannot be split into {n_head} heads of an even size"),
+        ));
+    }
+    let half = (rows / n_head / 2) as usize;
+    let mut order = Vec::with_capacity(rows as usize);
+    for h in 0..n_head as usize {
+        for p in 0..2 {
+            for i in 0..half {
+                order.push(h * 2 * half + i * 2 + p);
+            }
+        }
+    }
+    Ok(order)
 }
 
 /// The Q8_0 / Q4_0 / Q4_1 codes and scales of a weight, rows in Hugging Face's order: the
