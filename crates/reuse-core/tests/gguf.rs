@@ -727,6 +727,22 @@ fn tiny_llama_state_dict_is_hugging_face_layout() {
 }
 
 #[test]
+fn llama_q_bias_is_unpermuted_too() {
+    // llama.cpp permutes q/k biases with their weights (attention_bias models).
+    let bias = values(HIDDEN as usize, 77);
+    let hf = Tensor::from_slice(&bias);
+    let stored = Vec::<f32>::try_from(&llama::permute_rows(&hf, HEADS).unwrap()).unwrap();
+    assert_ne!(stored, bias);
+    let mut w = tiny_llama();
+    w.tensor_f32("blk.0.attn_q.bias", &[HIDDEN], &stored, GgmlType::F32)
+        .unwrap();
+    let f = open(w.to_bytes()).unwrap();
+    let b = llama::load_tensor(&f, "blk.0.attn_q.bias", Device::Cpu).unwrap();
+    assert_eq!(to_vec(&b), bias);
+    assert_eq!(llama::hf_config(&f).unwrap()["attention_bias"], true);
+}
+
+#[test]
 fn hf_config_of_tiny_llama() {
     let f = open(tiny_llama().to_bytes()).unwrap();
     let c = llama::hf_config(&f).unwrap();
@@ -830,15 +846,53 @@ fn unknown_tensors_and_rope_scaling() {
         "{e}"
     );
 
+    // Llama 3.1 scaling as llama.cpp's converter writes it: one factor per frequency
+    // (theta 10000, head_dim 16: frequencies 0-5 unscaled, 6 smoothed, 7 scaled by 32).
+    let factors: Vec<f32> = (0..8)
+        .map(|i| {
+            let freq = 1.0 / 10000f64.powf(2.0 * i as f64 / 16.0);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < 2048.0 {
+                1.0
+            } else if wavelen > 8192.0 {
+                32.0
+            } else {
+                let smooth = (8192.0 / wavelen - 1.0) / 3.0;
+                (1.0 / ((1.0 - smooth) / 32.0 + smooth)) as f32
+            }
+        })
+        .collect();
+    assert!(factors[5] == 1.0 && factors[6] > 1.0 && factors[6] < 32.0 && factors[7] == 32.0);
     let mut w = tiny_llama();
-    w.tensor_f32("rope_freqs.weight", &[8], &[1.0; 8], GgmlType::F32)
+    w.tensor_f32("rope_freqs.weight", &[8], &factors, GgmlType::F32)
         .unwrap();
     let f = open(w.to_bytes()).unwrap();
-    let e = llama::hf_config(&f).unwrap_err().to_string();
-    assert!(e.contains("rope_freqs.weight") && e.contains("RoPE"), "{e}");
+    let c = llama::hf_config(&f).unwrap();
+    let want = serde_json::json!({
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+    });
+    assert_eq!(c["rope_scaling"], want);
+    assert_eq!(c["rope_parameters"]["rope_type"], "llama3");
+    assert_eq!(c["rope_parameters"]["rope_theta"], 10000.0);
+    let sd = llama::load_state_dict(&f, Device::Cpu).unwrap();
     assert_eq!(
-        llama::load_state_dict(&f, Device::Cpu).unwrap().len(),
-        tiny_weights().len()
+        sd.len(),
+        tiny_weights().len(),
+        "rope_freqs is not a parameter"
+    );
+    // Factors that Llama 3's parameters do not give are refused.
+    let mut odd = factors.clone();
+    odd[6] *= 1.5;
+    let mut w = tiny_llama();
+    w.tensor_f32("rope_freqs.weight", &[8], &odd, GgmlType::F32)
+        .unwrap();
+    let e = llama::hf_config(&open(w.to_bytes()).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`rope_freqs.weight`") && e.contains("factor 6"),
+        "{e}"
     );
 
     let mut w = tiny_llama();

@@ -101,9 +101,11 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
+/// Llama 3.1-style RoPE scaling, as per-frequency factors (see [`hf_config`]).
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
 /// Tensors a Llama-family GGUF may hold that are not Hugging Face parameters.
-/// (`rope_freqs.weight` carries Llama 3.1's RoPE scaling; see [`hf_config`].)
-const NOT_PARAMETERS: &[&str] = &["rope_freqs.weight"];
+const NOT_PARAMETERS: &[&str] = &[ROPE_FREQS];
 
 fn key(a: &Arch, k: &str) -> String {
     format!("{}.{k}", a.name)
@@ -184,20 +186,13 @@ fn reorder_rows(t: &Tensor, n_head: i64, inverse: bool) -> Result<Tensor> {
 /// both at the top level (transformers 4) and in `rope_parameters` (transformers 5).
 /// `tie_word_embeddings` is true when the file has no `output.weight`.
 ///
-/// Refused: an architecture other than `llama` / `qwen2`, and RoPE scaling this function
-/// cannot state exactly (`rope_freqs.weight` factors, or a scaling type other than
-/// `linear`), since a config without it would silently compute something else.
+/// RoPE scaling: `linear` from `{arch}.rope.scaling.type` / `.factor`, and Llama 3.1's
+/// `llama3` recovered from the `rope_freqs.weight` factors (transformers' loader ignores
+/// both). Refused: an architecture other than `llama` / `qwen2`, and scaling this function
+/// cannot state exactly (other types, factors that are not Llama 3's), since a config
+/// without it would silently compute another RoPE.
 pub fn hf_config(file: &GgufFile) -> Result<Json> {
     let a = arch(file)?;
-    let path = file.path().display().to_string();
-    if file.find_tensor("rope_freqs.weight").is_some() {
-        return Err(Error::invalid(
-            format!("{path}: rope_freqs.weight"),
-            "the file carries RoPE frequency factors (Llama 3.1-style scaling) whose \
-             parameters its metadata does not state; reuse cannot build a config that \
-             computes the same RoPE",
-        ));
-    }
     let u = |k: &str| -> Result<u64> { file.get_u64(&key(a, k)) };
     let (n_head, n_kv) = heads(file, a)?;
     let hidden = u("embedding_length")?;
@@ -223,7 +218,15 @@ pub fn hf_config(file: &GgufFile) -> Result<Json> {
     };
     c.insert("rope_theta".into(), json!(theta));
     let mut rope = json!({"rope_theta": theta, "rope_type": "default"});
-    if let Some(scaling) = rope_scaling(file, a)? {
+    let head_dim = match file.get(&key(a, "rope.dimension_count")) {
+        Some(_) => u("rope.dimension_count")?,
+        None => hidden / n_head as u64,
+    };
+    let scaling = match file.find_tensor(ROPE_FREQS) {
+        Some(_) => Some(llama3_scaling(file, theta, head_dim)?),
+        None => rope_scaling(file, a)?,
+    };
+    if let Some(scaling) = scaling {
         for (k, v) in scaling.as_object().into_iter().flatten() {
             rope[k] = v.clone();
         }
@@ -249,10 +252,6 @@ pub fn hf_config(file: &GgufFile) -> Result<Json> {
     c.insert("hidden_act".into(), json!("silu"));
     if a.name == "llama" {
         // transformers maps rope.dimension_count to head_dim for llama.
-        let head_dim = match file.get(&key(a, "rope.dimension_count")) {
-            Some(_) => u("rope.dimension_count")?,
-            None => hidden / n_head as u64,
-        };
         c.insert("head_dim".into(), json!(head_dim));
         let has = |leaf: &str| {
             file.tensors()
@@ -294,6 +293,61 @@ fn rope_scaling(file: &GgufFile, a: &Arch) -> Result<Option<Json>> {
     }
 }
 
+/// The `llama3` RoPE scaling that `rope_freqs.weight` encodes. llama.cpp's converter
+/// writes the factor of each frequency, not the parameters they came from (`factor`,
+/// `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`), so the
+/// parameters are recovered: `factor` is the largest factor, the others are Llama 3.1's
+/// (1, 4, 8192, which Llama 3.1, 3.2 and 3.3 all use), and the factors they give must
+/// match the file's, or the file is refused rather than run with another RoPE.
+fn llama3_scaling(file: &GgufFile, theta: f64, head_dim: u64) -> Result<Json> {
+    let what = || format!("{}: tensor `{ROPE_FREQS}`", file.path().display());
+    let factors = file.dequantize(ROPE_FREQS, Device::Cpu)?.f_view([-1])?;
+    let factors = Vec::<f32>::try_from(&factors)?;
+    if head_dim == 0 || factors.len() as u64 != head_dim / 2 {
+        return Err(Error::invalid(
+            what(),
+            format!(
+                "{} factors, expected head_dim / 2 = {}",
+                factors.len(),
+                head_dim / 2
+            ),
+        ));
+    }
+    let factor = factors
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &f| m.max(f64::from(f)));
+    let (low, high, original) = (1.0f64, 4.0f64, 8192.0f64);
+    let (low_wavelen, high_wavelen) = (original / low, original / high);
+    let expected = (0..factors.len()).map(|i| {
+        // In f32 as the converter computes it: base ** (arange(0, dim, 2) / dim).
+        let freq = 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32);
+        let wavelen = 2.0 * std::f64::consts::PI / f64::from(freq);
+        if wavelen < high_wavelen {
+            1.0
+        } else if wavelen > low_wavelen {
+            factor
+        } else {
+            let smooth = (original / wavelen - low) / (high - low);
+            1.0 / ((1.0 - smooth) / factor + smooth)
+        }
+    });
+    for (i, (want, &got)) in expected.zip(&factors).enumerate() {
+        if (want - f64::from(got)).abs() > 1e-4 * want.abs().max(1.0) {
+            return Err(Error::invalid(
+                what(),
+                format!(
+                    "factor {i} is {got}, but Llama 3 scaling (factor {factor}, low 1, high 4, \
+                     original context 8192) gives {want}; reuse cannot state this RoPE in a config"
+                ),
+            ));
+        }
+    }
+    Ok(json!({
+        "rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+        "high_freq_factor": high, "original_max_position_embeddings": original as u64,
+    }))
+}
+
 fn vocab_size(file: &GgufFile, a: &Arch) -> Result<u64> {
     let k = key(a, "vocab_size");
     if file.get(&k).is_some() {
@@ -329,22 +383,47 @@ pub fn load_state_dict(file: &GgufFile, device: Device) -> Result<Vec<(String, T
             continue;
         }
         let hf = hf_name_or_error(file, name)?;
-        let mut t = file.dequantize(name, device)?;
-        if let Some(n) = permuted_heads(file, name)? {
-            t = unpermute_rows(&t, n).map_err(|e| rename(e, file, name))?;
-        }
-        out.push((hf, t));
+        out.push((hf, load_tensor(file, name, device)?));
     }
     Ok(out)
 }
 
 /// One tensor as f32 in Hugging Face's layout, by its GGUF name (Q/K rows unpermuted).
 pub fn load_tensor(file: &GgufFile, gguf_name: &str, device: Device) -> Result<Tensor> {
-    let t = file.dequantize(gguf_name, device)?;
-    match permuted_heads(file, gguf_name)? {
-        Some(n) => unpermute_rows(&t, n).map_err(|e| rename(e, file, gguf_name)),
-        None => Ok(t),
+    let Some(n) = permuted_heads(file, gguf_name)? else {
+        return file.dequantize(gguf_name, device);
+    };
+    let info = file.tensor(gguf_name)?;
+    if info.dims().len() == 2 {
+        // A weight: reorder whole rows while dequantizing, no tensor op needed.
+        let rows = info.shape()[0];
+        let order = hf_row_order(rows, n).map_err(|e| rename(e, file, gguf_name))?;
+        file.dequantize_rows(gguf_name, device, Some(&order))
+    } else {
+        let t = file.dequantize(gguf_name, device)?;
+        unpermute_rows(&t, n).map_err(|e| rename(e, file, gguf_name))
     }
+}
+
+/// For each Hugging Face row of a permuted Q/K weight, the GGUF row it comes from: HF row
+/// (head h, half p, i) is GGUF row (head h, i, pair p).
+fn hf_row_order(rows: i64, n_head: i64) -> Result<Vec<usize>> {
+    if n_head <= 0 || rows % (2 * n_head) != 0 {
+        return Err(Error::invalid(
+            "RoPE row permutation",
+            format!("{rows} rows cannot be split into {n_head} heads of an even size"),
+        ));
+    }
+    let half = (rows / n_head / 2) as usize;
+    let mut order = Vec::with_capacity(rows as usize);
+    for h in 0..n_head as usize {
+        for p in 0..2 {
+            for i in 0..half {
+                order.push(h * 2 * half + i * 2 + p);
+            }
+        }
+    }
+    Ok(order)
 }
 
 /// The Q8_0 / Q4_0 / Q4_1 codes and scales of a weight, rows in Hugging Face's order: the

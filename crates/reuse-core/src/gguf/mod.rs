@@ -191,6 +191,50 @@ impl QuantParts {
     }
 }
 
+/// Dequantizes `bytes` (rows of `cols` weights) into `out`, on a few threads when the
+/// tensor is large (the 135M-parameter file's embedding alone is 28M weights). With
+/// `source_rows`, output row `r` is the file's row `source_rows[r]` (a row permutation
+/// applied for free: rows are whole blocks).
+fn dequantize_rows_into(
+    t: GgmlType,
+    bytes: &[u8],
+    out: &mut [f32],
+    cols: usize,
+    source_rows: Option<&[usize]>,
+) {
+    const PER_THREAD: usize = 1 << 20;
+    let row_bytes = cols / t.block_size() as usize * t.type_size() as usize;
+    let rows = out.len() / cols;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8)
+        .min(out.len() / PER_THREAD)
+        .max(1);
+    let work = |first: usize, out: &mut [f32]| match source_rows {
+        None => {
+            let n = out.len() / cols;
+            dequant::dequantize(t, &bytes[first * row_bytes..(first + n) * row_bytes], out);
+        }
+        Some(src) => {
+            for (r, o) in out.chunks_mut(cols).enumerate() {
+                let s = src[first + r];
+                dequant::dequantize(t, &bytes[s * row_bytes..(s + 1) * row_bytes], o);
+            }
+        }
+    };
+    if threads == 1 {
+        work(0, out);
+        return;
+    }
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|s| {
+        for (i, o) in out.chunks_mut(per * cols).enumerate() {
+            let work = &work;
+            s.spawn(move || work(i * per, o));
+        }
+    });
+}
+
 /// An open GGUF file: its parsed header and a handle to read tensor data from.
 pub struct GgufFile {
     path: PathBuf,
@@ -440,6 +484,18 @@ impl GgufFile {
     /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K (see [`GgmlType::can_dequantize`]); the
     /// values are those gguf-py's `dequantize` gives, bit for bit.
     pub fn dequantize(&self, name: &str, device: Device) -> Result<Tensor> {
+        self.dequantize_rows(name, device, None)
+    }
+
+    /// [`dequantize`](Self::dequantize) with the rows (the PyTorch shape's first
+    /// dimension of a 2-D tensor) reordered: output row `r` is the file's row
+    /// `source_rows[r]`; `source_rows` must be a permutation of the rows.
+    pub(crate) fn dequantize_rows(
+        &self,
+        name: &str,
+        device: Device,
+        source_rows: Option<&[usize]>,
+    ) -> Result<Tensor> {
         let info = self.tensor(name)?;
         let t = info.ggml_type;
         if !t.can_dequantize() {
@@ -449,11 +505,35 @@ impl GgufFile {
                 quote(name)
             )));
         }
+        let (rows, cols) = info.rows_cols();
+        if let Some(src) = source_rows {
+            let mut seen = vec![false; rows as usize];
+            let ok = info.dims.len() == 2
+                && src.len() == rows as usize
+                && src
+                    .iter()
+                    .all(|&r| r < seen.len() && !std::mem::replace(&mut seen[r], true));
+            if !ok {
+                return Err(Error::invalid(
+                    format!("row order for tensor {}", quote(name)),
+                    format!("expected a permutation of the {rows} rows of a 2-D tensor"),
+                ));
+            }
+        }
         let bytes = self.read(info)?;
-        let mut out = vec![0f32; info.n_elements as usize];
-        dequant::dequantize(t, &bytes, &mut out);
+        let n = info.n_elements as usize;
+        let tensor = Tensor::f_empty([n as i64], (Kind::Float, Device::Cpu))?;
+        if n > 0 {
+            // SAFETY: `tensor` was just made by us: a contiguous CPU f32 tensor of `n` > 0
+            // elements (so its data pointer is non-null and aligned) that nothing else
+            // references, so its storage is `n` valid, exclusively borrowed f32s for the
+            // life of this slice (which ends before `tensor` is used). Writing in place
+            // spares a second 4-bytes-a-weight buffer and its copy.
+            let out = unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut f32, n) };
+            dequantize_rows_into(t, &bytes, out, cols as usize, source_rows);
+        }
         drop(bytes);
-        let tensor = Tensor::f_from_slice(&out)?.f_reshape(info.shape())?;
+        let tensor = tensor.f_reshape(info.shape())?;
         Ok(if device == Device::Cpu {
             tensor
         } else {
