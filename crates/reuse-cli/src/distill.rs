@@ -131,6 +131,7 @@ pub fn run(c: Command) -> Result<()> {
 }
 
 fn trim_vocab(a: TrimArgs) -> Result<()> {
+    crate::shared::require_encoder(&a.model, "distill trim-vocab")?;
     let texts = crate::shared::read_texts(&a.texts)?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let r = reuse_distill::vocab::trim_vocab_folder(&a.model, &refs, &a.out, a.overwrite)
@@ -271,6 +272,7 @@ fn read_data(a: &CacheArgs) -> Result<(TextDataset, Option<Vec<String>>)> {
 }
 
 fn cache(a: CacheArgs) -> Result<()> {
+    crate::shared::require_encoder(&a.teacher, "distill cache")?;
     let device = parse_device(a.device.as_deref())?;
     let dtype = match (&a.dtype, a.top_k) {
         (Some(d), _) => parse_dtype(d)?,

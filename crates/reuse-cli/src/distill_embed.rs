@@ -83,6 +83,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    crate::shared::require_encoder(&a.teacher, "distill embed")?;
     // Everything that can be checked cheaply is checked before any text is read or
     // embedded, and nothing is written until the student is trained.
     let loss: EmbedLoss = a.loss.parse()?;

@@ -38,6 +38,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    crate::shared::require_encoder(&a.model, "embed")?;
     let device = parse_device(a.device.as_deref())?;
     let kind = parse_dtype(&a.dtype)?;
     if a.batch_size == 0 {

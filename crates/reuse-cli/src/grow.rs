@@ -104,6 +104,7 @@ pub fn run(c: Command) -> Result<()> {
             (a.common, g, 0.0)
         }
     };
+    crate::shared::require_encoder(&common.model, "grow")?;
     if noise != 0.0 {
         anyhow::ensure!(
             noise > 0.0 && noise.is_finite(),

@@ -139,6 +139,7 @@ fn copy_dir(src: &Path, dst: &Path, skip: &str) -> Result<()> {
 }
 
 fn merge(a: MergeArgs) -> Result<()> {
+    crate::shared::require_encoder(&a.model, "lora merge")?;
     if a.out.exists()
         && std::fs::read_dir(&a.out)
             .map(|mut d| d.next().is_some())
@@ -208,6 +209,7 @@ fn merge(a: MergeArgs) -> Result<()> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
+    crate::shared::require_encoder(&a.model, "lora train")?;
     // Launched as one rank of several (torchrun, `reuse launch`): join the group, train
     // on this rank's share of each batch, and let rank 0 alone write.
     let group = reuse_dist::ProcessGroup::from_env()

@@ -52,6 +52,7 @@ pub struct Args {
 
 /// Runs `reuse quantize`.
 pub fn run(a: Args) -> Result<()> {
+    crate::shared::require_encoder(&a.model, "quantize")?;
     let spec = match a.bits {
         8 => QuantSpec {
             group_size: a.group_size,
@@ -142,6 +143,7 @@ pub struct DequantizeArgs {
 
 /// Runs `reuse dequantize`.
 pub fn run_dequantize(a: DequantizeArgs) -> Result<()> {
+    crate::shared::require_encoder(&a.model, "dequantize")?;
     reuse_quant::folder::dequantize_folder(&a.model, &a.out, a.overwrite).with_context(|| {
         format!(
             "dequantizing {} into {}",

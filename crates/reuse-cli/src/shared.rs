@@ -108,3 +108,26 @@ pub fn load_lm(
     reuse_core::models::lm::LanguageModel::load(path, &reuse_quant::load_options(device, kind))
         .with_context(|| format!("cannot load a causal LM from {}", path.display()))
 }
+
+/// Refuses a causal LM (a `.gguf` file, or a folder whose `config.json` names a decoder
+/// family) given to a command that works on BERT-family encoders, with what to use
+/// instead; anything else passes (the command's own loader reports other problems).
+pub fn require_encoder(path: &Path, command: &str) -> Result<()> {
+    let decoder = if reuse_core::models::lm::is_gguf(path) {
+        Some("a GGUF causal LM".to_string())
+    } else {
+        std::fs::read_to_string(path.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("model_type")?.as_str().map(String::from))
+            .filter(|t| reuse_core::models::arch::for_model_type(t).is_ok_and(|a| a.head.is_some()))
+            .map(|t| format!("a causal LM (model_type `{t}`)"))
+    };
+    match decoder {
+        Some(what) => bail!(
+            "`reuse {command}` works on BERT-family encoder folders, and {} is {what}: for causal LMs use `reuse generate`, `reuse lm score` or `reuse convert`",
+            path.display()
+        ),
+        None => Ok(()),
+    }
+}

@@ -263,6 +263,41 @@ fn bad_models_are_one_line_errors_that_write_nothing() {
         ]));
         assert!(e.contains("not a causal language model"), "{e}");
     }
+    // Encoder-only commands name the causal LM and what to use instead.
+    for args in [
+        vec![
+            "embed",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--texts",
+            "x.txt",
+        ],
+        vec![
+            "quantize",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--bits",
+            "8",
+            "--out",
+            "q",
+        ],
+        vec![
+            "grow",
+            "depth",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--out",
+            "g",
+            "--layers",
+            "8",
+        ],
+    ] {
+        let e = err_line(&reuse(&args));
+        assert!(
+            e.contains("GGUF causal LM") && e.contains("reuse generate"),
+            "{args:?}: {e}"
+        );
+    }
     // --chat on a model without a template: the GGUF has one, so use --system without
     // --chat, which clap refuses.
     let e = err_line(&reuse(&[
