@@ -16,7 +16,10 @@
 //!   examples, summed over ranks, and copied back. With equal shares that is DDP's mean;
 //!   with unequal shares (the epoch's last batch) it is still exactly the gradient of the
 //!   mean loss over the whole batch, so N processes train the same weights as one
-//!   process on the combined batch.
+//!   process on the combined batch. With token labels (`[b, t]`, causal LMs) the loss
+//!   is a mean over labelled tokens, so the share is this rank's labelled tokens over
+//!   the batch's (one scalar all-reduce per step finds the total): ranks whose examples
+//!   have longer responses weigh more, exactly as in one process.
 //! * A parameter no rank's backward reached keeps no gradient (per-task heads); one some
 //!   rank reached gets the summed gradient on every rank.
 //! * The reported step loss is the loss over every rank's examples, and only rank 0
@@ -40,6 +43,10 @@ use crate::{Error, Result};
 struct Counts {
     local: usize,
     global: usize,
+    /// Labelled targets of this rank's token-labelled batches (causal LMs), whose
+    /// losses are means over targets, not examples.
+    local_targets: i64,
+    tokens: bool,
 }
 
 /// The data-parallel technique. Add it to the trainer's techniques on every rank (after
@@ -95,15 +102,25 @@ impl DataParallel {
         self.gradient_bytes
     }
 
-    fn take_weight(&mut self) -> f64 {
-        let mut c = self.counts.lock().expect("counts lock");
-        let w = if c.global > 0 {
+    fn take_weight(&mut self) -> Result<f64> {
+        let c = std::mem::take(&mut *self.counts.lock().expect("counts lock"));
+        if c.tokens {
+            // Every rank takes this branch together: the same global batches, and a
+            // source's labels have one shape.
+            let t = Tensor::from_slice(&[c.local_targets as f64]);
+            self.group.all_reduce(&t, ReduceOp::Sum)?;
+            let global = t.double_value(&[0]);
+            return Ok(if global > 0.0 {
+                c.local_targets as f64 / global
+            } else {
+                1.0 / self.group.world_size() as f64
+            });
+        }
+        Ok(if c.global > 0 {
             c.local as f64 / c.global as f64
         } else {
             1.0 / self.group.world_size() as f64
-        };
-        *c = Counts::default();
-        w
+        })
     }
 
     /// Broadcasts every tensor of `params` from rank 0, in buckets.
@@ -254,7 +271,7 @@ impl Technique for DataParallel {
     }
 
     fn after_backward(&mut self, params: &Params, _ctx: &StepContext) -> CoreResult<()> {
-        self.weight = self.take_weight();
+        self.weight = self.take_weight()?;
         let w = self.weight;
         self.all_reduce_gradients(params, w)?;
         Ok(())
@@ -315,12 +332,19 @@ impl BatchSource for Shard<'_> {
 
     fn batch(&self, indices: &[i64], device: Device) -> CoreResult<Batch> {
         let (mine, counted) = self.split(indices);
+        let b = self.inner.batch(mine, device)?;
         if let Some(c) = &self.counts {
             let mut c = c.lock().expect("counts lock");
             c.local += counted;
             c.global += indices.len();
+            if b.labels.dim() == 2 {
+                c.tokens = true;
+                if counted > 0 {
+                    c.local_targets += b.num_targets();
+                }
+            }
         }
-        self.inner.batch(mine, device)
+        Ok(b)
     }
 }
 

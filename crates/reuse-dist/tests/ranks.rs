@@ -1,6 +1,7 @@
 //! Several processes on loopback with Gloo: collectives, data-parallel training that
-//! equals one process on the combined batch (full fine-tuning of an MLP on digits, and
-//! LoRA on a small BERT), and a rank that dies.
+//! equals one process on the combined batch (full fine-tuning of an MLP on digits, LoRA
+//! on a small BERT, and next-token training of a tiny Llama whose ranks hold different
+//! numbers of labelled tokens), and a rank that dies.
 //!
 //! Each test starts this same test binary again as the ranks (the ignored `rank` test,
 //! told what to do by `REUSE_DIST_SCENARIO`), then compares what they wrote with a
@@ -11,7 +12,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use reuse_core::data::lm::PromptResponse;
 use reuse_core::data::{load_digits, Batch, BatchSource, TensorDataset};
+use reuse_core::models::llama::{CausalLm, LlamaConfig};
 use reuse_core::models::{Bert, BertClassifier, BertConfig};
 use reuse_core::trainer::{StepContext, Technique};
 use reuse_core::{
@@ -130,6 +133,45 @@ impl BatchSource for Tokens {
     }
 }
 
+/// Trains a tiny Llama on prompt/response pairs whose responses grow from 1 to 12
+/// tokens, so that the two halves of every batch hold very different numbers of
+/// labelled tokens; returns the weights and losses.
+fn train_lm(dp: Option<&mut DataParallel>) -> (Checkpoint, Vec<f64>) {
+    let rows: Vec<(Vec<i64>, usize)> = (0..24)
+        .map(|i| {
+            let resp = 1 + (i * 5) % 12;
+            let ids: Vec<i64> = (0..3 + resp)
+                .map(|j| 3 + ((i * 7 + j * 3) % 40) as i64)
+                .collect();
+            (ids, 3)
+        })
+        .collect();
+    let data = PromptResponse::from_ids(rows, 0, 64).unwrap();
+    tch::manual_seed(dp.as_ref().map_or(0, |d| d.group().rank() as i64 * 5));
+    let net = CausalLm::random(LlamaConfig::tiny(48, 32, 2), Device::Cpu).unwrap();
+    if dp.is_none() {
+        tch::manual_seed(0);
+        let r0 = CausalLm::random(LlamaConfig::tiny(48, 32, 2), Device::Cpu).unwrap();
+        net.params()
+            .load_checkpoint(&r0.params().to_checkpoint())
+            .unwrap();
+    }
+    let mut trainer = Trainer::new(TrainConfig {
+        epochs: 2,
+        batch_size: 6,
+        lr: 3e-3,
+        ..Default::default()
+    });
+    let r = match dp {
+        Some(dp) => {
+            let shard = dp.shard(&data);
+            trainer.fit(&net, &shard, None, &mut [&mut *dp]).unwrap()
+        }
+        None => trainer.fit(&net, &data, None, &mut []).unwrap(),
+    };
+    (net.params().to_checkpoint(), r.losses)
+}
+
 fn lora_model() -> LoraModel<BertClassifier> {
     tch::manual_seed(3);
     let mut c = BertConfig::tiny(60, 32, 2);
@@ -239,6 +281,14 @@ fn rank() {
             if group.is_main() {
                 ck.save(out.join("mlp.safetensors")).unwrap();
                 std::fs::write(out.join("mlp_losses.txt"), format!("{losses:?}")).unwrap();
+            }
+        }
+        "lm" => {
+            let mut dp = DataParallel::new(group.clone());
+            let (ck, losses) = train_lm(Some(&mut dp));
+            if group.is_main() {
+                ck.save(out.join("lm.safetensors")).unwrap();
+                std::fs::write(out.join("lm_losses.txt"), format!("{losses:?}")).unwrap();
             }
         }
         "lora" => {
@@ -408,6 +458,27 @@ fn two_ranks_train_the_weights_one_process_trains_on_the_combined_batch() {
     tch::manual_seed(0);
     let init = Mlp::new(&[64, 48, 10], Activation::Relu, Device::Cpu).unwrap();
     assert!(max_diff(&init.params().to_checkpoint(), &one) > 0.01);
+}
+
+#[test]
+fn two_ranks_weight_causal_lm_gradients_by_labelled_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run_ranks("lm", 2, dir.path(), &[], Duration::from_secs(300));
+    assert_ok("lm", &r);
+    let dist = Checkpoint::load(dir.path().join("lm.safetensors"), Device::Cpu).unwrap();
+    let dist_losses =
+        parse_losses(&std::fs::read_to_string(dir.path().join("lm_losses.txt")).unwrap());
+    let _g = seeded();
+    let (one, losses) = train_lm(None);
+    let d = max_diff(&dist, &one);
+    eprintln!("tiny Llama, 2 ranks vs 1 process: max |diff| of the weights {d:.2e}");
+    assert!(d < 1e-5, "weights differ by {d}");
+    for (a, b) in dist_losses.iter().zip(&losses) {
+        assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "loss {a} vs {b}");
+    }
+    tch::manual_seed(0);
+    let init = CausalLm::random(LlamaConfig::tiny(48, 32, 2), Device::Cpu).unwrap();
+    assert!(max_diff(&init.params().to_checkpoint(), &one) > 1e-3);
 }
 
 #[test]
