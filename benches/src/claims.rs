@@ -64,7 +64,7 @@ pub(crate) fn at_least(a: f64, sa: f64, b: f64, sb: f64) -> bool {
 /// Every claim, in the table's order: each experiment file declares the rows it
 /// measures (its `CLAIMS`), next to the code that measures them.
 pub fn all() -> Vec<&'static Claim> {
-    use crate::experiments::{continual, core, dist, distill, grow, peft, quant};
+    use crate::experiments::{continual, core, dist, distill, grow, llm, peft, quant};
     [
         peft::CLAIMS,
         distill::CLAIMS,
@@ -72,6 +72,7 @@ pub fn all() -> Vec<&'static Claim> {
         grow::CLAIMS,
         quant::CLAIMS,
         core::CLAIMS,
+        llm::CLAIMS,
         dist::CLAIMS,
     ]
     .into_iter()
@@ -195,6 +196,8 @@ mod tests {
         let good = |k: &str| -> f64 {
             if k.contains("naive.forgetting") {
                 0.9
+            } else if k.contains("relative_difference") {
+                1e-6
             } else if k.contains("forgetting") || k.contains("time_ratio") {
                 0.1
             } else if k.contains("speedup") || k == "flops_saving" {

@@ -59,6 +59,9 @@ fn main() -> Result<()> {
     if let Ok(spec) = std::env::var(experiments::dist::DIST_CHILD) {
         return experiments::dist::child(&spec);
     }
+    if let Ok(spec) = std::env::var(experiments::llm::LOSS_CHILD) {
+        return experiments::llm::loss_child(&spec);
+    }
     let args = Args::parse();
     if args.list {
         for e in EXPERIMENTS {
@@ -99,7 +102,7 @@ fn main() -> Result<()> {
     // run; the report lists them.
     let plain = args.only.is_empty();
     let (chosen, skipped): (Vec<_>, Vec<_>) = chosen.into_iter().partition(|e| {
-        !(plain && ((e.gpu_sized && !e.cpu_size && !ctx.full) || (args.quick && !e.quick)))
+        !(plain && ((e.gpu_sized && !e.sizes.has_cpu() && !ctx.full) || (args.quick && !e.quick)))
     });
     let mut report = Report::new(device, &ctx.root, args.quick);
     report.seeds = ctx.seeds.clone();
@@ -126,7 +129,6 @@ fn main() -> Result<()> {
     for (i, e) in chosen.into_iter().enumerate() {
         bar.set_prefix(format!("{}/{n}", i + 1));
         bar.set_message(e.id);
-        ctx.set_has_cpu_size(e.cpu_size);
         let start = Instant::now();
         let experiments::Outcome { metrics, notes } = (e.run)(&ctx, &bar)?;
         let seconds = start.elapsed().as_secs_f64();
@@ -138,7 +140,7 @@ fn main() -> Result<()> {
             id: e.id.to_string(),
             about: e.about.to_string(),
             seconds,
-            size: ctx.size_name().to_string(),
+            size: ctx.size(e.sizes.has_cpu()).name().to_string(),
             metrics,
             notes,
         });

@@ -26,11 +26,146 @@ use reuse_core::{Activation, Mlp, Model, Technique, TrainConfig, Trainable, Trai
 use reuse_testkit::fixtures_dir;
 use tch::{Device, Tensor};
 
-use super::{mean, sample_sd, say, Ctx, Metrics, Outcome};
+use super::{mean, sample_sd, say, Counts, Ctx, Knobs, Metrics, OnCuda, Outcome, Seeds, Sizes};
 use crate::claims::{at_least, pm, Claim, Get};
 use crate::peer::Peer;
 
 const MEMORY: usize = 200;
+
+/// The sizes of the digits scenarios (`continual.split_digits`, `.permuted_digits`).
+pub(super) struct ScenariosSizes {
+    /// Epochs per task (the protocol's).
+    epochs: usize,
+    seeds: Seeds,
+    /// The dev grids that choose the hyperparameters; `None`: the choices they made at
+    /// the full size on the CPU (`chosen_at_full_size`), not run again.
+    grids: Option<&'static DevGrids>,
+}
+
+/// `choose`'s dev grids: ours, and Avalanche's (its EWC lambdas are `empirical`'s, with
+/// `gammas` for its online EWC).
+struct DevGrids {
+    exact: &'static [f64],
+    empirical: &'static [f64],
+    gammas: &'static [f64],
+    replay: &'static [PerBatch],
+    packnet_ratios: &'static [f64],
+}
+
+const FULL_GRIDS: DevGrids = DevGrids {
+    exact: &[1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0],
+    // Half-decade grids: lambda matters within a factor of three.
+    empirical: &[1e2, 3e2, 1e3, 3e3, 1e4, 3e4, 1e5],
+    gammas: &[0.9, 1.0],
+    replay: &[PerBatch::Same, PerBatch::Ratio(0.5)],
+    packnet_ratios: &[0.5, 0.75],
+};
+
+/// One point of each grid.
+const QUICK_GRIDS: DevGrids = DevGrids {
+    exact: &[10.0],
+    empirical: &[1e3],
+    gammas: &[0.9],
+    replay: &[PerBatch::Same],
+    packnet_ratios: &[0.5],
+};
+
+const SCENARIOS_FULL: ScenariosSizes = ScenariosSizes {
+    epochs: 5,
+    seeds: Seeds::All,
+    grids: Some(&FULL_GRIDS),
+};
+
+/// The CPU size: the protocol unchanged, the grids' full-size choices.
+const SCENARIOS_CPU: ScenariosSizes = ScenariosSizes {
+    grids: None,
+    ..SCENARIOS_FULL
+};
+
+/// Quick on the CPU builds on the CPU size (no grids), on CUDA on the full size (the
+/// grids cut to one point each).
+const SCENARIOS_QUICK: ScenariosSizes = ScenariosSizes {
+    epochs: 1,
+    seeds: Seeds::First(1),
+    grids: None,
+};
+
+const SCENARIOS_QUICK_CUDA: ScenariosSizes = ScenariosSizes {
+    grids: Some(&QUICK_GRIDS),
+    ..SCENARIOS_QUICK
+};
+
+pub(super) const PERMUTED_DIGITS_SIZES: Sizes<ScenariosSizes> = Sizes {
+    quick: SCENARIOS_QUICK,
+    cpu: Some(SCENARIOS_CPU),
+    full: SCENARIOS_FULL,
+    cuda: OnCuda {
+        quick: Some(SCENARIOS_QUICK_CUDA),
+        full: None,
+    },
+};
+
+/// `continual.split_digits`' sizes: the scenarios', and the EWC step-overhead timing's.
+pub(super) struct SplitDigitsSizes {
+    scenarios: ScenariosSizes,
+    /// Steps of each side per round.
+    overhead_steps: usize,
+    overhead_rounds: usize,
+}
+
+pub(super) const SPLIT_DIGITS_SIZES: Sizes<SplitDigitsSizes> = Sizes {
+    quick: SplitDigitsSizes {
+        scenarios: SCENARIOS_QUICK,
+        overhead_steps: 5,
+        overhead_rounds: 2,
+    },
+    cpu: Some(SplitDigitsSizes {
+        scenarios: SCENARIOS_CPU,
+        overhead_steps: 50,
+        overhead_rounds: 15,
+    }),
+    full: SplitDigitsSizes {
+        scenarios: SCENARIOS_FULL,
+        overhead_steps: 50,
+        overhead_rounds: 15,
+    },
+    cuda: OnCuda {
+        quick: Some(SplitDigitsSizes {
+            scenarios: SCENARIOS_QUICK_CUDA,
+            overhead_steps: 5,
+            overhead_rounds: 2,
+        }),
+        full: None,
+    },
+};
+
+impl Knobs for ScenariosSizes {
+    fn counts(&self) -> Counts {
+        let grid_points = self.grids.map_or(0, |g| {
+            g.exact.len()
+                + g.empirical.len()
+                + g.gammas.len()
+                + g.replay.len()
+                + g.packnet_ratios.len()
+        });
+        vec![
+            ("epochs", self.epochs),
+            ("seeds", self.seeds.count()),
+            ("grid_points", grid_points),
+        ]
+    }
+}
+
+impl Knobs for SplitDigitsSizes {
+    fn counts(&self) -> Counts {
+        let mut c = self.scenarios.counts();
+        c.extend([
+            ("overhead_steps", self.overhead_steps),
+            ("overhead_rounds", self.overhead_rounds),
+        ]);
+        c
+    }
+}
 
 /// A method and its hyperparameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -433,8 +568,8 @@ struct Chosen {
 
 /// The choices `choose` made on the dev split at the full size on the 2-core CPU
 /// (benches/reports/2026-12-05-cpu-continual-digits-full.json, its notes list every grid
-/// point): the CPU and quick sizes reuse them rather than run the grids again. The protocol is the
-/// same at both sizes; only the grids are left out.
+/// point): the sizes without grids (`ScenariosSizes::grids`) reuse them rather than run
+/// the grids again. The protocol is the same at both sizes; only the grids are left out.
 fn chosen_at_full_size(kind: Kind, p: &Protocol) -> Chosen {
     let ewc = |lambda| Method::Ewc {
         lambda,
@@ -511,24 +646,19 @@ fn chosen_at_full_size(kind: Kind, p: &Protocol) -> Chosen {
     }
 }
 
-fn choose(ctx: &Ctx, kind: Kind, s: &Split, p: &Protocol, bar: &ProgressBar) -> Result<Chosen> {
-    if ctx.reduced() {
+fn choose(
+    ctx: &Ctx,
+    grids: Option<&DevGrids>,
+    kind: Kind,
+    s: &Split,
+    p: &Protocol,
+    bar: &ProgressBar,
+) -> Result<Chosen> {
+    let Some(g) = grids else {
         return Ok(chosen_at_full_size(kind, p));
-    }
+    };
     let scn = scenario(kind, rows(&s.all, &s.fit)?, rows(&s.all, &s.dev)?)?;
-    let quick = ctx.quick;
-    let exact_grid: &[f64] = if quick {
-        &[10.0]
-    } else {
-        &[1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
-    };
-    // Half-decade grids: lambda matters within a factor of three.
-    let emp_grid: &[f64] = if quick {
-        &[1e3]
-    } else {
-        &[1e2, 3e2, 1e3, 3e3, 1e4, 3e4, 1e5]
-    };
-    let gammas: &[f64] = if quick { &[0.9] } else { &[0.9, 1.0] };
+    let (exact_grid, emp_grid, gammas) = (g.exact, g.empirical, g.gammas);
     let mut notes = Vec::new();
     let mut ours = BTreeMap::new();
     let best = |cands: Vec<Method>, notes: &mut Vec<String>| -> Result<Method> {
@@ -577,25 +707,15 @@ fn choose(ctx: &Ctx, kind: Kind, s: &Split, p: &Protocol, bar: &ProgressBar) -> 
         }
         ours.insert("online_ewc", best(c, &mut notes)?);
     }
-    let replay_grid: Vec<Method> = if quick {
-        vec![Method::Replay {
-            per_batch: PerBatch::Same,
-        }]
-    } else {
-        vec![
-            Method::Replay {
-                per_batch: PerBatch::Same,
-            },
-            Method::Replay {
-                per_batch: PerBatch::Ratio(0.5),
-            },
-        ]
-    };
+    let replay_grid: Vec<Method> = g
+        .replay
+        .iter()
+        .map(|&per_batch| Method::Replay { per_batch })
+        .collect();
     ours.insert("replay", best(replay_grid, &mut notes)?);
     if kind == Kind::TaskIl {
-        let ratios: &[f64] = if quick { &[0.5] } else { &[0.5, 0.75] };
         let pack = best(
-            ratios
+            g.packnet_ratios
                 .iter()
                 .map(|&ratio| Method::PackNet {
                     ratio,
@@ -653,14 +773,14 @@ fn scenarios_experiment(
     bar: &ProgressBar,
     kinds: &[Kind],
     name: &str,
+    sizes: &ScenariosSizes,
 ) -> Result<Outcome> {
-    let seeds = &ctx.seeds;
     let s = split()?;
     let p = Protocol {
-        epochs: ctx.size(5, 1),
+        epochs: sizes.epochs,
         device: ctx.device,
     };
-    let seeds: &[u64] = if ctx.quick { &seeds[..1] } else { seeds };
+    let seeds = sizes.seeds.of(&ctx.seeds);
     let mut m = Metrics::new();
     let mut notes = vec![format!(
         "Protocol (shared with Avalanche): digits values / 16; stratified 75/25 train/test \
@@ -686,7 +806,7 @@ fn scenarios_experiment(
     std::fs::create_dir_all(&report_dir)?;
     for &kind in kinds {
         say(bar, format!("  {name} {}: choosing on dev", kind.id()));
-        let chosen = choose(ctx, kind, &s, &p, bar)?;
+        let chosen = choose(ctx, sizes.grids, kind, &s, &p, bar)?;
         notes.push(format!(
             "{} hyperparameters, chosen at seed 0 by average accuracy on the dev split \
              (20% of the training rows, stratified, seed 1; trained on the other 80%): {}",
@@ -805,9 +925,16 @@ fn scenarios_experiment(
 }
 
 pub fn split_digits(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
-    let mut out = scenarios_experiment(ctx, bar, &[Kind::ClassIl, Kind::TaskIl], "split_digits")?;
+    let sizes = ctx.sizes(&SPLIT_DIGITS_SIZES);
+    let mut out = scenarios_experiment(
+        ctx,
+        bar,
+        &[Kind::ClassIl, Kind::TaskIl],
+        "split_digits",
+        &sizes.scenarios,
+    )?;
     bar.set_message("split_digits EWC step overhead");
-    let (ratios, steps) = ewc_overhead(ctx)?;
+    let (ratios, steps) = ewc_overhead(ctx, sizes.overhead_steps, sizes.overhead_rounds)?;
     super::insert_spread(&mut out.metrics, "ewc_step_overhead", &ratios);
     out.notes.push(format!(
         "ewc_step_overhead: time of a training step with EWC's penalty (4 consolidated \
@@ -821,8 +948,9 @@ pub fn split_digits(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     Ok(out)
 }
 
-/// Per-round ratios (penalised / plain step time) and the steps per round.
-fn ewc_overhead(ctx: &Ctx) -> Result<(Vec<f64>, usize)> {
+/// Per-round ratios (penalised / plain step time) over `rounds` rounds of `steps` steps
+/// each side, and the steps per round.
+fn ewc_overhead(ctx: &Ctx, steps: usize, rounds: usize) -> Result<(Vec<f64>, usize)> {
     let s = split()?;
     let data = rows(&s.all, &s.train)?;
     tch::manual_seed(0);
@@ -853,13 +981,12 @@ fn ewc_overhead(ctx: &Ctx) -> Result<(Vec<f64>, usize)> {
         params.zero_grad();
         Ok(())
     };
-    let steps = ctx.size(50, 5);
     for _ in 0..steps {
         step(false)?;
         step(true)?;
     }
     let mut ratios = Vec::new();
-    for _ in 0..ctx.size(15, 2) {
+    for _ in 0..rounds {
         let t = Instant::now();
         for _ in 0..steps {
             step(false)?;
@@ -875,7 +1002,8 @@ fn ewc_overhead(ctx: &Ctx) -> Result<(Vec<f64>, usize)> {
 }
 
 pub fn permuted_digits(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
-    scenarios_experiment(ctx, bar, &[Kind::Permuted], "permuted_digits")
+    let sizes = ctx.sizes(&PERMUTED_DIGITS_SIZES);
+    scenarios_experiment(ctx, bar, &[Kind::Permuted], "permuted_digits", sizes)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -885,6 +1013,88 @@ const LM_BATCH: usize = 16;
 const LM_MAX_LEN: usize = 32;
 const LM_MEMORY: usize = 200;
 const LM_REPLAY_PER_BATCH: usize = 8;
+
+/// `continual.minilm_sections`' sizes.
+pub(super) struct LmSizes {
+    /// Every n-th text of each split (1: all; more keeps some of every class).
+    every: usize,
+    /// Epochs per task (the protocol's 2), both sides.
+    epochs: usize,
+    seeds: Seeds,
+    /// EWC's lambda grid on dev at seed 0; empty: no EWC, and no joint either.
+    ewc_grid: &'static [f64],
+    /// The methods PyTorch + PEFT runs beside ours (ids).
+    peers: &'static [&'static str],
+    /// PyTorch + PEFT's training texts per task, at most (`None`: all).
+    max_train_per_task: Option<usize>,
+    /// What the report's notes say of this size.
+    note: Option<&'static str>,
+}
+
+const LM_FULL: LmSizes = LmSizes {
+    every: 1,
+    epochs: 2,
+    seeds: Seeds::All,
+    ewc_grid: &[1e2, 1e3, 1e4, 1e5],
+    peers: &["naive", "replay", "joint", "ewc"],
+    max_train_per_task: None,
+    note: None,
+};
+
+const LM_CPU: LmSizes = LmSizes {
+    epochs: 1,
+    ewc_grid: &[],
+    peers: &["replay"],
+    note: Some(
+        "CPU size, to fit the plain CPU bench: 1 epoch per task instead of the \
+         protocol's 2 (both sides), and only per-task adapters, naive and replay (with \
+         PyTorch + PEFT's replay beside); EWC (and its lambda grid on dev), joint and \
+         the other PyTorch runs are at the full size only (a CUDA run, or `--full`).",
+    ),
+    ..LM_FULL
+};
+
+/// Quick: every 8th text, one seed, PyTorch + PEFT on 48 texts a task; on the CPU on
+/// top of the CPU size (1 epoch, no EWC or joint, replay's peer only), on CUDA on top
+/// of the full size.
+const LM_QUICK_CUDA: LmSizes = LmSizes {
+    every: 8,
+    seeds: Seeds::First(1),
+    max_train_per_task: Some(48),
+    ..LM_FULL
+};
+
+pub(super) const MINILM_SECTIONS_SIZES: Sizes<LmSizes> = Sizes {
+    quick: LmSizes {
+        every: 8,
+        seeds: Seeds::First(1),
+        max_train_per_task: Some(48),
+        note: None,
+        ..LM_CPU
+    },
+    cpu: Some(LM_CPU),
+    full: LM_FULL,
+    cuda: OnCuda {
+        quick: Some(LM_QUICK_CUDA),
+        full: None,
+    },
+};
+
+impl Knobs for LmSizes {
+    fn counts(&self) -> Counts {
+        vec![
+            ("texts", usize::MAX / self.every),
+            ("epochs", self.epochs),
+            ("seeds", self.seeds.count()),
+            ("ewc_grid", self.ewc_grid.len()),
+            ("peers", self.peers.len()),
+            (
+                "peer_train_per_task",
+                self.max_train_per_task.unwrap_or(usize::MAX),
+            ),
+        ]
+    }
+}
 
 /// Methods on MiniLM; all train LoRA r 8, alpha 16 on query and value plus the head.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -920,16 +1130,14 @@ struct LmData {
     classes: i64,
 }
 
-fn lm_data(ctx: &Ctx) -> Result<LmData> {
+/// The sections splits, every `every`-th text of each.
+fn lm_data(ctx: &Ctx, every: usize) -> Result<LmData> {
     use reuse_core::models::{SentenceEncoder, TokenizedDataset};
     let mut s = super::sections()?;
-    if ctx.quick {
-        // Keep some of every class: every 8th example.
-        for d in [&mut s.train, &mut s.dev, &mut s.test] {
-            let keep: Vec<usize> = (0..d.texts.len()).step_by(8).collect();
-            d.texts = keep.iter().map(|&i| d.texts[i].clone()).collect();
-            d.labels = keep.iter().map(|&i| d.labels[i]).collect();
-        }
+    for d in [&mut s.train, &mut s.dev, &mut s.test] {
+        let keep: Vec<usize> = (0..d.texts.len()).step_by(every).collect();
+        d.texts = keep.iter().map(|&i| d.texts[i].clone()).collect();
+        d.labels = keep.iter().map(|&i| d.labels[i]).collect();
     }
     let enc = SentenceEncoder::load(&reuse_testkit::minilm_dir()?, ctx.device, tch::Kind::Float)?;
     let tok = |d| -> Result<Rc<dyn BatchSource>> {
@@ -947,18 +1155,9 @@ fn lm_data(ctx: &Ctx) -> Result<LmData> {
     })
 }
 
-/// Epochs per task: the protocol's 2, or 1 at the CPU and quick sizes.
-fn lm_epochs(ctx: &Ctx) -> usize {
-    if ctx.reduced() {
-        1
-    } else {
-        2
-    }
-}
-
-fn lm_cfg(ctx: &Ctx, seed: u64) -> TrainConfig {
+fn lm_cfg(ctx: &Ctx, epochs: usize, seed: u64) -> TrainConfig {
     TrainConfig {
-        epochs: lm_epochs(ctx),
+        epochs,
         batch_size: LM_BATCH,
         lr: 1e-3,
         weight_decay: 0.01,
@@ -968,14 +1167,16 @@ fn lm_cfg(ctx: &Ctx, seed: u64) -> TrainConfig {
     }
 }
 
-/// One run: the accuracy matrix, wall seconds (model load, training, evaluations) and
-/// the trainable parameters (of one task's adapter and head for per-task adapters).
+/// One run of `epochs` per task: the accuracy matrix, wall seconds (model load,
+/// training, evaluations) and the trainable parameters (of one task's adapter and head
+/// for per-task adapters).
 fn lm_run(
     ctx: &Ctx,
     d: &LmData,
     test: &Rc<dyn BatchSource>,
     method: LmMethod,
     seed: u64,
+    epochs: usize,
 ) -> Result<(AccuracyMatrix, f64, usize)> {
     use reuse_continual::TaskDeltas;
     use reuse_core::models::{Bert, BertClassifier};
@@ -998,7 +1199,7 @@ fn lm_run(
         }
         let model = TaskDeltas::new(lm, (0..4).map(|t| format!("task{t}")).collect())?;
         let scn = Scenario::task_incremental(d.train.clone(), test.clone(), &splits)?;
-        let mut trainer = Trainer::new(lm_cfg(ctx, seed));
+        let mut trainer = Trainer::new(lm_cfg(ctx, epochs, seed));
         let mut r = AccuracyMatrix::new();
         let mut trainable = 0;
         for e in &scn.tasks {
@@ -1019,7 +1220,7 @@ fn lm_run(
     let r = match method {
         LmMethod::Joint => {
             let all = Concat::joint_train(&scn, 0);
-            Trainer::new(lm_cfg(ctx, seed)).fit(&lm, &all, None, &mut [])?;
+            Trainer::new(lm_cfg(ctx, epochs, seed)).fit(&lm, &all, None, &mut [])?;
             let mut r = AccuracyMatrix::new();
             r.push_row(scn.evaluate(&lm, eval_batch, ctx.device)?)?;
             r
@@ -1029,7 +1230,7 @@ fn lm_run(
             rc.per_batch = PerBatch::Count(LM_REPLAY_PER_BATCH);
             rc.seed = seed;
             let mut replay = Replay::new(rc)?;
-            let mut trainer = Trainer::new(lm_cfg(ctx, seed));
+            let mut trainer = Trainer::new(lm_cfg(ctx, epochs, seed));
             run_stream(
                 &scn,
                 &lm,
@@ -1043,11 +1244,11 @@ fn lm_run(
             let mut ec = EwcConfig::new(lambda, FisherKind::Empirical);
             ec.batch_size = LM_BATCH;
             let mut ewc = Ewc::new(ec)?;
-            let mut trainer = Trainer::new(lm_cfg(ctx, seed));
+            let mut trainer = Trainer::new(lm_cfg(ctx, epochs, seed));
             run_stream(&scn, &lm, &mut trainer, &mut [&mut ewc], eval_batch, false)?
         }
         _ => {
-            let mut trainer = Trainer::new(lm_cfg(ctx, seed));
+            let mut trainer = Trainer::new(lm_cfg(ctx, epochs, seed));
             run_stream(&scn, &lm, &mut trainer, &mut [], eval_batch, false)?
         }
     };
@@ -1056,7 +1257,13 @@ fn lm_run(
 
 /// PyTorch + PEFT on the same protocol (benches/python/peft_continual.py): one call per
 /// method, right after ours.
-fn peft_reference(ctx: &Ctx, method: &str, seed: u64, lambda: f64) -> Result<serde_json::Value> {
+fn peft_reference(
+    ctx: &Ctx,
+    sizes: &LmSizes,
+    method: &str,
+    seed: u64,
+    lambda: f64,
+) -> Result<serde_json::Value> {
     let py = ctx
         .python()
         .context("no .venv python: run `cargo xtask setup` (the PyTorch side needs it)")?;
@@ -1066,10 +1273,10 @@ fn peft_reference(ctx: &Ctx, method: &str, seed: u64, lambda: f64) -> Result<ser
     let out_path = dir.join("peft_continual_out.json");
     let spec = serde_json::json!({
         "runs": [{"method": method, "seed": seed, "ewc_lambda": lambda}],
-        "threads": tch::get_num_threads(), "epochs": lm_epochs(ctx),
+        "threads": tch::get_num_threads(), "epochs": sizes.epochs,
         // PEFT's default, and ours (LoraConfig::new): no dropout on the LoRA input.
         "lora_dropout": 0.0,
-        "max_train_per_task": if ctx.quick { serde_json::json!(48) } else { serde_json::Value::Null },
+        "max_train_per_task": sizes.max_train_per_task,
     });
     std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
     let status = Command::new(&py)
@@ -1093,9 +1300,9 @@ fn peft_reference(ctx: &Ctx, method: &str, seed: u64, lambda: f64) -> Result<ser
 }
 
 pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
-    let seeds = &ctx.seeds;
-    let d = lm_data(ctx)?;
-    let seeds: &[u64] = if ctx.quick { &seeds[..1] } else { seeds };
+    let sizes = ctx.sizes(&MINILM_SECTIONS_SIZES);
+    let d = lm_data(ctx, sizes.every)?;
+    let seeds = sizes.seeds.of(&ctx.seeds);
     let mut m = Metrics::new();
     let mut notes = vec![format!(
         "all-MiniLM-L6-v2 with mean pooling and an 8-way head on the Debian sections task as \
@@ -1110,30 +1317,17 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
          the evaluation after each task) on {} threads.",
         d.train.len(),
         d.test.len(),
-        lm_epochs(ctx),
+        sizes.epochs,
         tch::get_num_threads()
     )];
-    if ctx.cpu_sized() {
-        notes.push(
-            "CPU size, to fit the plain CPU bench: 1 epoch per task instead of the \
-             protocol's 2 (both sides), and only per-task adapters, naive and replay (with \
-             PyTorch + PEFT's replay beside); EWC (and its lambda grid on dev), joint and \
-             the other PyTorch runs are at the full size only (a CUDA run, or `--full`)."
-                .to_string(),
-        );
-    }
+    notes.extend(sizes.note.map(String::from));
     // EWC's lambda on dev (seed 0), as the other choices are fixed by the protocol.
-    // (The CPU and quick sizes run no EWC.)
-    let grid: &[f64] = if ctx.reduced() {
-        &[]
-    } else {
-        &[1e2, 1e3, 1e4, 1e5]
-    };
+    let grid = sizes.ewc_grid;
     let mut best = (f64::MIN, grid.first().copied().unwrap_or(0.0));
     let mut seen = Vec::new();
     for &l in grid {
         bar.set_message(format!("continual.minilm_sections dev ewc lambda {l}"));
-        let (r, _, _) = lm_run(ctx, &d, &d.dev, LmMethod::Ewc(l), 0)?;
+        let (r, _, _) = lm_run(ctx, &d, &d.dev, LmMethod::Ewc(l), 0, sizes.epochs)?;
         let a = r.avg_accuracy()?;
         seen.push(format!("lambda {l}: {a:.3}"));
         if a > best.0 {
@@ -1156,7 +1350,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         let mut trainable = 0;
         for &seed in seeds {
             bar.set_message(format!("continual.minilm_sections {id} seed {seed}"));
-            let (r, s, t) = lm_run(ctx, &d, &d.test, method, seed)?;
+            let (r, s, t) = lm_run(ctx, &d, &d.test, method, seed, sizes.epochs)?;
             say(
                 bar,
                 format!(
@@ -1174,18 +1368,9 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                 )?;
                 r.save_json(&dir.join(format!("minilm_{id}.json")))?;
                 // The PyTorch + PEFT run of the same method, right after ours.
-                // At the CPU and quick sizes only replay's (the claim's) runs beside ours.
-                let peer = if ctx.reduced() {
-                    method == LmMethod::Replay
-                } else {
-                    matches!(
-                        method,
-                        LmMethod::Naive | LmMethod::Replay | LmMethod::Joint | LmMethod::Ewc(_)
-                    )
-                };
-                if peer {
+                if sizes.peers.contains(&id) {
                     bar.set_message(format!("continual.minilm_sections PyTorch {id}"));
-                    let v = peft_reference(ctx, id, 0, lambda)?;
+                    let v = peft_reference(ctx, sizes, id, 0, lambda)?;
                     let ps = f(&v, "seconds");
                     m.insert(
                         format!("pytorch.{id}.avg_accuracy_seed0"),

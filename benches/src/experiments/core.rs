@@ -13,15 +13,23 @@ use reuse_core::{Activation, Mlp, Model, TrainConfig, Trainer};
 use reuse_testkit::{fixtures_dir, minilm_dir};
 use tch::Kind;
 
-use super::{insert_spread, mean, sample_sd, Ctx, Metrics, Outcome};
+use super::{insert_spread, mean, sample_sd, Counts, Ctx, Knobs, Metrics, OnCuda, Outcome, Sizes};
 use crate::claims::Claim;
 use crate::peer::Peer;
+
+/// `core.digits_mlp`'s sizes: its epochs.
+pub(super) const DIGITS_MLP_SIZES: Sizes<usize> = Sizes {
+    quick: 2,
+    cpu: None,
+    full: 25,
+    cuda: OnCuda::SAME,
+};
 
 /// An MLP (64-128-10, ReLU) trained with AdamW on the digits fixture, seeds 0, 1, 2.
 pub fn digits_mlp(ctx: &Ctx, _bar: &ProgressBar) -> Result<Outcome> {
     let seeds = &ctx.seeds;
     let d = load_digits(&fixtures_dir().join("digits/digits.csv.gz"))?;
-    let epochs = ctx.size(25, 2);
+    let epochs = *ctx.sizes(&DIGITS_MLP_SIZES);
     let (mut accs, mut secs) = (Vec::new(), Vec::new());
     let mut params = 0;
     for seed in seeds.iter().copied() {
@@ -103,14 +111,49 @@ impl StChild {
     }
 }
 
+/// `core.minilm_embed`'s sizes.
+pub(super) struct MinilmEmbedSizes {
+    /// Of the sections' test texts, the first this many (`usize::MAX`: all).
+    texts: usize,
+    rounds: usize,
+}
+
+const MINILM_EMBED_FULL: MinilmEmbedSizes = MinilmEmbedSizes {
+    texts: usize::MAX,
+    rounds: 5,
+};
+
+pub(super) const MINILM_EMBED_SIZES: Sizes<MinilmEmbedSizes> = Sizes {
+    quick: MinilmEmbedSizes {
+        texts: 96,
+        rounds: 2,
+    },
+    cpu: None,
+    full: MINILM_EMBED_FULL,
+    cuda: OnCuda {
+        quick: None,
+        full: Some(MinilmEmbedSizes {
+            rounds: 10,
+            ..MINILM_EMBED_FULL
+        }),
+    },
+};
+
+impl Knobs for MinilmEmbedSizes {
+    fn counts(&self) -> Counts {
+        vec![("texts", self.texts), ("rounds", self.rounds)]
+    }
+}
+
 /// Embeddings per second over the Debian fixture's test texts (real short sentences):
 /// Rust f32, Rust bf16 and sentence-transformers, in interleaved rounds.
 pub fn minilm_embed(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    let s = ctx.sizes(&MINILM_EMBED_SIZES);
     let dir = minilm_dir()?;
     let splits = super::sections()?;
     let mut texts: Vec<&str> = splits.test.texts.iter().map(String::as_str).collect();
-    texts.truncate(ctx.size(texts.len(), 96));
-    let rounds = ctx.size(if ctx.device.is_cuda() { 10 } else { 5 }, 2);
+    texts.truncate(s.texts);
+    let rounds = s.rounds;
     let n = texts.len() as f64;
 
     let f32_enc = SentenceEncoder::load(&dir, ctx.device, Kind::Float)?;

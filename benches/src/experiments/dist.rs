@@ -20,7 +20,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::peft::fixed_batch;
 use super::sections;
-use super::{insert_spread, median, say, Ctx, Metrics, Outcome};
+use super::{insert_spread, median, say, Counts, Ctx, Knobs, Metrics, OnCuda, Outcome, Sizes};
 use crate::claims::Claim;
 
 /// Set in a child process of `dist.lora_step` (the bench binary itself, as one rank).
@@ -28,6 +28,41 @@ pub const DIST_CHILD: &str = "REUSE_BENCH_DIST_CHILD";
 
 const BATCH: usize = 32;
 const LEN: usize = 64;
+
+/// `dist.lora_step`'s sizes: rounds of each side, timed steps and untimed warm-up steps
+/// per run.
+pub(super) struct LoraStepSizes {
+    rounds: usize,
+    steps: usize,
+    warmup: usize,
+}
+
+pub(super) const LORA_STEP_SIZES: Sizes<LoraStepSizes> = Sizes {
+    quick: LoraStepSizes {
+        rounds: 1,
+        steps: 2,
+        warmup: 1,
+    },
+    cpu: None,
+    // Three rounds at every size but quick: with two, the CPU run at a0594ba read 1.19x
+    // (rounds 1.06-1.24) where three had read 0.90x an hour before on the same machine.
+    full: LoraStepSizes {
+        rounds: 3,
+        steps: 6,
+        warmup: 2,
+    },
+    cuda: OnCuda::SAME,
+};
+
+impl Knobs for LoraStepSizes {
+    fn counts(&self) -> Counts {
+        vec![
+            ("rounds", self.rounds),
+            ("steps", self.steps),
+            ("warmup", self.warmup),
+        ]
+    }
+}
 
 #[derive(Serialize, Deserialize)]
 struct ChildSpec {
@@ -189,11 +224,11 @@ pub fn lora_step(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         .insert("labels", labels);
     ck.save(&batch)?;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    // Three rounds at every size but quick: with two, the CPU run at a0594ba read 1.19x
-    // (rounds 1.06-1.24) where three had read 0.90x an hour before on the same machine.
-    let rounds = ctx.size(3, 1);
-    let steps = ctx.size(6, 2);
-    let warmup = ctx.size(2, 1);
+    let &LoraStepSizes {
+        rounds,
+        steps,
+        warmup,
+    } = ctx.sizes(&LORA_STEP_SIZES);
     let exe = std::env::current_exe()?;
     let out = work.join("result.json");
 

@@ -20,13 +20,23 @@ use reuse_distill::{dataset_fingerprint, Distiller, Teacher, TeacherSource};
 use reuse_testkit::{fixtures_dir, minilm_dir};
 use tch::{Device, Kind, Tensor};
 
-use super::{insert_spread, mean, median, sample_sd, Ctx, Metrics, Outcome};
+use super::{
+    insert_spread, mean, median, sample_sd, Counts, Ctx, Knobs, Metrics, OnCuda, Outcome, Sizes,
+};
 use crate::claims::{pm, Claim};
 
 fn summary(m: &mut Metrics, name: &str, v: &[f64]) {
     m.insert(format!("{name}.test_accuracy"), mean(v));
     m.insert(format!("{name}.test_accuracy_sd"), sample_sd(v));
 }
+
+/// `distill.digits_mlp`'s sizes: the teacher's and students' epochs.
+pub(super) const DIGITS_MLP_SIZES: Sizes<usize> = Sizes {
+    quick: 2,
+    cpu: None,
+    full: 30,
+    cuda: OnCuda::SAME,
+};
 
 /// Digits: teacher 64-512-512-10, student 64-64-10 (1.6% of its parameters). KD's
 /// temperature and alpha are chosen on a dev split cut from the training images.
@@ -45,7 +55,7 @@ pub fn digits_mlp(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         all.inputs.narrow(0, n_fit, n - n_fit),
         all.labels.narrow(0, n_fit, n - n_fit),
     )?;
-    let epochs = ctx.size(30, 2);
+    let epochs = *ctx.sizes(&DIGITS_MLP_SIZES);
     let cfg = |seed: u64| TrainConfig {
         epochs,
         lr: 2e-3,
@@ -148,20 +158,53 @@ pub(super) fn pool(classes: &[String]) -> Result<Vec<String>> {
     synopses(Some(classes))
 }
 
-/// The Debian sections splits and the unlabelled eight-section pool (cut to a few
-/// dozen texts each in quick mode).
-pub(super) fn sections_and_pool(ctx: &Ctx) -> Result<(reuse_core::data::TextSplits, Vec<String>)> {
+/// How much of the sections splits and the unlabelled pool an experiment keeps: the
+/// first this many texts of each (`usize::MAX`: all).
+#[derive(Clone, Copy)]
+pub(super) struct Cut {
+    pub train: usize,
+    pub dev: usize,
+    pub test: usize,
+    pub pool: usize,
+}
+
+impl Cut {
+    pub const ALL: Cut = Cut {
+        train: usize::MAX,
+        dev: usize::MAX,
+        test: usize::MAX,
+        pool: usize::MAX,
+    };
+    /// A few dozen texts each: quick sizes.
+    pub const QUICK: Cut = Cut {
+        train: 96,
+        dev: 64,
+        test: 64,
+        pool: 96,
+    };
+
+    #[cfg_attr(not(test), allow(dead_code))] // read by the tests only
+    pub fn counts(self) -> Counts {
+        vec![
+            ("train_texts", self.train),
+            ("dev_texts", self.dev),
+            ("test_texts", self.test),
+            ("pool_texts", self.pool),
+        ]
+    }
+}
+
+/// The Debian sections splits and the unlabelled eight-section pool, `cut`.
+pub(super) fn sections_and_pool(cut: Cut) -> Result<(reuse_core::data::TextSplits, Vec<String>)> {
     let mut splits = super::sections()?;
     let mut pool_texts = pool(&splits.classes)?;
-    if ctx.quick {
-        splits.train.texts.truncate(96);
-        splits.train.labels.truncate(96);
-        splits.test.texts.truncate(64);
-        splits.test.labels.truncate(64);
-        splits.dev.texts.truncate(64);
-        splits.dev.labels.truncate(64);
-        pool_texts.truncate(96);
-    }
+    splits.train.texts.truncate(cut.train);
+    splits.train.labels.truncate(cut.train);
+    splits.test.texts.truncate(cut.test);
+    splits.test.labels.truncate(cut.test);
+    splits.dev.texts.truncate(cut.dev);
+    splits.dev.labels.truncate(cut.dev);
+    pool_texts.truncate(cut.pool);
     Ok((splits, pool_texts))
 }
 
@@ -195,14 +238,90 @@ pub(super) struct SectionsKd {
     pub kd_epochs: usize,
 }
 
+/// `distill.minilm_sections`' sizes.
+pub(super) struct SectionsSizes {
+    cut: Cut,
+    /// The teacher's and the hard-label students' epochs over the train split.
+    epochs: usize,
+    /// The KD students' epochs over the train split plus the pool.
+    kd_epochs: usize,
+    /// How the students' lr, and whether they train the word embeddings, are chosen.
+    student: StudentChoice,
+    /// Interleaved rounds of the inference timing.
+    rounds: usize,
+    /// What the notes add after the KD students' epochs.
+    kd_note: &'static str,
+}
+
+/// How `distill.minilm_sections` chooses its students' lr and frozen embeddings.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StudentChoice {
+    /// The grid on dev at seed 0 with hard labels.
+    Grid,
+    /// The choice the grid made at the full size on the CPU (not run again).
+    FullSizeChoice,
+}
+
+const SECTIONS_FULL: SectionsSizes = SectionsSizes {
+    cut: Cut::ALL,
+    epochs: 3,
+    kd_epochs: 3,
+    student: StudentChoice::Grid,
+    rounds: 20,
+    kd_note: "",
+};
+
+pub(super) const MINILM_SECTIONS_SIZES: Sizes<SectionsSizes> = Sizes {
+    quick: SectionsSizes {
+        cut: Cut::QUICK,
+        epochs: 1,
+        kd_epochs: 1,
+        rounds: 3,
+        ..SECTIONS_FULL
+    },
+    // One KD epoch over the labelled set plus the pool, and the grid's full-size choice.
+    cpu: Some(SectionsSizes {
+        kd_epochs: 1,
+        student: StudentChoice::FullSizeChoice,
+        kd_note: " (the CPU size: the full size gives them as many epochs as the teacher)",
+        ..SECTIONS_FULL
+    }),
+    full: SECTIONS_FULL,
+    cuda: OnCuda {
+        quick: None,
+        full: Some(SectionsSizes {
+            rounds: 50,
+            ..SECTIONS_FULL
+        }),
+    },
+};
+
+impl Knobs for SectionsSizes {
+    fn counts(&self) -> Counts {
+        let grid = match self.student {
+            StudentChoice::Grid => 6,
+            StudentChoice::FullSizeChoice => 0,
+        };
+        let mut c = self.cut.counts();
+        c.extend([
+            ("epochs", self.epochs),
+            ("kd_epochs", self.kd_epochs),
+            ("student_grid", grid),
+            ("rounds", self.rounds),
+        ]);
+        c
+    }
+}
+
 /// Debian sections: MiniLM teacher fine-tuned on the train split; students of 2 layers
 /// cut from it (layers 0 and 5, the head copied), trained (a) on hard labels, (b) with KD
 /// from the live teacher on the labelled set plus the unlabelled eight-section
 /// synopses, (c) as (b) from a top-4 cache.
 pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let seeds = &ctx.seeds;
+    let sizes = ctx.sizes(&MINILM_SECTIONS_SIZES);
     let dir = minilm_dir()?;
-    let (splits, pool_texts) = sections_and_pool(ctx)?;
+    let (splits, pool_texts) = sections_and_pool(sizes.cut)?;
     let n_classes = splits.classes.len() as i64;
     let enc = SentenceEncoder::load(&dir, ctx.device, Kind::Float)?;
     let tok = enc.tokenizer.clone();
@@ -216,9 +335,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         .labels
         .extend(std::iter::repeat_n(-100, pool_texts.len()));
     let train_pool = TokenizedDataset::new(&tok, &with_pool, MAX_LEN)?;
-    let epochs = ctx.size(3, 1);
-    // The KD students' epochs over the labelled set plus the pool: one at the CPU size.
-    let kd_epochs = if ctx.cpu_sized() { 1 } else { epochs };
+    let (epochs, kd_epochs) = (sizes.epochs, sizes.kd_epochs);
     let cfg = |lr: f64, seed: u64| TrainConfig {
         epochs,
         batch_size: BATCH,
@@ -272,15 +389,14 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     // lr 1e-4, embeddings trained) instead of running it again.
     let mut best = (f64::MIN, 0.0, false);
     let mut seen = Vec::new();
-    let grid: (&[bool], &[f64]) = if ctx.cpu_sized() {
-        (&[], &[])
-    } else {
-        (&[false, true], &[1e-4, 3e-4, 1e-3])
+    let grid: (&[bool], &[f64]) = match sizes.student {
+        StudentChoice::Grid => (&[false, true], &[1e-4, 3e-4, 1e-3]),
+        StudentChoice::FullSizeChoice => {
+            best = (f64::NAN, 1e-4, false);
+            seen.push("none run at the CPU size: lr 1e-4 with the embeddings trained, the full-size grid's choice on this CPU (0.8530 on dev at every lr trained, 0.8478-0.8504 frozen; benches/reports/2026-11-29-cpu-distill-minilm.json)".to_string());
+            (&[], &[])
+        }
     };
-    if ctx.cpu_sized() {
-        best = (f64::NAN, 1e-4, false);
-        seen.push("none run at the CPU size: lr 1e-4 with the embeddings trained, the full-size grid's choice on this CPU (0.8530 on dev at every lr trained, 0.8478-0.8504 frozen; benches/reports/2026-11-29-cpu-distill-minilm.json)".to_string());
-    }
     for &frozen in grid.0 {
         for &lr in grid.1 {
             let s = student_of(0, frozen)?;
@@ -380,7 +496,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         }
         Ok(t0.elapsed().as_secs_f64())
     };
-    let rounds = ctx.size(if ctx.device.is_cuda() { 50 } else { 20 }, 3);
+    let rounds = sizes.rounds;
     let (mut ratio, mut t_ms, mut s_ms) = (vec![], vec![], vec![]);
     time(&teacher)?;
     time(&student)?;
@@ -484,11 +600,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                 if frozen { "frozen" } else { "trained" },
                 pool_texts.len(),
                 cache_build_s,
-                if ctx.cpu_sized() {
-                    " (the CPU size: the full size gives them as many epochs as the teacher)"
-                } else {
-                    ""
-                },
+                sizes.kd_note,
                 test.len()
             ),
             format!(
@@ -582,31 +694,67 @@ pub(super) fn row_cosines(a: &Tensor, b: &Tensor) -> Tensor {
     Tensor::cosine_similarity(&a.to_kind(Kind::Float), &b.to_kind(Kind::Float), -1, 1e-8)
 }
 
+/// `distill.minilm_embeddings`' sizes.
+pub(super) struct EmbeddingsSizes {
+    /// The synopses cut to their first this many (`usize::MAX`: all).
+    texts: usize,
+    /// The grid's seeded sample of them (`None`: all of them).
+    grid_texts: Option<usize>,
+    /// Interleaved rounds of the encode timing, per seed.
+    rounds: usize,
+}
+
+const EMBEDDINGS_FULL: EmbeddingsSizes = EmbeddingsSizes {
+    texts: usize::MAX,
+    grid_texts: Some(12_000),
+    rounds: 5,
+};
+
+/// The seeds train on every synopsis for one epoch (the budget of the PyTorch
+/// recipe); the grid on a seeded sample of 12,000 on a CPU, every synopsis on CUDA.
+pub(super) const MINILM_EMBEDDINGS_SIZES: Sizes<EmbeddingsSizes> = Sizes {
+    quick: EmbeddingsSizes {
+        texts: 400,
+        grid_texts: Some(300),
+        rounds: 1,
+    },
+    cpu: None,
+    full: EMBEDDINGS_FULL,
+    cuda: OnCuda {
+        quick: None,
+        full: Some(EmbeddingsSizes {
+            grid_texts: None,
+            ..EMBEDDINGS_FULL
+        }),
+    },
+};
+
+impl Knobs for EmbeddingsSizes {
+    fn counts(&self) -> Counts {
+        vec![
+            ("texts", self.texts),
+            ("grid_texts", self.grid_texts.unwrap_or(usize::MAX)),
+            ("rounds", self.rounds),
+        ]
+    }
+}
+
 /// A 3-layer sentence-embedding student (3 of MiniLM's 6 layers, chosen on held-out
 /// text) trained to match the teacher's embeddings on the synopses: cosine to the
 /// teacher in and out of domain, a linear probe on the sections task, speed.
 pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let seeds = &ctx.seeds;
+    let sizes = ctx.sizes(&MINILM_EMBEDDINGS_SIZES);
     use reuse_distill::embed::{distill_embeddings_with, EmbedDistillConfig, EmbedLoss};
     let dir = minilm_dir()?;
     let mut texts = all_synopses()?;
-    if ctx.quick {
-        texts.truncate(400);
-    }
+    texts.truncate(sizes.texts);
     let splits = super::sections()?;
     let ood: Vec<String> = std::fs::read_to_string(fixtures_dir().join("appstream/sentences.txt"))?
         .lines()
         .map(str::to_string)
         .collect();
-    // Sizes: the seeds train on every synopsis for one epoch (the budget of the issue's
-    // PyTorch recipe); the grid on a seeded sample of 12,000 on a CPU.
-    let grid_texts = if ctx.quick {
-        300
-    } else if ctx.device.is_cuda() {
-        texts.len()
-    } else {
-        12_000
-    };
+    let grid_texts = sizes.grid_texts.unwrap_or(texts.len());
     let teacher = reuse_core::models::SentenceEncoder::load(&dir, ctx.device, Kind::Float)?;
     bar.set_message("distill.minilm_embeddings teacher pass");
     let t0 = Instant::now();
@@ -718,8 +866,7 @@ pub fn minilm_embeddings(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         )?;
         probes.push(p);
         // Encode time of the test texts, teacher and student interleaved.
-        let rounds = ctx.size(5, 1);
-        for _ in 0..rounds {
+        for _ in 0..sizes.rounds {
             let t0 = Instant::now();
             let _ = teacher.encode(&te_t, 128)?.to_device(Device::Cpu);
             let tt = t0.elapsed().as_secs_f64();

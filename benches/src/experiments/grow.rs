@@ -13,11 +13,19 @@ use reuse_grow::verify::{compare_bert, Drift};
 use reuse_testkit::{fixtures_dir, minilm_dir};
 use tch::{Device, Kind, Tensor};
 
-use super::{Ctx, Metrics, Outcome};
+use super::{Counts, Ctx, Knobs, Metrics, OnCuda, Outcome, Seeds, Sizes};
 use crate::claims::{pm, Claim};
 
 /// A growth to measure, planned on demand.
 type Plan<'a> = Box<dyn Fn() -> reuse_core::Result<Grown> + 'a>;
+
+/// `grow.minilm_preserve`'s sizes: its real texts, the first of the sections' test split.
+pub(super) const MINILM_PRESERVE_SIZES: Sizes<usize> = Sizes {
+    quick: 32,
+    cpu: None,
+    full: 256,
+    cuda: OnCuda::SAME,
+};
 
 /// MiniLM grown wider and deeper by each operator: max |diff| of the last hidden state
 /// against the original on random and real token ids, the mean-pooled embedding cosine
@@ -31,7 +39,7 @@ pub fn minilm_preserve(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     // Real text: the Debian sections' test texts (the growth has no training to choose
     // anything on, so any held-out text serves).
     let splits = super::sections()?;
-    let n_texts = ctx.size(256, 32);
+    let n_texts = *ctx.sizes(&MINILM_PRESERVE_SIZES);
     let texts: Vec<&str> = splits
         .test
         .texts
@@ -433,10 +441,9 @@ struct Runs<'a> {
 }
 
 impl<'a> Runs<'a> {
-    /// The experiment's pair: a 2-layer model grown to 4 layers and twice the width:
-    /// hidden 128 -> 256 on CPU, 256 -> 512 at CUDA's full size.
-    fn new(corpus: &'a Corpus, ctx: &Ctx, bar: &'a ProgressBar) -> Self {
-        let h = if cuda_sized(ctx) { 256 } else { 128 };
+    /// The experiment's pair: a 2-layer model of hidden `h` grown to 4 layers and twice
+    /// the width.
+    fn new(corpus: &'a Corpus, ctx: &Ctx, h: i64, bar: &'a ProgressBar) -> Self {
         Self {
             corpus,
             small: mlm_config(corpus.vocab, 2, h, 4),
@@ -611,42 +618,108 @@ fn plot_curves(path: &std::path::Path, runs: &[(String, &Curve)], target: f64) -
 /// `grow.train_faster_dev` on the dev text (seed 0): see `benches/sweeps/`.
 const GROW_AT: f64 = 0.75;
 
-/// Full size on a CUDA device: the larger models, batch and budget of a GPU run.
-fn cuda_sized(ctx: &Ctx) -> bool {
-    ctx.device.is_cuda() && !ctx.quick
+/// The sizes of `grow.train_faster` and of its dev sweep `grow.train_faster_dev`.
+pub(super) struct TrainFasterSizes {
+    /// Held-out (test, and dev) sequences the loss is measured on.
+    heldout: usize,
+    /// The small model's hidden size (the big one's is twice that).
+    hidden: i64,
+    /// Scratch's steps (the grown run's budget in FLOPs).
+    steps: usize,
+    batch: i64,
+    lr: f64,
+    eval_every: usize,
+    /// Steps of re-warmup after the growth.
+    rewarm: usize,
+    /// `grow.train_faster`'s seeds (the dev sweep runs seed 0).
+    seeds: Seeds,
+    /// The notes' line on the size.
+    note: &'static str,
 }
 
-/// The recipe. On CPU: 1000 steps of 32 sequences at lr 1e-3. At CUDA's full size
-/// (models twice as wide): 1200 steps of 128 sequences (4.8x the tokens) at lr 5e-4,
-/// halved a priori for the doubled width (fixed before any CUDA run, not tuned).
-fn recipe(ctx: &Ctx, grow_at: f64) -> Recipe {
-    let cuda = cuda_sized(ctx);
-    let steps = if cuda { 1200 } else { ctx.size(1000, 20) };
+const TRAIN_FASTER_FULL: TrainFasterSizes = TrainFasterSizes {
+    heldout: 512,
+    hidden: 128,
+    steps: 1000,
+    batch: 32,
+    lr: 1e-3,
+    eval_every: 50,
+    rewarm: 50,
+    seeds: Seeds::All,
+    note: "CPU size (a CUDA run uses models twice as wide, batch 128 and 1200 steps).",
+};
+
+/// On the CPU (and at quick sizes): 1000 steps of 32 sequences at lr 1e-3. At CUDA's
+/// full size (models twice as wide): 1200 steps of 128 sequences (4.8x the tokens) at
+/// lr 5e-4, halved a priori for the doubled width (fixed before any CUDA run, not
+/// tuned).
+pub(super) const TRAIN_FASTER_SIZES: Sizes<TrainFasterSizes> = Sizes {
+    quick: TrainFasterSizes {
+        heldout: 64,
+        steps: 20,
+        eval_every: 10,
+        rewarm: 2,
+        seeds: Seeds::First(1),
+        ..TRAIN_FASTER_FULL
+    },
+    cpu: None,
+    full: TRAIN_FASTER_FULL,
+    cuda: OnCuda {
+        quick: None,
+        full: Some(TrainFasterSizes {
+            hidden: 256,
+            steps: 1200,
+            batch: 128,
+            lr: 5e-4,
+            eval_every: 100,
+            note: "CUDA size: both models twice as wide as the CPU run's, batch 128 instead of 32, 1200 steps instead of 1000, lr 5e-4 instead of 1e-3 (halved a priori for the width, not tuned); the growth step's share (75%) is the one the CPU-size dev sweep chose, not re-swept at this size.",
+            ..TRAIN_FASTER_FULL
+        }),
+    },
+};
+
+impl Knobs for TrainFasterSizes {
+    fn counts(&self) -> Counts {
+        vec![
+            ("heldout", self.heldout),
+            ("hidden", self.hidden as usize),
+            ("steps", self.steps),
+            ("batch", self.batch as usize),
+            ("eval_every", self.eval_every),
+            ("rewarm", self.rewarm),
+            ("seeds", self.seeds.count()),
+        ]
+    }
+}
+
+/// The recipe of a run that grows after `grow_at` of scratch's steps.
+fn recipe(s: &TrainFasterSizes, grow_at: f64) -> Recipe {
     Recipe {
-        steps,
-        batch: if cuda { 128 } else { 32 },
-        lr: if cuda { 5e-4 } else { 1e-3 },
-        warmup: steps / 20,
-        eval_every: ctx.size(if cuda { 100 } else { 50 }, 10),
-        grow_at: (steps as f64 * grow_at) as usize,
-        rewarm: ctx.size(50, 2),
+        steps: s.steps,
+        batch: s.batch,
+        lr: s.lr,
+        warmup: s.steps / 20,
+        eval_every: s.eval_every,
+        grow_at: (s.steps as f64 * grow_at) as usize,
+        rewarm: s.rewarm,
     }
 }
 
 /// Dev sweep for `grow.train_faster`: seed 0, growth after 25%, 50% or 75% of the
 /// steps, against scratch, losses on the dev text (never the test text).
 pub fn train_faster_dev(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
-    let corpus = load_corpus(ctx.size(512, 64))?;
-    let runs = Runs::new(&corpus, ctx, bar);
+    let sizes = ctx.sizes(&TRAIN_FASTER_SIZES);
+    let corpus = load_corpus(sizes.heldout)?;
+    let runs = Runs::new(&corpus, ctx, sizes.hidden, bar);
     let mut m = Metrics::new();
-    let r = recipe(ctx, GROW_AT);
+    let r = recipe(sizes, GROW_AT);
     let s = train_mlm(&runs, &r, 0, false, true)?;
     let (s_flops, target) = s.last();
     m.insert("scratch.dev_loss".into(), target);
     m.insert("scratch.flops".into(), s_flops);
     let mut curves = vec![("scratch seed 0".to_string(), s)];
     for share in [0.25, 0.5, 0.75] {
-        let r = recipe(ctx, share);
+        let r = recipe(sizes, share);
         let g = train_mlm(&runs, &r, 0, true, true)?;
         let key = format!("grow_at_{}", (share * 100.0) as u32);
         m.insert(format!("{key}.dev_loss"), g.last().1);
@@ -684,14 +757,11 @@ pub fn train_faster_dev(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
 /// 4 layers and hidden 256 (gated layers, uniform replication) at a set step and
 /// trained on, against the 4-layer model trained from scratch with the same recipe.
 pub fn train_faster(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
-    let corpus = load_corpus(ctx.size(512, 64))?;
-    let runs = Runs::new(&corpus, ctx, bar);
-    let recipe = recipe(ctx, GROW_AT);
-    let seeds: &[u64] = if ctx.quick {
-        &ctx.seeds[..1]
-    } else {
-        &ctx.seeds
-    };
+    let sizes = ctx.sizes(&TRAIN_FASTER_SIZES);
+    let corpus = load_corpus(sizes.heldout)?;
+    let runs = Runs::new(&corpus, ctx, sizes.hidden, bar);
+    let recipe = recipe(sizes, GROW_AT);
+    let seeds = sizes.seeds.of(&ctx.seeds);
     let (small, big) = (runs.small.clone(), runs.big.clone());
     let mut m = Metrics::new();
     // The sizes that ran, so a report says which (CPU and CUDA sizes differ).
@@ -792,11 +862,7 @@ pub fn train_faster(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             small.num_hidden_layers, big.num_hidden_layers,
             recipe.rewarm, recipe.lr, recipe.batch, corpus.seq, recipe.warmup, seeds
         ),
-        if cuda_sized(ctx) {
-            "CUDA size: both models twice as wide as the CPU run's, batch 128 instead of 32, 1200 steps instead of 1000, lr 5e-4 instead of 1e-3 (halved a priori for the width, not tuned); the growth step's share (75%) is the one the CPU-size dev sweep chose, not re-swept at this size.".into()
-        } else {
-            "CPU size (a CUDA run uses models twice as wide, batch 128 and 1200 steps).".into()
-        },
+        sizes.note.into(),
         "FLOPs counted from the shapes (reuse_core::models::mlm::train_flops): 6 x non-embedding encoder parameters per token, 12 x layers x seq x hidden per token for attention, and 6 x (head transform + hidden x vocab) per predicted token; the small model's steps are counted at its own size. Evaluation is not counted. Target: each seed's scratch held-out loss at its end; flops_to_target interpolates linearly between evaluations; flops_saving = 1 - grown / scratch, averaged over seeds (only when every grown run reached its target).".into(),
         plot_note,
         "Where growth does not pay: on digits, growing a 32-unit MLP to 512 units cost more FLOPs than training 512 units from scratch (-15% to -280% over 5 seeds, the issue's measurement).".into(),

@@ -6,6 +6,7 @@ pub mod core;
 pub mod dist;
 pub mod distill;
 pub mod grow;
+pub mod llm;
 pub mod peft;
 pub mod quant;
 
@@ -28,24 +29,16 @@ pub struct Ctx {
     /// Seeds of the repeated runs (`--seeds N`: 0..N; default 0, 1, 2).
     pub seeds: Vec<u64>,
     /// Full sizes: on a CUDA device, or `--full` on the CPU. Otherwise an experiment
-    /// with a CPU size (`Experiment::cpu_size`) runs that, sized so the whole plain CPU
-    /// run fits its budget; the report names the size each experiment ran at.
+    /// with a CPU size (`Sizes::cpu`) runs that, sized so the whole plain CPU run fits
+    /// its budget; the report names the size each experiment ran at.
     pub full: bool,
     /// What one experiment of this run hands a later one (a trained teacher and its
     /// students, say), so the later one need not train them again; never kept across
     /// runs. Keys are the producing experiment's id.
     shared: std::cell::RefCell<BTreeMap<&'static str, Box<dyn std::any::Any>>>,
-    /// Whether the experiment running now has a CPU size (`Experiment::cpu_size`; the
-    /// runner sets it before each one): without one, `cpu_sized` is false, so an
-    /// experiment can only take a CPU-size path its registry entry declares.
-    has_cpu_size: std::cell::Cell<bool>,
 }
 
 impl Ctx {
-    pub fn new(device: Device, quick: bool) -> Result<Self> {
-        Self::with_seeds(device, quick, 3)
-    }
-
     pub fn with_seeds(device: Device, quick: bool, seeds: usize) -> Result<Self> {
         if seeds == 0 {
             anyhow::bail!("--seeds must be at least 1");
@@ -58,36 +51,18 @@ impl Ctx {
             seeds: (0..seeds as u64).collect(),
             full: device.is_cuda(),
             shared: Default::default(),
-            has_cpu_size: std::cell::Cell::new(true),
         })
     }
 
-    /// Declares whether the experiment about to run has a CPU size (the runner's call).
-    pub fn set_has_cpu_size(&self, yes: bool) {
-        self.has_cpu_size.set(yes);
+    /// The size an experiment with (`has_cpu`) or without a CPU size runs at in this run.
+    pub fn size(&self, has_cpu: bool) -> Size {
+        Size::of(self.quick, self.full, has_cpu)
     }
 
-    /// The CPU size: an experiment that has one, neither `--quick` nor full (CUDA or
-    /// `--full`).
-    pub fn cpu_sized(&self) -> bool {
-        self.has_cpu_size.get() && !self.quick && !self.full
-    }
-
-    /// The CPU size or `--quick`, for an experiment that has a CPU size: what the two
-    /// share (smaller method sets, committed dev choices).
-    pub fn reduced(&self) -> bool {
-        self.has_cpu_size.get() && !self.full
-    }
-
-    /// `quick`, `cpu` or `full`: the size the running experiment runs at.
-    pub fn size_name(&self) -> &'static str {
-        if self.quick {
-            "quick"
-        } else if self.cpu_sized() {
-            "cpu"
-        } else {
-            "full"
-        }
+    /// The running experiment's numbers: its `sizes` at the size this run gives it, on
+    /// this run's device.
+    pub fn sizes<'a, T>(&self, sizes: &'a Sizes<T>) -> &'a T {
+        sizes.at(self.size(sizes.cpu.is_some()), self.device.is_cuda())
     }
 
     /// Leaves `value` for a later experiment of this run (see `take_shared`).
@@ -116,14 +91,153 @@ impl Ctx {
             "target/reuse-report"
         })
     }
+}
 
-    /// `full` normally, `quick` in quick mode.
-    pub fn size(&self, full: usize, quick: usize) -> usize {
-        if self.quick {
-            quick
+/// The size an experiment runs at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Size {
+    /// `--quick`: smoke-test numbers.
+    Quick,
+    /// Its CPU size: a plain CPU run of an experiment that has one.
+    Cpu,
+    /// Full: a CUDA run, `--full`, or a plain CPU run of an experiment without a CPU size.
+    Full,
+}
+
+impl Size {
+    /// The size a run gives an experiment: `--quick` (`quick`) wins; else its CPU size
+    /// if it has one (`has_cpu`) and the run is not full-sized (`full`: CUDA or `--full`).
+    pub fn of(quick: bool, full: bool, has_cpu: bool) -> Self {
+        if quick {
+            Size::Quick
+        } else if has_cpu && !full {
+            Size::Cpu
         } else {
-            full
+            Size::Full
         }
+    }
+
+    /// As report.json's `size` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Size::Quick => "quick",
+            Size::Cpu => "cpu",
+            Size::Full => "full",
+        }
+    }
+}
+
+/// An experiment's sizes as data: the numbers and grids it varies (epochs, steps,
+/// rounds, texts, which grid, which seeds, which methods...) at each size, a `T` its
+/// file declares as one `const` beside its code and reads once (`Ctx::sizes`). Its
+/// registry entry points at it too, so whether it has a CPU size is said once, here.
+pub struct Sizes<T> {
+    /// `--quick`.
+    pub quick: T,
+    /// Its CPU size, if it has one: what a plain CPU run gives it (`None`: a plain CPU
+    /// run gives it `full`, or leaves it out if it is `gpu_sized`).
+    pub cpu: Option<T>,
+    /// On a CUDA device, or `--full` on the CPU; also a plain CPU run's, without `cpu`.
+    pub full: T,
+    /// What a CUDA device runs instead, at the sizes where it differs.
+    pub cuda: OnCuda<T>,
+}
+
+/// The sizes a CUDA device runs instead of the CPU's (`None`: the same).
+pub struct OnCuda<T> {
+    /// `--quick` on a CUDA device.
+    pub quick: Option<T>,
+    /// The full size on a CUDA device (`--full` on the CPU runs `Sizes::full`).
+    pub full: Option<T>,
+}
+
+impl<T> OnCuda<T> {
+    /// The same sizes on every device.
+    pub const SAME: Self = OnCuda {
+        quick: None,
+        full: None,
+    };
+}
+
+impl<T> Sizes<T> {
+    /// The numbers at `size` on a CUDA device (`cuda`) or the CPU. The CPU size falls
+    /// back to full where there is none (`Size::of` never picks it then).
+    pub fn at(&self, size: Size, cuda: bool) -> &T {
+        let (on_cpu, on_cuda) = match size {
+            Size::Quick => (&self.quick, &self.cuda.quick),
+            Size::Cpu => return self.cpu.as_ref().unwrap_or(&self.full),
+            Size::Full => (&self.full, &self.cuda.full),
+        };
+        match on_cuda {
+            Some(t) if cuda => t,
+            _ => on_cpu,
+        }
+    }
+}
+
+/// Which of the run's seeds (`--seeds`) an experiment runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seeds {
+    All,
+    /// The first n (at least one seed is always given).
+    First(usize),
+}
+
+impl Seeds {
+    pub fn of(self, seeds: &[u64]) -> &[u64] {
+        match self {
+            Seeds::All => seeds,
+            Seeds::First(n) => &seeds[..n],
+        }
+    }
+
+    /// As a count for `Knobs::counts` (all: unbounded).
+    #[cfg_attr(not(test), allow(dead_code))] // read by the tests only
+    pub fn count(self) -> usize {
+        match self {
+            Seeds::All => usize::MAX,
+            Seeds::First(n) => n,
+        }
+    }
+}
+
+/// Named counts of a size: `(knob, value)`.
+#[cfg_attr(not(test), allow(dead_code))] // read by the tests only
+pub type Counts = Vec<(&'static str, usize)>;
+
+/// An experiment's size struct, as the harness's checks read it.
+pub trait Knobs {
+    /// Its numbers that can only grow from a smaller size to the full one (epochs,
+    /// steps, rounds, texts, seeds, grid points, methods; `usize::MAX` for "all"), by
+    /// name: the tests check that no quick or CPU count exceeds the full size's on the
+    /// same device, and that quick is smaller somewhere.
+    #[cfg_attr(not(test), allow(dead_code))] // read by the tests only
+    fn counts(&self) -> Counts;
+}
+
+/// One number, for an experiment that varies only that.
+impl Knobs for usize {
+    fn counts(&self) -> Counts {
+        vec![("value", *self)]
+    }
+}
+
+/// What the runner and the tests read of an experiment's [`Sizes`], whatever its `T`.
+pub trait SizeTable {
+    /// Whether it has a CPU size.
+    fn has_cpu(&self) -> bool;
+    /// Its counts at `size` on a CUDA device (`cuda`) or the CPU.
+    #[cfg_attr(not(test), allow(dead_code))] // read by the tests only
+    fn counts_at(&self, size: Size, cuda: bool) -> Counts;
+}
+
+impl<T: Knobs> SizeTable for Sizes<T> {
+    fn has_cpu(&self) -> bool {
+        self.cpu.is_some()
+    }
+
+    fn counts_at(&self, size: Size, cuda: bool) -> Counts {
+        self.at(size, cuda).counts()
     }
 }
 
@@ -200,12 +314,13 @@ pub struct Experiment {
     /// Part of a plain `cargo xtask bench`; `false`: only when `--only` names it.
     pub default: bool,
     /// Sized for a GPU: on the CPU, a plain run runs its CPU size when it has one
-    /// (`cpu_size`) and skips it otherwise (the report says so); `--full` runs the full
+    /// (`Sizes::cpu`) and skips it otherwise (the report says so); `--full` runs the full
     /// size on the CPU too.
     pub gpu_sized: bool,
-    /// Has a smaller CPU size (`Ctx::cpu_sized`), which fills its claim rows in a plain
-    /// CPU run; the report notes which size ran.
-    pub cpu_size: bool,
+    /// Its sizes, the `const` its file declares and its `run` reads: whether it has a
+    /// CPU size (which fills its claim rows in a plain CPU run; the report notes which
+    /// size ran) is read from there.
+    pub sizes: &'static dyn SizeTable,
     /// Part of `--quick` (at its quick sizes); `false` for experiments whose quick size
     /// would say nothing (`--only` runs them anyway).
     pub quick: bool,
@@ -222,7 +337,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: core::digits_mlp,
         default: true,
         gpu_sized: false,
-        cpu_size: false,
+        sizes: &core::DIGITS_MLP_SIZES,
         quick: true,
         cpu_seconds: 2,
     },
@@ -232,7 +347,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: core::minilm_embed,
         default: true,
         gpu_sized: false,
-        cpu_size: false,
+        sizes: &core::MINILM_EMBED_SIZES,
         quick: true,
         cpu_seconds: 31,
     },
@@ -242,7 +357,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: peft::minilm_sections,
         default: true,
         gpu_sized: false,
-        cpu_size: true,
+        sizes: &peft::MINILM_SECTIONS_SIZES,
         quick: true,
         cpu_seconds: 470,
     },
@@ -252,7 +367,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: peft::inference_overhead,
         default: true,
         gpu_sized: false,
-        cpu_size: false,
+        sizes: &peft::INFERENCE_OVERHEAD_SIZES,
         quick: true,
         cpu_seconds: 16,
     },
@@ -262,7 +377,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: peft::vs_python,
         default: true,
         gpu_sized: false,
-        cpu_size: false,
+        sizes: &peft::VS_PYTHON_SIZES,
         quick: true,
         cpu_seconds: 29,
     },
@@ -272,7 +387,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: distill::digits_mlp,
         default: true,
         gpu_sized: false,
-        cpu_size: false,
+        sizes: &distill::DIGITS_MLP_SIZES,
         quick: true,
         cpu_seconds: 16,
     },
@@ -282,7 +397,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: distill::minilm_sections,
         default: true,
         gpu_sized: true,
-        cpu_size: true,
+        sizes: &distill::MINILM_SECTIONS_SIZES,
         quick: true,
         cpu_seconds: 496,
     },
@@ -292,7 +407,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: distill::minilm_embeddings,
         default: true,
         gpu_sized: true,
-        cpu_size: false,
+        sizes: &distill::MINILM_EMBEDDINGS_SIZES,
         quick: true,
         cpu_seconds: 1670,
     },
@@ -302,7 +417,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: continual::split_digits,
         default: true,
         gpu_sized: false,
-        cpu_size: true,
+        sizes: &continual::SPLIT_DIGITS_SIZES,
         quick: true,
         cpu_seconds: 87,
     },
@@ -312,7 +427,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: continual::permuted_digits,
         default: true,
         gpu_sized: false,
-        cpu_size: true,
+        sizes: &continual::PERMUTED_DIGITS_SIZES,
         quick: true,
         cpu_seconds: 123,
     },
@@ -322,7 +437,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: continual::minilm_sections,
         default: true,
         gpu_sized: true,
-        cpu_size: true,
+        sizes: &continual::MINILM_SECTIONS_SIZES,
         quick: true,
         cpu_seconds: 330,
     },
@@ -332,7 +447,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: grow::minilm_preserve,
         default: true,
         gpu_sized: false,
-        cpu_size: false,
+        sizes: &grow::MINILM_PRESERVE_SIZES,
         quick: true,
         cpu_seconds: 14,
     },
@@ -342,7 +457,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: grow::train_faster,
         default: true,
         gpu_sized: true,
-        cpu_size: false,
+        sizes: &grow::TRAIN_FASTER_SIZES,
         quick: false,
         cpu_seconds: 4224,
     },
@@ -352,7 +467,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: grow::train_faster_dev,
         default: false,
         gpu_sized: false,
-        cpu_size: false,
+        sizes: &grow::TRAIN_FASTER_SIZES,
         quick: true,
         cpu_seconds: 2500,
     },
@@ -362,7 +477,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: quant::minilm,
         default: true,
         gpu_sized: false,
-        cpu_size: false,
+        sizes: &quant::MINILM_SIZES,
         quick: true,
         cpu_seconds: 70,
     },
@@ -372,7 +487,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: quant::qlora,
         default: true,
         gpu_sized: false,
-        cpu_size: true,
+        sizes: &quant::QLORA_SIZES,
         quick: true,
         cpu_seconds: 170,
     },
@@ -385,9 +500,39 @@ pub const EXPERIMENTS: &[Experiment] = &[
         // 3 seeds); after distill.minilm_sections in the same run, seconds (it trims and
         // quantizes that experiment's students).
         gpu_sized: true,
-        cpu_size: true,
+        sizes: &quant::DISTILL_PLUS_QUANT_SIZES,
         quick: true,
         cpu_seconds: 15,
+    },
+    Experiment {
+        id: "core.smollm2_generate",
+        about: "SmolLM2-135M-Instruct (its GGUF): greedy decoding tokens/s at batch 1 and 8, reuse f32 and bf16 against transformers f32 on the same file, interleaved rounds; greedy agreement; memory bandwidth and bytes per token",
+        run: llm::smollm2_generate,
+        default: true,
+        gpu_sized: false,
+        sizes: &llm::GENERATE_SIZES,
+        quick: true,
+        cpu_seconds: 300,
+    },
+    Experiment {
+        id: "core.smollm2_score",
+        about: "SmolLM2-135M-Instruct perplexity of held-out synopses, reuse against transformers on the same GGUF: NLL and time, interleaved rounds",
+        run: llm::smollm2_score,
+        default: true,
+        gpu_sized: false,
+        sizes: &llm::SCORE_SIZES,
+        quick: true,
+        cpu_seconds: 120,
+    },
+    Experiment {
+        id: "core.smollm2_loss_memory",
+        about: "SmolLM2 training step (forward + backward, all weights): peak memory with the head + loss on full logits against the chunked path (a process per run)",
+        run: llm::smollm2_loss_memory,
+        default: true,
+        gpu_sized: false,
+        sizes: &llm::LOSS_SIZES,
+        quick: true,
+        cpu_seconds: 120,
     },
     Experiment {
         id: "dist.lora_step",
@@ -395,7 +540,7 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: dist::lora_step,
         default: true,
         gpu_sized: false,
-        cpu_size: false,
+        sizes: &dist::LORA_STEP_SIZES,
         quick: true,
         cpu_seconds: 150,
     },
@@ -405,8 +550,113 @@ pub const EXPERIMENTS: &[Experiment] = &[
         run: peft::dev_sweep,
         default: false,
         gpu_sized: false,
-        cpu_size: false,
+        sizes: &peft::DEV_SWEEP_SIZES,
         quick: true,
         cpu_seconds: 5000,
     },
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every experiment's declared sizes, on each device: no quick or CPU count above
+    /// the full size's, and quick smaller somewhere (else `--quick` would run it whole).
+    #[test]
+    fn sizes_shrink_from_full() {
+        for e in EXPERIMENTS {
+            for cuda in [false, true] {
+                let full = e.sizes.counts_at(Size::Full, cuda);
+                let mut smaller = vec![(Size::Quick, e.sizes.counts_at(Size::Quick, cuda))];
+                // A CPU size only ever runs on the CPU (`Size::of`: CUDA is full-sized).
+                if e.sizes.has_cpu() && !cuda {
+                    smaller.push((Size::Cpu, e.sizes.counts_at(Size::Cpu, cuda)));
+                }
+                for (size, counts) in smaller {
+                    let names = |c: &Counts| c.iter().map(|(n, _)| *n).collect::<Vec<_>>();
+                    assert_eq!(names(&counts), names(&full), "{}", e.id);
+                    for ((name, v), (_, f)) in counts.iter().zip(&full) {
+                        assert!(
+                            v <= f,
+                            "{} (cuda {cuda}): {} {name} {v} above full's {f}",
+                            e.id,
+                            size.name()
+                        );
+                    }
+                    if size == Size::Quick {
+                        assert!(
+                            counts.iter().zip(&full).any(|((_, v), (_, f))| v < f),
+                            "{} (cuda {cuda}): quick is no smaller than full",
+                            e.id
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The CPU sizes: a CPU size smaller than full somewhere (else it is the full size
+    /// under another name in the report), and the experiments that have one, as the
+    /// registry's `cpu_size` flags declared them before the sizes were data.
+    #[test]
+    fn cpu_sizes_are_smaller() {
+        // Its CPU size is the full size's numbers: a plain CPU run has it follow
+        // distill.minilm_sections and quantize that experiment's CPU-size students.
+        let same_as_full = ["quant.distill_plus_quant"];
+        let mut with_cpu = Vec::new();
+        for e in EXPERIMENTS.iter().filter(|e| e.sizes.has_cpu()) {
+            with_cpu.push(e.id);
+            let cpu = e.sizes.counts_at(Size::Cpu, false);
+            let full = e.sizes.counts_at(Size::Full, false);
+            assert_eq!(cpu == full, same_as_full.contains(&e.id), "{}", e.id);
+        }
+        assert_eq!(
+            with_cpu,
+            [
+                "peft.minilm_sections",
+                "distill.minilm_sections",
+                "continual.split_digits",
+                "continual.permuted_digits",
+                "continual.minilm_sections",
+                "quant.qlora",
+                "quant.distill_plus_quant",
+            ]
+        );
+    }
+
+    /// The size a run gives an experiment, and the numbers it reads there.
+    #[test]
+    fn sizes_are_chosen_by_run_and_device() {
+        // (quick, full, has_cpu) -> size; `--quick --full` is refused by the runner, and
+        // a CUDA run is full-sized.
+        assert_eq!(Size::of(true, false, true), Size::Quick);
+        assert_eq!(Size::of(true, true, true), Size::Quick);
+        assert_eq!(Size::of(false, false, true), Size::Cpu);
+        assert_eq!(Size::of(false, false, false), Size::Full);
+        assert_eq!(Size::of(false, true, true), Size::Full);
+        let s = Sizes {
+            quick: 1,
+            cpu: Some(2),
+            full: 3,
+            cuda: OnCuda {
+                quick: Some(4),
+                full: Some(5),
+            },
+        };
+        assert_eq!(*s.at(Size::Quick, false), 1);
+        assert_eq!(*s.at(Size::Quick, true), 4);
+        assert_eq!(*s.at(Size::Cpu, false), 2);
+        assert_eq!(*s.at(Size::Full, false), 3);
+        assert_eq!(*s.at(Size::Full, true), 5);
+        let plain = Sizes {
+            quick: 1,
+            cpu: None,
+            full: 3,
+            cuda: OnCuda::SAME,
+        };
+        assert_eq!(*plain.at(Size::Quick, true), 1);
+        assert_eq!(*plain.at(Size::Full, true), 3);
+        assert_eq!(Seeds::First(1).of(&[0, 1, 2]), &[0]);
+        assert_eq!(Seeds::All.of(&[0, 1, 2]), &[0, 1, 2]);
+    }
+}

@@ -18,7 +18,10 @@ use reuse_peft::{BottleneckConfig, LoraConfig, LoraModel};
 use reuse_testkit::minilm_dir;
 use tch::{Kind, Tensor};
 
-use super::{insert_spread, mean, median, sample_sd, sections, Ctx, Metrics, Outcome};
+use super::{
+    insert_spread, mean, median, sample_sd, sections, Counts, Ctx, Knobs, Metrics, OnCuda, Outcome,
+    Sizes,
+};
 use crate::claims::{pm, Claim};
 use crate::peer::Peer;
 
@@ -55,6 +58,80 @@ const SWEEP_BEST: [(&str, f64); 5] = [
     ("lora_qv_r8", 5e-3),
     ("pfeiffer", 1e-2),
 ];
+
+/// `peft.minilm_sections`' sizes.
+pub(super) struct SectionsSizes {
+    /// The dev and test splits cut to their first this many texts (`usize::MAX`: all).
+    eval_texts: usize,
+    /// Every method's training budget.
+    steps: usize,
+    /// Which learning rates each method trains at seed 0.
+    lrs: Lrs,
+    /// Whether `lora_qv_r8`, the second LoRA variant, runs.
+    lora_qv_r8: bool,
+    /// What the report's notes say of this size.
+    note: Option<&'static str>,
+}
+
+/// The learning rates a method of `peft.minilm_sections` tries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lrs {
+    /// Its grid (`METHODS`), the best on dev at seed 0.
+    Grid,
+    /// The grid's first lr only (its figures mean nothing anyway).
+    First,
+    /// `SWEEP_BEST`'s: no grid.
+    SweepBest,
+}
+
+const SECTIONS_FULL: SectionsSizes = SectionsSizes {
+    eval_texts: usize::MAX,
+    steps: STEPS,
+    lrs: Lrs::Grid,
+    lora_qv_r8: true,
+    note: None,
+};
+
+pub(super) const MINILM_SECTIONS_SIZES: Sizes<SectionsSizes> = Sizes {
+    quick: SectionsSizes {
+        eval_texts: 64,
+        steps: 6,
+        lrs: Lrs::First,
+        ..SECTIONS_FULL
+    },
+    // No lr grid, and no second LoRA variant (the LoRA paper's r=8 on query and value;
+    // `lora` is the one the claims read), to fit the plain CPU bench.
+    cpu: Some(SectionsSizes {
+        lrs: Lrs::SweepBest,
+        lora_qv_r8: false,
+        note: Some(
+            "CPU size, to fit the plain CPU bench: no lr grid is run here; each method \
+             trains at the lr with the best mean dev accuracy over 3 seeds in \
+             peft.dev_sweep (benches/sweeps/peft_dev_sweep.md; the grid's note above \
+             describes the full size, a CUDA run or `--full`, which chooses within the \
+             grid on dev at seed 0 on the device it runs on), and `lora_qv_r8` runs only \
+             at the full size.",
+        ),
+        ..SECTIONS_FULL
+    }),
+    full: SECTIONS_FULL,
+    cuda: OnCuda::SAME,
+};
+
+impl Knobs for SectionsSizes {
+    fn counts(&self) -> Counts {
+        let lrs = match self.lrs {
+            Lrs::Grid => usize::MAX,
+            Lrs::First | Lrs::SweepBest => 1,
+        };
+        vec![
+            ("eval_texts", self.eval_texts),
+            ("steps", self.steps),
+            ("lrs", lrs),
+            ("methods", 4 + usize::from(self.lora_qv_r8)),
+        ]
+    }
+}
 
 /// Resets the kernel's peak-RSS counter (VmHWM) so each method's peak is its own.
 fn reset_peak_rss() {
@@ -155,11 +232,38 @@ const SWEEP: [(&str, &[f64]); 7] = [
     ("lora_qv_ffn_r4", &[1e-3, 2e-3, 3e-3, 5e-3, 1e-2]),
 ];
 
+/// `peft.dev_sweep`'s sizes.
+pub(super) struct DevSweepSizes {
+    /// The dev split cut to its first this many texts (`usize::MAX`: all).
+    dev_texts: usize,
+    steps: usize,
+}
+
+pub(super) const DEV_SWEEP_SIZES: Sizes<DevSweepSizes> = Sizes {
+    quick: DevSweepSizes {
+        dev_texts: 64,
+        steps: 6,
+    },
+    cpu: None,
+    full: DevSweepSizes {
+        dev_texts: usize::MAX,
+        steps: STEPS,
+    },
+    cuda: OnCuda::SAME,
+};
+
+impl Knobs for DevSweepSizes {
+    fn counts(&self) -> Counts {
+        vec![("dev_texts", self.dev_texts), ("steps", self.steps)]
+    }
+}
+
 /// Runs the sweep (or the share `REUSE_SWEEP_SHARD=i/n` names: every n-th run from the
 /// i-th); metric `<method>.<lr>.seed<s>.dev_accuracy` per run, and one `sweep` line each
 /// on the log.
 pub fn dev_sweep(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let seeds = &ctx.seeds;
+    let s = ctx.sizes(&DEV_SWEEP_SIZES);
     let (shard, shards) = match std::env::var("REUSE_SWEEP_SHARD") {
         Ok(v) => {
             let (i, n) = v
@@ -171,9 +275,9 @@ pub fn dev_sweep(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     };
     let dir = minilm_dir()?;
     let mut splits = sections()?;
-    splits.dev.texts.truncate(ctx.size(usize::MAX, 64));
-    splits.dev.labels.truncate(ctx.size(usize::MAX, 64));
-    let steps = ctx.size(STEPS, 6);
+    splits.dev.texts.truncate(s.dev_texts);
+    splits.dev.labels.truncate(s.dev_texts);
+    let steps = s.steps;
     let enc = SentenceEncoder::load(&dir, ctx.device, Kind::Float)?;
     let train = TokenizedDataset::new(&enc.tokenizer, &splits.train, MAX_LEN)?;
     let dev = TokenizedDataset::new(&enc.tokenizer, &splits.dev, MAX_LEN)?;
@@ -239,13 +343,14 @@ struct Run {
 /// Test accuracy is computed only for the chosen lr.
 pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let seeds = &ctx.seeds;
+    let s = ctx.sizes(&MINILM_SECTIONS_SIZES);
     let dir = minilm_dir()?;
     let mut splits = sections()?;
-    splits.dev.texts.truncate(ctx.size(usize::MAX, 64));
-    splits.dev.labels.truncate(ctx.size(usize::MAX, 64));
-    splits.test.texts.truncate(ctx.size(usize::MAX, 64));
-    splits.test.labels.truncate(ctx.size(usize::MAX, 64));
-    let steps = ctx.size(STEPS, 6);
+    splits.dev.texts.truncate(s.eval_texts);
+    splits.dev.labels.truncate(s.eval_texts);
+    splits.test.texts.truncate(s.eval_texts);
+    splits.test.labels.truncate(s.eval_texts);
+    let steps = s.steps;
     let enc = SentenceEncoder::load(&dir, ctx.device, Kind::Float)?;
     let train = TokenizedDataset::new(&enc.tokenizer, &splits.train, MAX_LEN)?;
     let dev = TokenizedDataset::new(&enc.tokenizer, &splits.dev, MAX_LEN)?;
@@ -275,22 +380,18 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let mut m = Metrics::new();
     let mut grid_notes = Vec::new();
     for (method, grid) in METHODS {
-        // The CPU size leaves out the second LoRA variant (the LoRA paper's r=8 on query
-        // and value) to fit the plain CPU bench; `lora` is the one the claims read.
-        if ctx.cpu_sized() && method == "lora_qv_r8" {
+        if method == "lora_qv_r8" && !s.lora_qv_r8 {
             continue;
         }
-        // Quick mode keeps the grid's first lr only (its figures mean nothing anyway);
-        // the CPU size runs the sweep's best dev lr.
         let sweep_best = SWEEP_BEST
             .iter()
             .find(|(m, _)| *m == method)
             .map(|(_, lr)| [*lr])
             .context("a method without a sweep lr")?;
-        let grid: &[f64] = if ctx.cpu_sized() {
-            &sweep_best
-        } else {
-            &grid[..ctx.size(grid.len(), 1)]
+        let grid: &[f64] = match s.lrs {
+            Lrs::Grid => grid,
+            Lrs::First => &grid[..1],
+            Lrs::SweepBest => &sweep_best,
         };
         // The grid, at seed 0, read on dev only; the best run is kept as seed 0's.
         let mut best: Option<(f64, Run)> = None;
@@ -308,7 +409,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             }
         }
         let (lr, run0) = best.context("empty lr grid")?;
-        grid_notes.push(if ctx.cpu_sized() {
+        grid_notes.push(if s.lrs == Lrs::SweepBest {
             format!(
                 "{method}: lr {lr:e}, peft.dev_sweep's best mean dev accuracy (3 seeds); dev accuracy here at seed 0: {:.4}",
                 run0.dev
@@ -399,17 +500,7 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
          paper's r=8 on query and value."
             .into(),
     );
-    if ctx.cpu_sized() {
-        notes.push(
-            "CPU size, to fit the plain CPU bench: no lr grid is run here; each method \
-             trains at the lr with the best mean dev accuracy over 3 seeds in \
-             peft.dev_sweep (benches/sweeps/peft_dev_sweep.md; the grid's note above \
-             describes the full size, a CUDA run or `--full`, which chooses within the \
-             grid on dev at seed 0 on the device it runs on), and `lora_qv_r8` runs only \
-             at the full size."
-                .into(),
-        );
-    }
+    notes.extend(s.note.map(String::from));
     notes.extend(grid_notes);
     notes.push(
         "`trainable_params` counts everything that trains with the method, head included \
@@ -452,6 +543,37 @@ pub(crate) fn fixed_batch(
     Ok((ids, mask))
 }
 
+/// `peft.inference_overhead`'s sizes: timed and warm-up rounds.
+pub(super) struct InferenceOverheadSizes {
+    rounds: usize,
+    warmup: usize,
+}
+
+pub(super) const INFERENCE_OVERHEAD_SIZES: Sizes<InferenceOverheadSizes> = Sizes {
+    quick: InferenceOverheadSizes {
+        rounds: 3,
+        warmup: 1,
+    },
+    cpu: None,
+    full: InferenceOverheadSizes {
+        rounds: 18,
+        warmup: 3,
+    },
+    cuda: OnCuda {
+        quick: None,
+        full: Some(InferenceOverheadSizes {
+            rounds: 60,
+            warmup: 3,
+        }),
+    },
+};
+
+impl Knobs for InferenceOverheadSizes {
+    fn counts(&self) -> Counts {
+        vec![("rounds", self.rounds), ("warmup", self.warmup)]
+    }
+}
+
 /// Base, unmerged-LoRA and merged-LoRA forwards on the same batch, interleaved.
 pub fn inference_overhead(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let dir = minilm_dir()?;
@@ -482,8 +604,7 @@ pub fn inference_overhead(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     // Rounds of (base, unmerged, merged) in rotating order, so no variant always runs
     // first or after a merge.
     let mut times: [Vec<f64>; 3] = Default::default();
-    let rounds = ctx.size(if ctx.device.is_cuda() { 60 } else { 18 }, 3);
-    let warmup = ctx.size(3, 1);
+    let &InferenceOverheadSizes { rounds, warmup } = ctx.sizes(&INFERENCE_OVERHEAD_SIZES);
     for round in 0..rounds + warmup {
         bar.set_message(format!("peft.inference_overhead round {round}"));
         for k in 0..3 {
@@ -535,8 +656,15 @@ pub fn inference_overhead(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
 
 const STEP_BATCH: usize = 32;
 const STEP_LEN: usize = 64;
-const STEP_ROUNDS: usize = 5;
 const STEPS_PER_ROUND: usize = 2;
+
+/// `peft.vs_python`'s sizes: rounds of `STEPS_PER_ROUND` steps on each side.
+pub(super) const VS_PYTHON_SIZES: Sizes<usize> = Sizes {
+    quick: 2,
+    cpu: None,
+    full: 5,
+    cuda: OnCuda::SAME,
+};
 
 /// One LoRA training step (forward, mean-pool head, cross-entropy, backward, AdamW) in
 /// Rust and in PyTorch + PEFT, same model, batch, sequence length and threads.
@@ -617,7 +745,7 @@ pub fn vs_python(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             .args(["--classes", &splits.classes.len().to_string()]),
     )?;
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    let rounds = ctx.size(STEP_ROUNDS, 2);
+    let rounds = *ctx.sizes(&VS_PYTHON_SIZES);
     for round in 0..rounds {
         bar.set_message(format!("peft.vs_python round {round}"));
         for _ in 0..STEPS_PER_ROUND {

@@ -13,8 +13,9 @@ use reuse_quant::QuantSpec;
 use reuse_testkit::{fixtures_dir, minilm_dir};
 use tch::{Device, Kind, Tensor};
 
+use super::distill::Cut;
 use super::distill::{fit_probe, probe_accuracy, row_cosines};
-use super::{insert_spread, mean, sample_sd, Ctx, Metrics, Outcome};
+use super::{insert_spread, mean, sample_sd, Counts, Ctx, Knobs, Metrics, OnCuda, Outcome, Sizes};
 use crate::claims::{pm, Claim};
 
 const BATCH: usize = 32;
@@ -48,18 +49,71 @@ fn quantized_weight_ratio(dir: &Path, modules: &[String], f32_ck: &Checkpoint) -
     Ok(q / f)
 }
 
+/// `quant.minilm`'s sizes: texts are the first this many of each (`usize::MAX`: all).
+pub(super) struct MinilmSizes {
+    /// GPTQ's calibration texts (from the train split).
+    calibration: usize,
+    /// The probe's train, dev and test texts, and the out-of-domain sentences.
+    train: usize,
+    dev: usize,
+    test: usize,
+    ood: usize,
+    /// The probe's seeds.
+    probe_seeds: &'static [u64],
+    /// Interleaved rounds of the throughput timing.
+    rounds: usize,
+}
+
+pub(super) const MINILM_SIZES: Sizes<MinilmSizes> = Sizes {
+    quick: MinilmSizes {
+        calibration: 16,
+        train: 200,
+        dev: 100,
+        test: 100,
+        ood: 50,
+        probe_seeds: &[0],
+        rounds: 1,
+    },
+    cpu: None,
+    full: MinilmSizes {
+        calibration: 256,
+        train: usize::MAX,
+        dev: usize::MAX,
+        test: usize::MAX,
+        ood: usize::MAX,
+        probe_seeds: &[0, 1, 2],
+        rounds: 3,
+    },
+    cuda: OnCuda::SAME,
+};
+
+impl Knobs for MinilmSizes {
+    fn counts(&self) -> Counts {
+        vec![
+            ("calibration", self.calibration),
+            ("train", self.train),
+            ("dev", self.dev),
+            ("test", self.test),
+            ("ood", self.ood),
+            ("probe_seeds", self.probe_seeds.len()),
+            ("rounds", self.rounds),
+        ]
+    }
+}
+
 /// MiniLM in f32, bf16, int8 and int4 (round-to-nearest and GPTQ, groups of 32, 64 and
 /// 128): size on disk, embedding cosine to f32 on the sections' test texts, a linear
 /// probe's test accuracy (trained on the f32 embeddings) before and after, and embed
 /// throughput in interleaved rounds.
 pub fn minilm(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
+    let sizes = ctx.sizes(&MINILM_SIZES);
     let src = minilm_dir()?;
     let splits = super::sections()?;
     let take = |v: &[String], n: usize| v.iter().take(n).cloned().collect::<Vec<_>>();
-    let calib = take(&splits.train.texts, ctx.size(256, 16));
-    let n_train = ctx.size(splits.train.texts.len(), 200);
-    let n_dev = ctx.size(splits.dev.texts.len(), 100);
-    let n_test = ctx.size(splits.test.texts.len(), 100);
+    let calib = calibration_texts(&splits.train.texts, sizes.calibration);
+    let n_train = sizes.train.min(splits.train.texts.len());
+    let n_dev = sizes.dev.min(splits.dev.texts.len());
+    let n_test = sizes.test.min(splits.test.texts.len());
     let train = take(&splits.train.texts, n_train);
     let dev = take(&splits.dev.texts, n_dev);
     let test = take(&splits.test.texts, n_test);
@@ -166,7 +220,7 @@ pub fn minilm(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let ood: Vec<String> = std::fs::read_to_string(fixtures_dir().join("appstream/sentences.txt"))?
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .take(ctx.size(usize::MAX, 50))
+        .take(sizes.ood)
         .map(String::from)
         .collect();
     let e_ood = f32_enc.encode(&refs(&ood), BATCH)?;
@@ -206,7 +260,7 @@ pub fn minilm(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
 
     // The classifier: a linear probe on the f32 embeddings (lr chosen on dev), seeds
     // 0-2; its test accuracy on each variant's embeddings.
-    let seeds: &[u64] = if ctx.quick { &[0] } else { &[0, 1, 2] };
+    let seeds = sizes.probe_seeds;
     let mut acc: Vec<(String, Vec<f64>)> = vec![("f32".into(), Vec::new())];
     acc.extend(test_emb.iter().map(|(n, _)| (n.clone(), Vec::new())));
     for &seed in seeds {
@@ -245,7 +299,7 @@ pub fn minilm(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     // Throughput: texts/s of each encoder over the test texts, rounds interleaved (the
     // order rotates each round). Quantized weights are dequantized on every forward
     // (no int8/int4 kernels): the memory saving, at a cost in speed.
-    let rounds = ctx.size(3, 1);
+    let rounds = sizes.rounds;
     let mut all: Vec<(&str, &SentenceEncoder)> = vec![("f32", &f32_enc)];
     all.extend(encoders.iter().map(|(n, e)| (n.as_str(), e)));
     let speed_set = ["f32", "bf16", "int8", "int4_gptq_g64"];
@@ -289,9 +343,9 @@ pub fn minilm(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     Ok(Outcome { metrics: m, notes })
 }
 
-/// GPTQ's calibration texts: the first 256 training texts (16 in quick mode).
-fn calibration_texts(ctx: &Ctx, train: &[String]) -> Vec<String> {
-    train.iter().take(ctx.size(256, 16)).cloned().collect()
+/// GPTQ's calibration texts: the first `n` training texts.
+fn calibration_texts(train: &[String], n: usize) -> Vec<String> {
+    train.iter().take(n).cloned().collect()
 }
 
 /// A scratch folder under the report folder for the quantized variants.
@@ -299,6 +353,43 @@ fn tempfile_dir(ctx: &Ctx) -> Result<std::path::PathBuf> {
     let d = ctx.report_dir().join("quant-minilm");
     std::fs::create_dir_all(&d)?;
     Ok(d)
+}
+
+/// `quant.distill_plus_quant`'s sizes.
+pub(super) struct DistillPlusQuantSizes {
+    cut: Cut,
+    /// The teacher's and students' epochs, when it trains its own.
+    epochs: usize,
+    /// GPTQ's calibration texts.
+    calibration: usize,
+}
+
+const DISTILL_PLUS_QUANT_FULL: DistillPlusQuantSizes = DistillPlusQuantSizes {
+    cut: Cut::ALL,
+    epochs: 3,
+    calibration: 256,
+};
+
+pub(super) const DISTILL_PLUS_QUANT_SIZES: Sizes<DistillPlusQuantSizes> = Sizes {
+    quick: DistillPlusQuantSizes {
+        cut: Cut::QUICK,
+        epochs: 1,
+        calibration: 16,
+    },
+    // Its CPU size has the full size's numbers: in a plain CPU run it follows
+    // distill.minilm_sections and trims and quantizes that experiment's (CPU-size)
+    // students; on its own it trains its own at these.
+    cpu: Some(DISTILL_PLUS_QUANT_FULL),
+    full: DISTILL_PLUS_QUANT_FULL,
+    cuda: OnCuda::SAME,
+};
+
+impl Knobs for DistillPlusQuantSizes {
+    fn counts(&self) -> Counts {
+        let mut c = self.cut.counts();
+        c.extend([("epochs", self.epochs), ("calibration", self.calibration)]);
+        c
+    }
 }
 
 /// Distillation + quantization: the MiniLM classifier (the teacher, fully fine-tuned on
@@ -321,9 +412,10 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     use reuse_quant::model::{calibrate, quantize_model, Method};
     use reuse_quant::QuantizedWeight;
 
+    let sizes = ctx.sizes(&DISTILL_PLUS_QUANT_SIZES);
     let dir = minilm_dir()?;
     let device = ctx.device;
-    let (splits, pool_texts) = sections_and_pool(ctx)?;
+    let (splits, pool_texts) = sections_and_pool(sizes.cut)?;
     let n_classes = splits.classes.len() as i64;
     let tok = SentenceEncoder::load(&dir, Device::Cpu, Kind::Float)?.tokenizer;
     let train = TokenizedDataset::new(&tok, &splits.train, MAX_LEN)?;
@@ -335,7 +427,7 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         .labels
         .extend(std::iter::repeat_n(-100, pool_texts.len()));
     let train_pool = TokenizedDataset::new(&tok, &with_pool, MAX_LEN)?;
-    let epochs = ctx.size(3, 1);
+    let epochs = sizes.epochs;
     let cfg = |lr: f64, seed: u64, data: &dyn BatchSource| TrainConfig {
         epochs,
         batch_size: KD_BATCH,
@@ -401,7 +493,7 @@ pub fn distill_plus_quant(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     corpus.extend(splits.train.texts.iter().cloned());
     let plan = VocabTrim::from_texts(&tok, &refs(&corpus))?;
     let test_trim = TokenizedDataset::new(plan.tokenizer(), &splits.test, MAX_LEN)?;
-    let calib = calibration_texts(ctx, &splits.train.texts);
+    let calib = calibration_texts(&splits.train.texts, sizes.calibration);
     let spec = QuantSpec::int4(64, false);
     // The embedding tables per row, as the issue asks ("per row"): one scale and zero
     // point for each token's whole vector.
@@ -674,10 +766,11 @@ struct QloraRun {
     lr: f64,
     seed: u64,
     cuda: bool,
-    quick: bool,
-    /// The parent's `Ctx::full` (`--full` on the CPU).
-    #[serde(default)]
-    full: bool,
+    /// The parent's sizes: training steps, the dev and test splits cut to their first
+    /// this many texts, GPTQ's calibration texts for `quantize_after`.
+    steps: usize,
+    eval_texts: usize,
+    calibration: usize,
     /// After training, merge the adapter and quantize the fine-tuned classifier (int8
     /// round-to-nearest, int4 GPTQ) to measure its test accuracy after quantization.
     quantize_after: bool,
@@ -697,13 +790,49 @@ struct QloraResult {
     test_accuracy_int4: Option<f64>,
 }
 
-/// Training steps of each quant.qlora run: peft.minilm_sections' budget, half of it
-/// at the CPU size (both arms alike).
-fn qlora_steps(ctx: &Ctx) -> usize {
-    if ctx.cpu_sized() {
-        super::peft::STEPS / 2
-    } else {
-        ctx.size(super::peft::STEPS, 6)
+/// `quant.qlora`'s sizes.
+pub(super) struct QloraSizes {
+    /// Training steps of each run: peft.minilm_sections' budget, half of it at the CPU
+    /// size (both arms alike).
+    steps: usize,
+    /// The dev and test splits cut to their first this many texts (`usize::MAX`: all).
+    eval_texts: usize,
+    /// GPTQ's calibration texts (the int4 base, and the classifier quantized after).
+    calibration: usize,
+    /// What the report's notes say of this size (before its steps).
+    note: Option<&'static str>,
+}
+
+const QLORA_FULL: QloraSizes = QloraSizes {
+    steps: super::peft::STEPS,
+    eval_texts: usize::MAX,
+    calibration: 256,
+    note: None,
+};
+
+pub(super) const QLORA_SIZES: Sizes<QloraSizes> = Sizes {
+    quick: QloraSizes {
+        steps: 6,
+        eval_texts: 64,
+        calibration: 16,
+        note: None,
+    },
+    cpu: Some(QloraSizes {
+        steps: super::peft::STEPS / 2,
+        note: Some("CPU size, to fit the plain CPU bench"),
+        ..QLORA_FULL
+    }),
+    full: QLORA_FULL,
+    cuda: OnCuda::SAME,
+};
+
+impl Knobs for QloraSizes {
+    fn counts(&self) -> Counts {
+        vec![
+            ("steps", self.steps),
+            ("eval_texts", self.eval_texts),
+            ("calibration", self.calibration),
+        ]
     }
 }
 
@@ -724,13 +853,11 @@ pub fn qlora_child(spec: &str) -> Result<()> {
     } else {
         Device::Cpu
     };
-    let mut ctx = Ctx::new(device, run.quick)?;
-    ctx.full |= run.full;
     let mut splits = super::sections()?;
-    splits.dev.texts.truncate(ctx.size(usize::MAX, 64));
-    splits.dev.labels.truncate(ctx.size(usize::MAX, 64));
-    splits.test.texts.truncate(ctx.size(usize::MAX, 64));
-    splits.test.labels.truncate(ctx.size(usize::MAX, 64));
+    splits.dev.texts.truncate(run.eval_texts);
+    splits.dev.labels.truncate(run.eval_texts);
+    splits.test.texts.truncate(run.eval_texts);
+    splits.test.labels.truncate(run.eval_texts);
     let tok = SentenceEncoder::load_with(
         &run.base,
         &reuse_quant::load_options(Device::Cpu, Kind::Float),
@@ -740,7 +867,7 @@ pub fn qlora_child(spec: &str) -> Result<()> {
     let train = TokenizedDataset::new(&tok, &splits.train, max_len)?;
     let dev = TokenizedDataset::new(&tok, &splits.dev, max_len)?;
     let test = TokenizedDataset::new(&tok, &splits.test, max_len)?;
-    let steps = qlora_steps(&ctx);
+    let steps = run.steps;
     let n_classes = splits.classes.len() as i64;
     tch::manual_seed(run.seed as i64);
     let mut model = LoraModel::new(BertClassifier::new(
@@ -805,7 +932,7 @@ pub fn qlora_child(spec: &str) -> Result<()> {
         out.test_accuracy_int8 = Some(accuracy(&m8, &test, 64, device)?);
         drop(m8);
         let mut m4 = fresh()?;
-        let calib = calibration_texts(&ctx, &splits.train.texts);
+        let calib = calibration_texts(&splits.train.texts, run.calibration);
         let hessians = calibrate(&mut m4.bert, &select, &mut |bert| {
             tch::no_grad(|| -> reuse_core::Result<()> {
                 for t in &calib {
@@ -842,9 +969,10 @@ pub fn qlora_child(spec: &str) -> Result<()> {
 /// process per run, f32 and int4 alternating).
 pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let seeds = &ctx.seeds;
+    let sizes = ctx.sizes(&QLORA_SIZES);
     let src = minilm_dir()?;
     let splits = super::sections()?;
-    let calib = calibration_texts(ctx, &splits.train.texts);
+    let calib = calibration_texts(&splits.train.texts, sizes.calibration);
     let tmp = tempfile_dir(ctx)?;
     let int4 = tmp.join("qlora-int4");
     let r = quantize_folder(
@@ -875,8 +1003,9 @@ pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                 lr,
                 seed,
                 cuda: ctx.device.is_cuda(),
-                quick: ctx.quick,
-                full: ctx.full,
+                steps: sizes.steps,
+                eval_texts: sizes.eval_texts,
+                calibration: sizes.calibration,
                 quantize_after: i == 0,
             })?;
             let o = std::process::Command::new(&exe)
@@ -965,7 +1094,7 @@ pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         format!(
             "LoRA r=4 (alpha 8) on query, value and both FFN linears of all-MiniLM-L6-v2, plus a linear head, trained on the {} train texts of the Debian sections: {} steps, batch {}, max length {}, AdamW lr {lr:e} (the best dev lr for this LoRA in peft.dev_sweep, benches/sweeps/peft_dev_sweep.md; the int4 base reuses it, as the QLoRA paper reuses LoRA's), weight decay 0.01, linear schedule with 10% warm-up. Seeds {seeds:?}; accuracies on the test split; accuracy_gap = f32 - int4 per seed.",
             splits.train.texts.len(),
-            qlora_steps(ctx),
+            sizes.steps,
             super::peft::BATCH,
             super::peft::MAX_LEN
         ),
@@ -978,10 +1107,10 @@ pub fn qlora(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         "classifier.*: each f32 run's fine-tuned classifier, its adapter merged into the encoder, then quantized as a deployment would: int8 per channel by round-to-nearest, and int4 by GPTQ (groups of 64, zero points, the first 256 train texts as calibration); accuracy_drop_* = the merged f32 classifier's test accuracy - the quantized one's, per seed (mean, sample sd). Measured after the run's peak memory was read.".into(),
         "Memory: each run is its own process (this binary, re-run with one run's settings); peak_rss_mb is its VmHWM after training (process RSS: libtorch, the model, optimizer state, activations), load_rss_mb its VmHWM once the model is built. peak_memory_ratio = int4 / f32 peak, per seed. f32 and int4 runs alternate, first one then the other.".into(),
     ];
-    if ctx.cpu_sized() {
+    if let Some(note) = sizes.note {
         notes.push(format!(
-            "CPU size, to fit the plain CPU bench: {} steps per run, half of peft.minilm_sections' {} (both arms alike; a CUDA run or `--full` trains {}).",
-            qlora_steps(ctx),
+            "{note}: {} steps per run, half of peft.minilm_sections' {} (both arms alike; a CUDA run or `--full` trains {}).",
+            sizes.steps,
             super::peft::STEPS,
             super::peft::STEPS
         ));
