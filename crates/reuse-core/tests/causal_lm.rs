@@ -164,3 +164,117 @@ fn a_crashed_causal_lm_run_resumes_to_the_same_weights() {
         assert!(x.equal(&y), "{n} differs after resuming");
     }
 }
+
+/// Prints each optimizer step (its state saved with the run).
+struct Steps(i64);
+
+impl Technique for Steps {
+    fn name(&self) -> &str {
+        "steps"
+    }
+    fn after_step(&mut self, _p: &Params, _ctx: &StepContext) -> Result<()> {
+        self.0 += 1;
+        println!("step {}", self.0);
+        Ok(())
+    }
+    fn state(&self) -> Result<reuse_core::Checkpoint> {
+        let mut c = reuse_core::Checkpoint::new();
+        c.insert("count", tch::Tensor::from(self.0));
+        Ok(c)
+    }
+    fn load_state(&mut self, s: &reuse_core::Checkpoint) -> Result<()> {
+        self.0 = s.tensor("count").map_or(0, |t| t.int64_value(&[]));
+        Ok(())
+    }
+}
+
+/// The training process of the SIGKILL test: this binary re-run with only this test
+/// selected and `REUSE_LM_CHILD` naming its folder.
+#[test]
+fn lm_child() {
+    let Some(dir) = std::env::var_os("REUSE_LM_CHILD") else {
+        return;
+    };
+    let dir = std::path::Path::new(&dir);
+    // Bit-for-bit resumption is defined for a fixed thread count (see reuse-continual's
+    // kill test).
+    tch::set_num_threads(1);
+    let (train, _) = data();
+    let m = model(11);
+    let mut t = Trainer::new(TrainConfig {
+        max_steps: Some(16),
+        batch_size: 8,
+        lr: 3e-3,
+        seed: 5,
+        run_state: Some(RunStateConfig {
+            path: dir.join("run.safetensors"),
+            every: 1,
+            params: SaveParams::All,
+        }),
+        ..Default::default()
+    });
+    let mut s = Steps(0);
+    t.resume(&m, &mut [&mut s]).unwrap();
+    t.fit(&m, &train, None, &mut [&mut s]).unwrap();
+    m.params()
+        .to_checkpoint()
+        .save(dir.join("final.safetensors"))
+        .unwrap();
+    println!("done {}", s.0);
+}
+
+fn run_lm_child(dir: &std::path::Path, kill_at: Option<i64>) -> Vec<String> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["lm_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env("REUSE_LM_CHILD", dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let kill = kill_at.is_some_and(|k| line.ends_with(&format!("step {k}")));
+        lines.push(line);
+        if kill {
+            child.kill().unwrap(); // SIGKILL
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    if kill_at.is_none() {
+        assert!(status.success(), "child failed: {lines:?}");
+    }
+    lines
+}
+
+#[test]
+fn a_sigkilled_causal_lm_run_resumes_bit_for_bit() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let straight = run_lm_child(a.path(), None);
+    assert!(
+        straight.iter().any(|l| l.ends_with("done 16")),
+        "{straight:?}"
+    );
+    for k in [3, 9, 14] {
+        let lines = run_lm_child(b.path(), Some(k));
+        assert!(
+            lines.iter().any(|l| l.ends_with(&format!("step {k}"))),
+            "{lines:?}"
+        );
+    }
+    let fin = run_lm_child(b.path(), None);
+    assert!(fin.iter().any(|l| l.ends_with("done 16")), "{fin:?}");
+    // It went on from the last kill, not from the start.
+    assert!(!fin.iter().any(|l| l.ends_with("step 1")), "{fin:?}");
+    let x = reuse_core::Checkpoint::load(a.path().join("final.safetensors"), Device::Cpu).unwrap();
+    let y = reuse_core::Checkpoint::load(b.path().join("final.safetensors"), Device::Cpu).unwrap();
+    for (n, t) in x.iter() {
+        assert!(
+            t.equal(y.get(n).unwrap()),
+            "{n} differs after kills and resumes"
+        );
+    }
+}
