@@ -544,9 +544,9 @@ pub(super) const LOSS_SIZES: Sizes<LossSizes> = Sizes {
     },
     cpu: None,
     full: LossSizes {
-        batch: 8,
-        block: 512,
-        steps: 2,
+        batch: 4,
+        block: 256,
+        steps: 1,
     },
     cuda: OnCuda::SAME,
 };
