@@ -139,6 +139,51 @@ pub trait Model {
     }
 }
 
+/// A linear's tensors under `prefix`: its weight and bias only, or (with `with_deltas`)
+/// its delta parameters too. What every model's tensor list walks.
+pub(crate) fn linear_tensors(prefix: &str, l: &Linear, with_deltas: bool) -> Vec<(String, Tensor)> {
+    let v = l.named_parameters();
+    let v = if with_deltas {
+        v
+    } else {
+        v.into_iter()
+            .filter(|(n, _)| n == "weight" || n == "bias")
+            .collect()
+    };
+    prefixed(prefix, v)
+}
+
+/// A checkpoint of detached copies of `base` then `buffers`, marked `format: pt`: what a
+/// model folder's `model.safetensors` holds.
+pub(crate) fn state_dict_of(
+    base: Vec<(String, Tensor)>,
+    buffers: Vec<(String, Tensor)>,
+) -> crate::Checkpoint {
+    let mut ck = crate::Checkpoint::new();
+    tch::no_grad(|| {
+        for (n, t) in base.into_iter().chain(buffers) {
+            ck.insert(n, t.detach().copy());
+        }
+    });
+    ck.set_metadata("format", "pt");
+    ck
+}
+
+/// Checks that `input_ids` is i64 `[batch, seq]`; returns `(batch, seq)`.
+pub(crate) fn check_input_ids(input_ids: &Tensor) -> Result<(i64, i64)> {
+    let size = input_ids.size();
+    if size.len() != 2 || input_ids.kind() != tch::Kind::Int64 {
+        return Err(Error::invalid(
+            "input_ids",
+            format!(
+                "expected i64 [batch, seq], found {:?} {size:?}",
+                input_ids.kind()
+            ),
+        ));
+    }
+    Ok((size[0], size[1]))
+}
+
 /// Prefixes local parameter names: `prefix.name`.
 pub(crate) fn prefixed(prefix: &str, v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
     v.into_iter()

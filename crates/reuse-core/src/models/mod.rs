@@ -19,6 +19,29 @@ use tch::{Device, Kind};
 
 use crate::linear::StorageLoader;
 
+/// Takes tensor `name` of `shape` out of `ck` as a trainable parameter in `kind` on
+/// `device`; a tensor that is not F32/F16/BF16 is an error naming it. Every model
+/// loader's one way to take a weight.
+pub(crate) fn take_float(
+    ck: &mut crate::Checkpoint,
+    name: &str,
+    shape: &[i64],
+    device: Device,
+    kind: Kind,
+) -> crate::Result<tch::Tensor> {
+    let t = ck.take_with_shape(name, shape)?;
+    let found = t.kind();
+    if !matches!(found, Kind::Float | Kind::Half | Kind::BFloat16) {
+        return Err(crate::Error::DtypeMismatch {
+            path: ck.source().map(std::path::Path::to_path_buf),
+            tensor: name.into(),
+            expected: "a floating dtype (F32, F16, BF16)".into(),
+            found: format!("{found:?}"),
+        });
+    }
+    Ok(t.to_kind(kind).to_device(device).set_requires_grad(true))
+}
+
 /// How to load a model folder: where, in what dtype, and which weight-storage loaders
 /// to use for a folder whose `config.json` has a `quantization_config` (by its
 /// `quant_method`; reuse-quant exports its own as `reuse_quant::STORAGE`). Passed

@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 use crate::linear::StorageLoader;
 use crate::model::Activation;
 use crate::models::LoadOptions;
-use crate::{Checkpoint, Error, Linear, Result, WeightStorage};
+use crate::{Checkpoint, Linear, Result, WeightStorage};
 
 use super::layers::*;
 use super::{Bert, BertConfig};
@@ -33,19 +33,7 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     pub(crate) fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let t = self.ck.take_with_shape(name, shape)?;
-        let kind = t.kind();
-        if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
-            return Err(Error::DtypeMismatch {
-                path: self.ck.source().map(Path::to_path_buf),
-                tensor: name.into(),
-                expected: "a floating dtype (F32, F16, BF16)".into(),
-                found: format!("{kind:?}"),
-            });
-        }
-        Ok(t.to_kind(self.kind)
-            .to_device(self.device)
-            .set_requires_grad(true))
+        crate::models::take_float(self.ck, name, shape, self.device, self.kind)
     }
     /// The storage of a weight a quantized folder holds quantized; `None` when dense.
     pub(crate) fn stored(

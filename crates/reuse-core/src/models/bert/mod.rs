@@ -55,14 +55,7 @@ impl Bert {
     /// The base weights by Hugging Face name (no deltas, no slot parameters; buffers of
     /// stored weights and layer gates included): what `model.safetensors` holds.
     pub fn state_dict(&self) -> Checkpoint {
-        let mut ck = Checkpoint::new();
-        tch::no_grad(|| {
-            for (n, t) in self.tensors(false).into_iter().chain(self.named_buffers()) {
-                ck.insert(n, t.detach().copy());
-            }
-        });
-        ck.set_metadata("format", "pt");
-        ck
+        crate::model::state_dict_of(self.tensors(false), self.named_buffers())
     }
 
     /// Writes `config.json` and `model.safetensors` (base weights) into `dir`.
@@ -75,17 +68,7 @@ impl Bert {
     /// Every tensor by Hugging Face path, walking the path tables: base weights, then
     /// (with `with_deltas`) delta and slot parameters, and each layer's gate.
     pub(crate) fn tensors(&self, with_deltas: bool) -> Vec<(String, Tensor)> {
-        let lin = |p: &str, l: &Linear| {
-            let v = l.named_parameters();
-            let v = if with_deltas {
-                v
-            } else {
-                v.into_iter()
-                    .filter(|(n, _)| n == "weight" || n == "bias")
-                    .collect()
-            };
-            prefixed(p, v)
-        };
+        let lin = |p: &str, l: &Linear| crate::model::linear_tensors(p, l, with_deltas);
         let e = &self.embeddings;
         let mut v: Vec<(String, Tensor)> = EMBEDDINGS
             .iter()
@@ -180,17 +163,8 @@ impl Bert {
         want: ForwardOptions,
     ) -> Result<EncoderOutput> {
         let c = &self.config;
+        let (b, t) = crate::model::check_input_ids(input_ids)?;
         let size = input_ids.size();
-        if size.len() != 2 || input_ids.kind() != Kind::Int64 {
-            return Err(Error::invalid(
-                "input_ids",
-                format!(
-                    "expected i64 [batch, seq], found {:?} {size:?}",
-                    input_ids.kind()
-                ),
-            ));
-        }
-        let (b, t) = (size[0], size[1]);
         if t > c.max_position_embeddings {
             return Err(Error::invalid(
                 "input_ids",

@@ -12,25 +12,7 @@ use crate::{Checkpoint, Error, Linear, Result};
 
 use super::{inv_freq, CausalLm, DecoderLayer, LlamaConfig, RmsNorm};
 
-fn take(
-    ck: &mut Checkpoint,
-    name: &str,
-    shape: &[i64],
-    device: Device,
-    kind: Kind,
-) -> Result<Tensor> {
-    let t = ck.take_with_shape(name, shape)?;
-    let found = t.kind();
-    if !matches!(found, Kind::Float | Kind::Half | Kind::BFloat16) {
-        return Err(Error::DtypeMismatch {
-            path: ck.source().map(Path::to_path_buf),
-            tensor: name.into(),
-            expected: "a floating dtype (F32, F16, BF16)".into(),
-            found: format!("{found:?}"),
-        });
-    }
-    Ok(t.to_kind(kind).to_device(device).set_requires_grad(true))
-}
+use crate::models::take_float as take;
 
 impl CausalLm {
     /// Loads `config.json` and the weights (`model.safetensors`, or the shards of

@@ -124,14 +124,7 @@ impl CausalLm {
     /// The base weights by Hugging Face name (no deltas or slot parameters; buffers of
     /// stored weights included): what `model.safetensors` holds.
     pub fn state_dict(&self) -> Checkpoint {
-        let mut ck = Checkpoint::new();
-        tch::no_grad(|| {
-            for (n, t) in self.tensors(false).into_iter().chain(self.named_buffers()) {
-                ck.insert(n, t.detach().copy());
-            }
-        });
-        ck.set_metadata("format", "pt");
-        ck
+        crate::model::state_dict_of(self.tensors(false), self.named_buffers())
     }
 
     /// Writes `config.json` and `model.safetensors` (base weights) into `dir`.
@@ -150,17 +143,7 @@ impl CausalLm {
     /// Every tensor by Hugging Face path, in forward order: base weights, then (with
     /// `with_deltas`) delta and slot parameters.
     fn tensors(&self, with_deltas: bool) -> Vec<(String, Tensor)> {
-        let lin = |p: &str, l: &Linear| {
-            let v = l.named_parameters();
-            let v = if with_deltas {
-                v
-            } else {
-                v.into_iter()
-                    .filter(|(n, _)| n == "weight" || n == "bias")
-                    .collect()
-            };
-            prefixed(p, v)
-        };
+        let lin = |p: &str, l: &Linear| crate::model::linear_tensors(p, l, with_deltas);
         let a = self.arch;
         let mut v = vec![(a.embedding.to_string(), self.embed_tokens.shallow_clone())];
         for (i, l) in self.layers.iter().enumerate() {
@@ -213,17 +196,7 @@ impl CausalLm {
         want: ForwardOptions,
     ) -> Result<DecoderOutput> {
         let c = &self.config;
-        let size = input_ids.size();
-        if size.len() != 2 || input_ids.kind() != Kind::Int64 {
-            return Err(Error::invalid(
-                "input_ids",
-                format!(
-                    "expected i64 [batch, seq], found {:?} {size:?}",
-                    input_ids.kind()
-                ),
-            ));
-        }
-        let (b, t) = (size[0], size[1]);
+        let (b, t) = crate::model::check_input_ids(input_ids)?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         if let Some(cache) = &cache {
             cache.check(self, b, t)?;
