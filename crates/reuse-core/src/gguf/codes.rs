@@ -26,7 +26,9 @@
 //!   copy of the weight differs by. Everything else (f32 or f16 activations, Q8_0, a
 //!   gradient to propagate, another device) dequantizes into the activations' dtype and
 //!   multiplies, dropping the dense copy after the call: exact, but it writes four bytes
-//!   a weight on every call.
+//!   a weight on every call. (When a gradient flows through `x`, autograd keeps that
+//!   copy until backward; a backward that dequantizes again, as reuse-quant's storage
+//!   has, is what training adapters on kept codes will need.)
 
 use std::any::Any;
 
