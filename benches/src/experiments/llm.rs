@@ -64,13 +64,23 @@ impl HfLm {
 /// The model and the prompts both experiments use: the first test synopses of the
 /// sections fixture, each asked about through the chat template.
 fn setup(ctx: &Ctx, kind: Kind) -> Result<LanguageModel> {
+    load(ctx, kind, false)
+}
+
+/// [`setup`], with the GGUF's Q8_0 / Q4_0 / Q4_1 linears kept in their codes when
+/// `keep_codes`.
+fn load(ctx: &Ctx, kind: Kind, keep_codes: bool) -> Result<LanguageModel> {
     let path = reuse_testkit::smollm2_gguf();
     ensure!(
         path.is_file(),
         "{} is absent: run `cargo xtask setup` (or set REUSE_SMOLLM2_GGUF)",
         path.display()
     );
-    let mut lm = LanguageModel::load(&path, &LoadOptions::new(ctx.device, kind))?;
+    let mut opts = LoadOptions::new(ctx.device, kind);
+    if keep_codes {
+        opts = opts.keep_codes();
+    }
+    let mut lm = LanguageModel::load(&path, &opts)?;
     // Timed runs decode exactly their budget: no row stops early on either side.
     lm.model.config.extra.remove("eos_token_id");
     Ok(lm)
@@ -149,6 +159,7 @@ pub fn smollm2_generate(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let s = ctx.sizes(&GENERATE_SIZES);
     let f32_lm = setup(ctx, Kind::Float)?;
     let bf16_lm = setup(ctx, Kind::BFloat16)?;
+    let codes_lm = load(ctx, Kind::BFloat16, true)?;
     let ps = prompts(&f32_lm, 8)?;
     let pad = f32_lm
         .model
@@ -174,7 +185,8 @@ pub fn smollm2_generate(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         }
     };
     // Warm-up: one short batch per side.
-    for lm in [&f32_lm, &bf16_lm] {
+    let lms = [&f32_lm, &bf16_lm, &codes_lm];
+    for lm in lms {
         let w = GenerateOptions {
             max_new_tokens: 2,
             ..opts.clone()
@@ -184,7 +196,13 @@ pub fn smollm2_generate(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     if let Some(h) = hf.as_mut() {
         h.generate(&ps[..1], 2)?;
     }
-    let sides = ["reuse_f32", "reuse_bf16", "transformers_f32"];
+    let sides = [
+        "reuse_f32",
+        "reuse_bf16",
+        "reuse_bf16_codes",
+        "transformers_f32",
+    ];
+    let peer = sides.len() - 1;
     // secs[side][batch index] per round, and the batch-1 tokens of each side.
     let mut secs = vec![vec![Vec::new(); BATCHES.len()]; sides.len()];
     let mut tokens: Vec<Option<Vec<Vec<i64>>>> = vec![None; sides.len()];
@@ -199,9 +217,8 @@ pub fn smollm2_generate(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                     sides[side]
                 ));
                 let batch = &ps[..b];
-                let (t, toks) = match side {
-                    0 | 1 => {
-                        let lm = if side == 0 { &f32_lm } else { &bf16_lm };
+                let (t, toks) = match lms.get(side) {
+                    Some(lm) => {
                         let start = Instant::now();
                         let g = lm.model.generate(batch, &opts, &mut |_, _| {})?;
                         if ctx.device.is_cuda() {
@@ -209,7 +226,7 @@ pub fn smollm2_generate(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                         }
                         (start.elapsed().as_secs_f64(), g.tokens)
                     }
-                    _ => match hf.as_mut() {
+                    None => match hf.as_mut() {
                         Some(h) => h.generate(batch, s.new_tokens)?,
                         None => continue,
                     },
@@ -244,28 +261,28 @@ pub fn smollm2_generate(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         }
     }
     // Ratios of time per token, per round, against transformers f32.
-    if !secs[2][0].is_empty() {
-        for (side, name) in sides.iter().enumerate().take(2) {
+    if !secs[peer][0].is_empty() {
+        for (side, name) in sides.iter().enumerate().take(peer) {
             for (bi, &b) in BATCHES.iter().enumerate() {
                 let r: Vec<f64> = secs[side][bi]
                     .iter()
-                    .zip(&secs[2][bi])
+                    .zip(&secs[peer][bi])
                     .map(|(a, t)| a / t)
                     .collect();
                 insert_spread(&mut m, &format!("{name}.batch{b}.time_ratio"), &r);
             }
         }
         // Greedy agreement at batch 1: tokens equal before the first difference.
-        if let (Some(hf_t), Some(f), Some(bf)) = (&tokens[2], &tokens[0], &tokens[1]) {
+        if let Some(hf_t) = &tokens[peer] {
             let same = |a: &[i64], b: &[i64]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
-            m.insert(
-                "reuse_f32.greedy_tokens_equal".into(),
-                same(&f[0], &hf_t[0]) as f64,
-            );
-            m.insert(
-                "reuse_bf16.greedy_tokens_equal".into(),
-                same(&bf[0], &hf_t[0]) as f64,
-            );
+            for (side, name) in sides.iter().enumerate().take(peer) {
+                if let Some(t) = &tokens[side] {
+                    m.insert(
+                        format!("{name}.greedy_tokens_equal"),
+                        same(&t[0], &hf_t[0]) as f64,
+                    );
+                }
+            }
         }
     }
     // Bandwidth and bytes read per decoded token (every linear's weight, and the head's:
@@ -278,9 +295,22 @@ pub fn smollm2_generate(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         .filter(|(n, _)| !n.contains("norm"))
         .map(|(_, t)| t.numel() as i64)
         .sum();
+    let embed_elems = f32_lm
+        .model
+        .named_parameters()
+        .iter()
+        .filter(|(n, _)| n.contains("embed_tokens"))
+        .map(|(_, t)| t.numel() as i64)
+        .sum::<i64>();
     m.insert("read_bandwidth_gb_per_s".into(), bw / 1e9);
-    for (name, bytes) in [("f32", 4.0), ("bf16", 2.0)] {
-        let per_token = weight_elems as f64 * bytes;
+    // Kept codes: Q4_1 linears packed for the int4 kernel hold 16 bytes of nibbles and
+    // 4 of bf16 (scale, zero) per 32 weights; the embedding table (the head) is bf16.
+    let codes_bytes = (weight_elems - embed_elems) as f64 * 20.0 / 32.0 + embed_elems as f64 * 2.0;
+    for (name, per_token) in [
+        ("f32", weight_elems as f64 * 4.0),
+        ("bf16", weight_elems as f64 * 2.0),
+        ("bf16_codes", codes_bytes),
+    ] {
         m.insert(format!("bytes_per_token_{name}_mb"), per_token / 1e6);
         m.insert(
             format!("bandwidth_limit_{name}_tokens_per_second"),
@@ -291,7 +321,8 @@ pub fn smollm2_generate(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         "Greedy decoding of exactly {} new tokens (EOS does not stop either side) after \
          chat-template prompts built from the sections fixture's test synopses (batch 1: \
          the first, {} tokens; batch 8: the first 8, left-padded). {} rounds; each round \
-         runs reuse f32, reuse bf16 and transformers f32 (a Python child process loading \
+         runs reuse f32, reuse bf16, reuse bf16 with the GGUF's Q4_1 codes kept (libtorch's \
+         int4 kernel) and transformers f32 (a Python child process loading \
          the same GGUF, dequantized to f32, same threads) in an order that rotates per \
          round; each sample is one whole generate call (prefill included), after one \
          warm-up call per side.",
@@ -309,7 +340,8 @@ pub fn smollm2_generate(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     notes.push(
         "`read_bandwidth_gb_per_s`: median of 5 sums over a 512 MiB f32 tensor. \
          `bytes_per_token_*`: every linear weight and the tied head's table (read whole \
-         each step), without norms; `bandwidth_limit_*`: tokens/s if a batch-1 step did \
+         each step), without norms (for `bf16_codes`: 20 bytes per 32 weights of the \
+         packed Q4_1 linears, the head's table in bf16); `bandwidth_limit_*`: tokens/s if a batch-1 step did \
          nothing but read those bytes at that bandwidth."
             .into(),
     );
@@ -678,6 +710,26 @@ pub const CLAIMS: &[Claim] = &[
                 format!(
                     "greedy tokens equal to transformers' for the first {:.0}",
                     g("reuse_bf16.greedy_tokens_equal")
+                ),
+                Some(speedup >= 2.0),
+            )
+        },
+    },
+    Claim {
+        text: "SmolLM2 decoding, batch 1: reuse bf16 on the GGUF's kept Q4_1 codes, tokens/s over transformers f32",
+        experiment: "core.smollm2_generate",
+        target: ">= 2",
+        keys: &[
+            "reuse_bf16_codes.batch1.time_ratio_median",
+            "reuse_bf16_codes.greedy_tokens_equal",
+        ],
+        eval: |g| {
+            let speedup = 1.0 / g("reuse_bf16_codes.batch1.time_ratio_median");
+            (
+                format!("{speedup:.2}x"),
+                format!(
+                    "greedy tokens equal to transformers' for the first {:.0}",
+                    g("reuse_bf16_codes.greedy_tokens_equal")
                 ),
                 Some(speedup >= 2.0),
             )

@@ -30,7 +30,7 @@ pub fn run(a: Args) -> Result<()> {
     let kind = parse_dtype(&a.dtype)?;
     // Refuse a full output folder before the (slow) load.
     reuse_core::models::folder::check_out(&a.out, a.overwrite)?;
-    let lm = load_lm(&a.model, tch::Device::Cpu, kind)?;
+    let lm = load_lm(&a.model, tch::Device::Cpu, kind, false)?;
     lm.save_folder(&a.out, a.overwrite)
         .with_context(|| format!("cannot write {}", a.out.display()))?;
     let params: i64 = reuse_core::Model::named_parameters(&lm.model)

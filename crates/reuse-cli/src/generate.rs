@@ -53,6 +53,13 @@ pub struct Args {
     /// cpu or cuda (default: cuda if available).
     #[arg(long)]
     device: Option<String>,
+    /// For a .gguf model: keep its Q8_0/Q4_0/Q4_1 linear weights in their 8- or 4-bit
+    /// codes (about the file's size in memory) instead of dequantizing them to --dtype.
+    /// With --dtype bf16 on the CPU, the 4-bit weights multiply through libtorch's int4
+    /// kernel (fast); in f32 each matmul dequantizes its weight exactly (same results
+    /// as without the flag, slower). The token embedding table is dequantized either way.
+    #[arg(long)]
+    keep_codes: bool,
     /// Write one JSON object per prompt here (`prompt`, `completion`, `tokens`,
     /// `stop`); without it, completions stream to stdout.
     #[arg(long)]
@@ -76,7 +83,7 @@ pub fn run(a: Args) -> Result<()> {
         (None, Some(f)) => read_lines(f)?,
         (None, None) => bail!("give --prompt TEXT or --prompts FILE"),
     };
-    let lm = load_lm(&a.model, device, kind)?;
+    let lm = load_lm(&a.model, device, kind, a.keep_codes)?;
     let sampling = match a.temperature {
         None => Sampling::Greedy,
         Some(t) => Sampling::Sample {

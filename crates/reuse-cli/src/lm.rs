@@ -40,6 +40,13 @@ pub struct ScoreArgs {
     /// cpu or cuda (default: cuda if available).
     #[arg(long)]
     device: Option<String>,
+    /// For a .gguf model: keep its Q8_0/Q4_0/Q4_1 linear weights in their 8- or 4-bit
+    /// codes (about the file's size in memory) instead of dequantizing them to --dtype.
+    /// With --dtype bf16 on the CPU, the 4-bit weights multiply through libtorch's int4
+    /// kernel (fast); in f32 each matmul dequantizes its weight exactly (same results
+    /// as without the flag, slower). The token embedding table is dequantized either way.
+    #[arg(long)]
+    keep_codes: bool,
 }
 
 pub fn run(c: Command) -> Result<()> {
@@ -55,7 +62,7 @@ fn score(a: ScoreArgs) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let texts = read_lines(&a.texts)?;
-    let lm = load_lm(&a.model, device, kind)?;
+    let lm = load_lm(&a.model, device, kind, a.keep_codes)?;
     let mut rows = Vec::with_capacity(texts.len());
     for (i, t) in texts.iter().enumerate() {
         let ids = encode(&lm.tokenizer, t, true)?;

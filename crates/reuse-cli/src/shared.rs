@@ -104,8 +104,19 @@ pub fn load_lm(
     path: &Path,
     device: Device,
     kind: Kind,
+    keep_codes: bool,
 ) -> Result<reuse_core::models::lm::LanguageModel> {
-    reuse_core::models::lm::LanguageModel::load(path, &reuse_quant::load_options(device, kind))
+    let mut opts = reuse_quant::load_options(device, kind);
+    if keep_codes {
+        if !reuse_core::models::lm::is_gguf(path) {
+            bail!(
+                "--keep-codes keeps a GGUF file's quantized weights, and {} is not a .gguf file",
+                path.display()
+            );
+        }
+        opts = opts.keep_codes();
+    }
+    reuse_core::models::lm::LanguageModel::load(path, &opts)
         .with_context(|| format!("cannot load a causal LM from {}", path.display()))
 }
 

@@ -138,6 +138,49 @@ fn gguf_commands_agree_with_transformers() {
         assert_eq!(o["completion"], want["completion"]);
     }
 
+    // --keep-codes: the Q4_1 linears stay in their codes; in f32 each matmul dequantizes
+    // exactly, so scores and greedy tokens are those above.
+    ok(&reuse(&[
+        "lm",
+        "score",
+        "--model",
+        g,
+        "--texts",
+        p("texts.txt").to_str().unwrap(),
+        "--out",
+        p("score_codes.json").to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--keep-codes",
+    ]));
+    let sc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("score_codes.json")).unwrap()).unwrap();
+    close(
+        sc["nll"].as_f64().unwrap(),
+        s["nll"].as_f64().unwrap(),
+        "lm score --keep-codes",
+    );
+    ok(&reuse(&[
+        "generate",
+        "--model",
+        g,
+        "--prompts",
+        p("prompts.txt").to_str().unwrap(),
+        "--chat",
+        "--max-new-tokens",
+        "24",
+        "--out",
+        p("gen_codes.jsonl").to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--keep-codes",
+    ]));
+    assert_eq!(
+        std::fs::read_to_string(p("gen_codes.jsonl")).unwrap(),
+        lines_out,
+        "generate --keep-codes"
+    );
+
     // convert: a Hugging Face folder transformers loads with the same NLL.
     let hf = p("hf");
     ok(&reuse(&[
@@ -262,6 +305,21 @@ fn bad_models_are_one_line_errors_that_write_nothing() {
             "cpu",
         ]));
         assert!(e.contains("not a causal language model"), "{e}");
+        // --keep-codes is for GGUF files.
+        let e = err_line(&reuse(&[
+            "generate",
+            "--model",
+            minilm.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--keep-codes",
+            "--device",
+            "cpu",
+        ]));
+        assert!(
+            e.contains("--keep-codes") && e.contains("not a .gguf"),
+            "{e}"
+        );
     }
     // Encoder-only commands name the causal LM and what to use instead.
     for args in [

@@ -17,9 +17,9 @@
 //! Qwen2 with NeoX-style RoPE, which is Hugging Face's layout already).
 
 use serde_json::{json, Map, Value as Json};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use super::{quote, GgufFile, QuantParts};
+use super::{quote, CodesStorage, GgufFile, QuantParts, TensorInfo};
 use crate::error::{Error, Result};
 
 /// What differs between the architectures handled here.
@@ -375,17 +375,23 @@ fn hf_name_or_error(file: &GgufFile, gguf_name: &str) -> Result<String> {
 /// `output.weight`) has no `lm_head.weight` entry: the head is `model.embed_tokens.weight`.
 /// A tensor name outside the mapping is an error naming it.
 pub fn load_state_dict(file: &GgufFile, device: Device) -> Result<Vec<(String, Tensor)>> {
+    hf_tensors(file)?
+        .into_iter()
+        .map(|(hf, info)| Ok((hf, load_tensor(file, info.name(), device)?)))
+        .collect()
+}
+
+/// The file's parameters by Hugging Face name, in file order, without reading them: what
+/// [`load_state_dict`] loads (tensors that are not parameters, such as
+/// `rope_freqs.weight`, left out). A tensor name outside the mapping is an error naming
+/// it.
+pub fn hf_tensors(file: &GgufFile) -> Result<Vec<(String, &TensorInfo)>> {
     arch(file)?;
-    let mut out = Vec::with_capacity(file.tensors().len());
-    for info in file.tensors() {
-        let name = info.name();
-        if NOT_PARAMETERS.contains(&name) {
-            continue;
-        }
-        let hf = hf_name_or_error(file, name)?;
-        out.push((hf, load_tensor(file, name, device)?));
-    }
-    Ok(out)
+    file.tensors()
+        .iter()
+        .filter(|info| !NOT_PARAMETERS.contains(&info.name()))
+        .map(|info| Ok((hf_name_or_error(file, info.name())?, info)))
+        .collect()
 }
 
 /// One tensor as f32 in Hugging Face's layout, by its GGUF name (Q/K rows unpermuted).
@@ -440,6 +446,24 @@ pub fn hf_quant_parts(file: &GgufFile, gguf_name: &str, device: Device) -> Resul
         }
     }
     Ok(p)
+}
+
+/// A Q8_0 / Q4_0 / Q4_1 weight kept in its codes as [`CodesStorage`], rows in Hugging
+/// Face's order (Q/K unpermuted), computing in `kind`: its
+/// [`dequantize`](crate::linear::WeightStorage::dequantize) in f32 is [`load_tensor`]'s
+/// values bit for bit.
+pub fn hf_codes(
+    file: &GgufFile,
+    gguf_name: &str,
+    device: Device,
+    kind: Kind,
+) -> Result<CodesStorage> {
+    let Some(n) = permuted_heads(file, gguf_name)? else {
+        return CodesStorage::load(file, gguf_name, device, kind);
+    };
+    let rows = file.tensor(gguf_name)?.shape()[0];
+    let order = hf_row_order(rows, n).map_err(|e| rename(e, file, gguf_name))?;
+    CodesStorage::load_rows(file, gguf_name, Some(&order), device, kind)
 }
 
 fn rename(e: Error, file: &GgufFile, name: &str) -> Error {

@@ -36,7 +36,9 @@
 //! # Ok(()) }
 //! ```
 
+mod codes;
 mod dequant;
+mod int4pack;
 pub mod llama;
 mod parse;
 mod source;
@@ -51,6 +53,7 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
+pub use codes::CodesStorage;
 pub use dequant::quantize;
 pub use parse::DEFAULT_ALIGNMENT;
 pub use tokenizer::{chat_template, tokenizer, tokenizer_json};

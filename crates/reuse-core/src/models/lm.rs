@@ -57,7 +57,8 @@ fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
 impl LanguageModel {
     /// Loads a `.gguf` file or a Hugging Face folder. A folder's `config.json` must name
     /// a decoder family (`llama`, `mistral`, `qwen2`); a BERT folder is an error saying
-    /// the command needs a causal LM.
+    /// the command needs a causal LM. A GGUF's linear weights stay in their codes with
+    /// [`LoadOptions::keep_codes`] (see [`CausalLm::from_gguf`]).
     pub fn load(path: &Path, opts: &LoadOptions<'_>) -> Result<Self> {
         if is_gguf(path) {
             return Self::load_gguf(path, opts);
@@ -111,16 +112,7 @@ impl LanguageModel {
 
     fn load_gguf(path: &Path, opts: &LoadOptions<'_>) -> Result<Self> {
         let file = crate::gguf::GgufFile::open(path)?;
-        let json = crate::gguf::llama::hf_config(&file)?;
-        let config = LlamaConfig::from_json_str(&json.to_string()).map_err(|e| Error::Corrupt {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let mut ck = Checkpoint::new();
-        for (name, t) in crate::gguf::llama::load_state_dict(&file, tch::Device::Cpu)? {
-            ck.insert(name, t);
-        }
-        let model = CausalLm::from_checkpoint_with(config, &mut ck, opts)?;
+        let model = CausalLm::from_gguf(&file, opts)?;
         let tokenizer = crate::gguf::tokenizer(&file)?;
         let template = crate::gguf::chat_template(&file);
         let token = |key: &str| -> String {

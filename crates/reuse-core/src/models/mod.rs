@@ -54,6 +54,11 @@ pub struct LoadOptions<'a> {
     pub kind: Kind,
     /// `(quant_method, loader)` pairs.
     pub storage: &'a [(&'a str, StorageLoader)],
+    /// For a `.gguf` file: keep Q8_0 / Q4_0 / Q4_1 linear weights in the file's codes
+    /// ([`crate::gguf::CodesStorage`]) instead of dequantizing them into `kind`, so the
+    /// model holds about the file's bytes. The token embedding table is dequantized
+    /// either way (lookups read rows; a tied head reads the table). Folders ignore it.
+    pub keep_gguf_codes: bool,
 }
 
 impl std::fmt::Debug for LoadOptions<'_> {
@@ -65,6 +70,7 @@ impl std::fmt::Debug for LoadOptions<'_> {
                 "storage",
                 &self.storage.iter().map(|s| s.0).collect::<Vec<_>>(),
             )
+            .field("keep_gguf_codes", &self.keep_gguf_codes)
             .finish()
     }
 }
@@ -76,6 +82,7 @@ impl LoadOptions<'static> {
             device,
             kind,
             storage: &[],
+            keep_gguf_codes: false,
         }
     }
 }
@@ -84,6 +91,15 @@ impl<'a> LoadOptions<'a> {
     /// The same with these storage loaders.
     pub fn with_storage(self, storage: &'a [(&'a str, StorageLoader)]) -> Self {
         Self { storage, ..self }
+    }
+
+    /// The same, keeping a GGUF file's Q8_0 / Q4_0 / Q4_1 linear weights in their codes
+    /// (see [`LoadOptions::keep_gguf_codes`]).
+    pub fn keep_codes(self) -> Self {
+        Self {
+            keep_gguf_codes: true,
+            ..self
+        }
     }
 
     /// The loader a folder's `quantization_config` asks for (`None` without one), or an

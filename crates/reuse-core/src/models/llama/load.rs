@@ -1,10 +1,13 @@
 //! Building a [`CausalLm`] from a checkpoint by Hugging Face names (walking the
 //! family's architecture table), or at random.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::gguf::{self, GgufFile};
+use crate::linear::WeightStorage;
 use crate::model::OutputSlots;
 use crate::models::arch::NormKind;
 use crate::models::LoadOptions;
@@ -13,6 +16,10 @@ use crate::{Checkpoint, Error, Linear, Result};
 use super::{inv_freq, CausalLm, DecoderLayer, LlamaConfig, RmsNorm};
 
 use crate::models::take_float as take;
+
+/// The storage a caller provides for a weight, by name and logical shape (`Ok(None)`: not
+/// this one).
+type ProvidedStorage<'a> = dyn FnMut(&str, [i64; 2]) -> Result<Option<Box<dyn WeightStorage>>> + 'a;
 
 impl CausalLm {
     /// Loads `config.json` and the weights (`model.safetensors`, or the shards of
@@ -50,12 +57,74 @@ impl CausalLm {
         ck: &mut Checkpoint,
         opts: &LoadOptions<'_>,
     ) -> Result<Self> {
+        Self::build(config, ck, opts, &mut |_, _| Ok(None))
+    }
+
+    /// Loads a Llama-family GGUF file: the config transformers builds from its metadata
+    /// ([`gguf::llama::hf_config`]), and its weights in Hugging Face's names and layout,
+    /// in `opts.kind` on `opts.device`. With [`LoadOptions::keep_gguf_codes`], each 2-D
+    /// Q8_0 / Q4_0 / Q4_1 weight but the token embedding table stays in the file's codes
+    /// ([`gguf::CodesStorage`], rows unpermuted); every other tensor is dequantized.
+    pub fn from_gguf(file: &GgufFile, opts: &LoadOptions<'_>) -> Result<Self> {
+        let json = gguf::llama::hf_config(file)?;
+        let config = LlamaConfig::from_json_str(&json.to_string()).map_err(|e| Error::Corrupt {
+            path: file.path().to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let embedding = config.architecture().embedding;
+        let (device, kind) = (opts.device, opts.kind);
+        let mut ck = Checkpoint::new();
+        // Hugging Face name -> GGUF name of the weights kept in their codes.
+        let mut coded = HashMap::new();
+        for (hf, info) in gguf::llama::hf_tensors(file)? {
+            let keep = opts.keep_gguf_codes
+                && info.ggml_type().has_parts()
+                && info.dims().len() == 2
+                && hf != embedding;
+            if keep {
+                coded.insert(hf, info.name().to_string());
+            } else {
+                // Into the model's dtype at once: one f32 copy at a time, not all of them.
+                let t = gguf::llama::load_tensor(file, info.name(), Device::Cpu)?;
+                ck.insert(hf, t.f_to_kind(kind)?);
+            }
+        }
+        Self::build(config, &mut ck, opts, &mut |name, shape| {
+            let Some(g) = coded.remove(name) else {
+                return Ok(None);
+            };
+            let s = gguf::llama::hf_codes(file, &g, device, kind)?;
+            if s.shape() != shape {
+                return Err(Error::ShapeMismatch {
+                    path: Some(file.path().to_path_buf()),
+                    tensor: g,
+                    expected: shape.to_vec(),
+                    found: s.shape().to_vec(),
+                });
+            }
+            Ok(Some(Box::new(s)))
+        })
+    }
+
+    /// Builds the model from `ck`; `provided` gives the storage of a weight by name and
+    /// logical shape before the folder's storage loader or the checkpoint is asked.
+    fn build(
+        config: LlamaConfig,
+        ck: &mut Checkpoint,
+        opts: &LoadOptions<'_>,
+        provided: &mut ProvidedStorage<'_>,
+    ) -> Result<Self> {
         let (device, kind) = (opts.device, opts.kind);
         config.validate()?;
         let quant = opts.storage_for(config.extra.get("quantization_config"))?;
-        let stored = |ck: &mut Checkpoint, name: &str, shape: [i64; 2]| match &quant {
-            None => Ok(None),
-            Some((load, qc)) => load(name, shape, qc, ck, device, kind),
+        let mut stored = |ck: &mut Checkpoint, name: &str, shape: [i64; 2]| {
+            if let Some(s) = provided(name, shape)? {
+                return Ok(Some(s));
+            }
+            match &quant {
+                None => Ok(None),
+                Some((load, qc)) => load(name, shape, qc, ck, device, kind),
+            }
         };
         let a = config.architecture();
         debug_assert_eq!(a.norm, NormKind::RmsNorm);
