@@ -8,6 +8,10 @@ use anyhow::{bail, Context, Result};
 use reuse_core::models::llama::{GenerateOptions, Sampling};
 use reuse_core::models::lm::LanguageModel;
 
+use reuse_peft::model::route_samples;
+use reuse_peft::BASE;
+
+use crate::adapters::{attach, AdapterArg};
 use crate::shared::{load_lm, parse_device, parse_dtype, read_lines};
 
 /// Arguments of `reuse generate`.
@@ -19,7 +23,9 @@ pub struct Args {
     /// One prompt.
     #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
     prompt: Option<String>,
-    /// A file of prompts, one per line.
+    /// A file of prompts, one per line; with named adapters (--adapter NAME=DIR), JSON
+    /// Lines whose objects hold `prompt` and `adapter` (a name, or null / absent for the
+    /// base model): each row decodes with its own adapter, all in one batch.
     #[arg(long)]
     prompts: Option<PathBuf>,
     /// Render each prompt as a user turn through the model's chat template (with the
@@ -64,9 +70,11 @@ pub struct Args {
     /// `stop`); without it, completions stream to stdout.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// A PEFT LoRA adapter folder to apply; repeat to apply several (their outputs sum).
-    #[arg(long = "adapter", value_name = "DIR")]
-    adapters: Vec<PathBuf>,
+    /// A PEFT LoRA adapter folder to apply; repeat to apply several (their outputs
+    /// sum). As NAME=DIR (repeatable), adapters are chosen per prompt instead (see
+    /// --prompts): one batch serves rows of different adapters over one base.
+    #[arg(long = "adapter", value_name = "[NAME=]DIR")]
+    adapters: Vec<AdapterArg>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -75,15 +83,21 @@ pub fn run(a: Args) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    if !a.adapters.is_empty() {
-        bail!("--adapter on a causal LM is not supported yet (LoRA on LLMs comes with `reuse lora train --task causal-lm`)");
-    }
-    let prompts = match (&a.prompt, &a.prompts) {
-        (Some(p), _) => vec![p.clone()],
-        (None, Some(f)) => read_lines(f)?,
+    let lm = load_lm(&a.model, device, kind, a.keep_codes)?;
+    let (mut lm, attached) = attach(lm, &a.adapters)?;
+    // Each prompt and the adapter its row uses (BASE: none, or all when they sum).
+    let prompts: Vec<(String, String)> = match (&a.prompt, &a.prompts) {
+        (Some(_), _) if attached.routed => {
+            bail!("named adapters route prompts from a --prompts JSON Lines file (`prompt`, `adapter`)")
+        }
+        (Some(p), _) => vec![(p.clone(), BASE.to_string())],
+        (None, Some(f)) if attached.routed => routed_prompts(f, &attached.names)?,
+        (None, Some(f)) => read_lines(f)?
+            .into_iter()
+            .map(|p| (p, BASE.to_string()))
+            .collect(),
         (None, None) => bail!("give --prompt TEXT or --prompts FILE"),
     };
-    let lm = load_lm(&a.model, device, kind, a.keep_codes)?;
     let sampling = match a.temperature {
         None => Sampling::Greedy,
         Some(t) => Sampling::Sample {
@@ -103,10 +117,10 @@ pub fn run(a: Args) -> Result<()> {
     for (b, chunk) in prompts.chunks(a.batch_size).enumerate() {
         let ids = chunk
             .iter()
-            .map(|p| lm.prompt_ids(p, a.chat, a.system.as_deref()))
+            .map(|(p, _)| lm.prompt_ids(p, a.chat, a.system.as_deref()))
             .collect::<reuse_core::Result<Vec<_>>>()?;
         // One prompt streams its text as it comes; a batch prints each row at its end.
-        let single = stream && prompts.len() == 1;
+        let single = stream && prompts.len() == 1 && !attached.routed;
         let mut shown = String::new();
         let mut so_far: Vec<i64> = Vec::new();
         let mut on_token = |_: usize, tok: i64| {
@@ -121,22 +135,46 @@ pub fn run(a: Args) -> Result<()> {
                 }
             }
         };
-        let g = lm
-            .model
-            .generate(&ids, &opts, &mut on_token)
-            .with_context(|| format!("generating for prompts {}..", b * a.batch_size))?;
+        let g = if attached.routed {
+            let names: Vec<&str> = chunk.iter().map(|(_, n)| n.as_str()).collect();
+            // A mixed batch prints each row at its end (no streaming).
+            route_samples(&mut lm.model, &names, device, |m| {
+                m.generate(&ids, &opts, &mut |_, _| {})
+            })
+            .map_err(anyhow::Error::from)
+        } else {
+            lm.model
+                .generate(&ids, &opts, &mut on_token)
+                .map_err(anyhow::Error::from)
+        }
+        .with_context(|| format!("generating for prompts {}..", b * a.batch_size))?;
         if single {
             println!();
         }
-        for (i, p) in chunk.iter().enumerate() {
+        for (i, (p, adapter)) in chunk.iter().enumerate() {
             let completion = lm.decode(&g.tokens[i])?;
+            let adapter = attached
+                .routed
+                .then_some(adapter.as_str())
+                .filter(|n| *n != BASE);
             if stream && !single {
-                println!(
-                    "{}",
-                    serde_json::json!({"prompt": p, "completion": completion})
-                );
+                let mut line = serde_json::json!({"prompt": p, "completion": completion});
+                if attached.routed {
+                    line["adapter"] = serde_json::json!(adapter);
+                }
+                println!("{line}");
             }
-            records.push(record(p, &completion, &g.tokens[i], g.stop[i], &lm));
+            let mut r = record(p, &completion, &g.tokens[i], g.stop[i], &lm);
+            if attached.routed {
+                r["adapter"] = serde_json::json!(adapter);
+            } else if !attached.names.is_empty() {
+                r["adapters"] = serde_json::json!(a
+                    .adapters
+                    .iter()
+                    .map(|x| x.dir.display().to_string())
+                    .collect::<Vec<_>>());
+            }
+            records.push(r);
         }
     }
     if let Some(out) = &a.out {
@@ -150,6 +188,39 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("wrote {} completions to {}", records.len(), out.display());
     }
     Ok(())
+}
+
+/// Prompts and their adapters from a JSON Lines file: `prompt` (a string) and `adapter`
+/// (one of `names`, or null / absent for the base model); errors name the line.
+fn routed_prompts(path: &std::path::Path, names: &[String]) -> Result<Vec<(String, String)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), i + 1);
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: not a JSON object (`prompt`, `adapter`)", at()))?;
+        let Some(prompt) = v.get("prompt").and_then(|p| p.as_str()) else {
+            bail!("{}: no string `prompt`", at());
+        };
+        let adapter = match v.get("adapter") {
+            None | Some(serde_json::Value::Null) => BASE.to_string(),
+            Some(serde_json::Value::String(n)) if names.contains(n) => n.clone(),
+            Some(other) => bail!(
+                "{}: adapter {other} is not one of the --adapter names ({}; null for the base model)",
+                at(),
+                names.join(", ")
+            ),
+        };
+        out.push((prompt.to_string(), adapter));
+    }
+    if out.is_empty() {
+        bail!("{} has no prompts", path.display());
+    }
+    Ok(out)
 }
 
 fn record(

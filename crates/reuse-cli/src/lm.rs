@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use reuse_core::data::lm::encode;
 
+use crate::adapters::{attach, AdapterArg};
 use crate::shared::{load_lm, parse_device, parse_dtype, read_lines};
 
 /// Causal language models.
@@ -47,6 +48,9 @@ pub struct ScoreArgs {
     /// as without the flag, slower). The token embedding table is dequantized either way.
     #[arg(long)]
     keep_codes: bool,
+    /// A PEFT LoRA adapter folder to apply; repeat to apply several (their outputs sum).
+    #[arg(long = "adapter", value_name = "DIR")]
+    adapters: Vec<AdapterArg>,
 }
 
 pub fn run(c: Command) -> Result<()> {
@@ -63,6 +67,10 @@ fn score(a: ScoreArgs) -> Result<()> {
     }
     let texts = read_lines(&a.texts)?;
     let lm = load_lm(&a.model, device, kind, a.keep_codes)?;
+    let (lm, attached) = attach(lm, &a.adapters)?;
+    if attached.routed {
+        bail!("`lm score` applies every --adapter to every text: give them as DIR, not NAME=DIR");
+    }
     let mut rows = Vec::with_capacity(texts.len());
     for (i, t) in texts.iter().enumerate() {
         let ids = encode(&lm.tokenizer, t, true)?;
@@ -93,6 +101,7 @@ fn score(a: ScoreArgs) -> Result<()> {
     let mean = sum / count.max(1) as f64;
     let report = serde_json::json!({
         "model": a.model.display().to_string(),
+        "adapters": a.adapters.iter().map(|x| x.dir.display().to_string()).collect::<Vec<_>>(),
         "texts": texts.len(),
         "tokens": count,
         "nll": mean,

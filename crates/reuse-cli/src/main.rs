@@ -27,6 +27,7 @@
 //!
 //! Errors are one line on stderr and a non-zero exit status, never a panic backtrace.
 
+mod adapters;
 mod columns;
 mod convert;
 mod distill;
@@ -38,6 +39,7 @@ mod inspect;
 mod launch;
 mod lm;
 mod lora;
+mod lora_lm;
 mod quantize;
 mod shared;
 

@@ -120,6 +120,19 @@ pub fn load_lm(
         .with_context(|| format!("cannot load a causal LM from {}", path.display()))
 }
 
+/// Whether `path` is a causal LM: a `.gguf` file, or a folder whose `config.json` names
+/// a decoder family.
+pub fn is_causal_lm(path: &Path) -> bool {
+    reuse_core::models::lm::is_gguf(path)
+        || std::fs::read_to_string(path.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("model_type")?.as_str().map(String::from))
+            .is_some_and(|t| {
+                reuse_core::models::arch::for_model_type(&t).is_ok_and(|a| a.head.is_some())
+            })
+}
+
 /// Refuses a causal LM (a `.gguf` file, or a folder whose `config.json` names a decoder
 /// family) given to a command that works on BERT-family encoders, with what to use
 /// instead; anything else passes (the command's own loader reports other problems).

@@ -4,7 +4,9 @@
 //!
 //! - `mlp_shim.cpp`: a ReLU MLP as one autograd node ([`relu_mlp`]);
 //! - `optim_shim.cpp`: libtorch's fused AdamW kernel ([`fused_adamw`]) and
-//!   `set_to_none` gradients ([`clear_grads`]), which tch does not expose.
+//!   `set_to_none` gradients ([`clear_grads`]), which tch does not expose;
+//! - `codes_shim.cpp`: `x Wᵀ` by a GGUF weight kept in its codes, whose backward rebuilds
+//!   the weight instead of keeping it ([`codes_matmul`]).
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
@@ -48,6 +50,63 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> c_int;
+}
+
+extern "C" {
+    fn reuse_core_codes_matmul(
+        x: *const c_void,
+        codes: *const c_void,
+        scales: *const c_void,
+        mins: *const c_void,
+        ggml_type: i64,
+        out: i64,
+        inp: i64,
+        y: *mut *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+}
+
+/// `x Wᵀ` for `W` `[out, inp]` held as GGUF codes (`ggml_type` 0: Q8_0 codes i8
+/// `[out, inp]`; 1: Q4_0, 2: Q4_1, codes u8 `[out, inp / 2]` in the file's nibble
+/// layout), f16 `scales` and, for Q4_1, f16 `mins` `[out, inp / 32]`: one autograd node
+/// that saves the codes, not the dense weight, and rebuilds it in backward. The result
+/// is in `x`'s dtype.
+pub(crate) fn codes_matmul(
+    x: &Tensor,
+    codes: &Tensor,
+    scales: &Tensor,
+    mins: Option<&Tensor>,
+    ggml_type: i64,
+    [out, inp]: [i64; 2],
+) -> Result<Tensor> {
+    let mut y: *mut c_void = std::ptr::null_mut();
+    let mut err = [0 as c_char; 1024];
+    // SAFETY: every pointer is a live `at::Tensor*` borrowed for the call (or null for
+    // no minimums, which the shim checks); the shim catches every C++ exception and on
+    // success stores a new heap `at::Tensor*` in `y`, whose ownership passes to the
+    // `Tensor` made from it.
+    let rc = unsafe {
+        reuse_core_codes_matmul(
+            x.as_ptr() as *const c_void,
+            codes.as_ptr() as *const c_void,
+            scales.as_ptr() as *const c_void,
+            mins.map_or(std::ptr::null(), |m| m.as_ptr() as *const c_void),
+            ggml_type,
+            out,
+            inp,
+            &mut y,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 || y.is_null() {
+        // SAFETY: the shim writes a NUL-terminated message on failure.
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+        return Err(Error::invalid("matmul by GGUF codes", msg.into_owned()));
+    }
+    // SAFETY: `y` is a heap `at::Tensor*` that nothing else owns (see above).
+    Ok(unsafe { Tensor::from_ptr(y as *mut _) })
 }
 
 /// Leaves the gradient of each of `ts` undefined (PyTorch's `set_to_none=True`); false

@@ -14,6 +14,9 @@ use serde_json::Value;
 
 use crate::error::{config_err, PeftError, Result};
 
+/// PEFT's `target_modules` shorthand for every linear layer but the output layer.
+pub const ALL_LINEAR: &str = "all-linear";
+
 /// `target_modules`: a list of name suffixes, or one regex that must match a whole path.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]

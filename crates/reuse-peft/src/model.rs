@@ -10,7 +10,7 @@ use reuse_core::ForwardOptions;
 use reuse_core::{Checkpoint, Error as CoreError, Model, Params};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::LoraConfig;
+use crate::config::{LoraConfig, TargetModules, ALL_LINEAR};
 use crate::error::{PeftError, Result};
 use crate::lora::LoraLayer;
 
@@ -110,9 +110,10 @@ impl<M: Model> LoraModel<M> {
     /// Adds a new adapter `name` on every linear that `config` targets, initialised as
     /// PEFT does. The first adapter becomes active (and trainable); later ones wait for
     /// [`LoraModel::set_adapter`]. Returns the adapted linear paths.
-    pub fn add_adapter(&mut self, name: &str, config: LoraConfig) -> Result<Vec<String>> {
+    pub fn add_adapter(&mut self, name: &str, mut config: LoraConfig) -> Result<Vec<String>> {
         config.validate()?;
         self.check_new_name(name)?;
+        self.expand_all_linear(&mut config);
         let paths = self.targets(&config)?;
         let mut err = None;
         self.model.visit_linears(&mut |path, l| {
@@ -198,8 +199,41 @@ impl<M: Model> LoraModel<M> {
         self.next_seq
     }
 
+    /// Replaces `target_modules: "all-linear"` (PEFT's shorthand, as a string or a
+    /// one-entry list) by what PEFT writes in its place: the sorted last path segments of
+    /// every linear but the output layer (`lm_head`; for `SEQ_CLS`, also `classifier`
+    /// and `score`). Any other value is left as it is.
+    pub fn expand_all_linear(&mut self, config: &mut LoraConfig) {
+        let all_linear = match &config.target_modules {
+            Some(TargetModules::Regex(r)) => r == ALL_LINEAR,
+            Some(TargetModules::List(l)) => l.len() == 1 && l[0] == ALL_LINEAR,
+            None => false,
+        };
+        if !all_linear {
+            return;
+        }
+        let mut heads = vec!["lm_head"];
+        if config.task_type.as_deref() == Some("SEQ_CLS") {
+            heads.extend(["classifier", "score"]);
+        }
+        let mut names: Vec<String> = self
+            .model
+            .linear_paths()
+            .iter()
+            .map(|p| p.rsplit('.').next().unwrap_or(p).to_string())
+            .filter(|n| !heads.contains(&n.as_str()))
+            .collect();
+        names.sort();
+        names.dedup();
+        config.target_modules = Some(TargetModules::List(names));
+    }
+
     /// The linear paths `config` targets, or an error listing the model's linears.
+    /// (`"all-linear"` is expanded first, see [`LoraModel::expand_all_linear`].)
     pub fn targets(&mut self, config: &LoraConfig) -> Result<Vec<String>> {
+        let mut expanded = config.clone();
+        self.expand_all_linear(&mut expanded);
+        let config = &expanded;
         let all = self.model.linear_paths();
         let paths: Vec<String> = all
             .iter()
@@ -451,52 +485,12 @@ impl<M: Model> LoraModel<M> {
         device: Device,
         f: impl FnOnce(&M) -> reuse_core::Result<T>,
     ) -> Result<T> {
-        let mut groups: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
-        for (i, n) in adapter_names.iter().enumerate() {
+        for n in adapter_names {
             if *n != BASE {
                 self.state(n)?;
-                groups.entry(n).or_default().push(i as i64);
             }
         }
-        let routes: Vec<(String, Tensor)> = groups
-            .into_iter()
-            .map(|(n, ix)| (n.to_string(), Tensor::from_slice(&ix).to_device(device)))
-            .collect();
-        let mut err: Option<CoreError> = None;
-        self.model.visit_linears(&mut |_, l| {
-            let mine: Vec<(String, Tensor)> = routes
-                .iter()
-                .filter(|(n, _)| l.delta(n).is_some())
-                .map(|(n, t)| (n.clone(), t.shallow_clone()))
-                .collect();
-            if let Err(e) = l.set_routing(Some(mine)) {
-                err.get_or_insert(e);
-            }
-        });
-        let out = if err.is_none() {
-            Some(f(&self.model))
-        } else {
-            None
-        };
-        self.model.visit_linears(&mut |_, l| {
-            let _ = l.set_routing(None);
-        });
-        match (err, out) {
-            (Some(e), _) => Err(e.into()),
-            (None, Some(o)) => o.map_err(|e| {
-                PeftError::Core(CoreError::Invalid {
-                    what: "mixed-adapter batch".into(),
-                    reason: format!(
-                        "{} adapter names were given (one per sample): {e}",
-                        adapter_names.len()
-                    ),
-                })
-            }),
-            (None, None) => Err(PeftError::Core(CoreError::Invalid {
-                what: "mixed-adapter batch".into(),
-                reason: "routing could not be set".into(),
-            })),
-        }
+        route_samples(&mut self.model, adapter_names, device, f)
     }
 
     /// The model with its adapters still attached (unmerged, active as set), without
@@ -545,6 +539,71 @@ impl<M: Model> LoraModel<M> {
     }
 }
 
+/// [`LoraModel::with_mixed_batch`] on a model whose adapters are attached to its linears
+/// but no longer in a `LoraModel` (after [`LoraModel::into_inner`]): runs `f` with sample
+/// `i` routed to the delta named `adapter_names[i]` ([`BASE`] for none). A name that no
+/// linear carries is an error naming it. Routing ends whatever `f` returns.
+pub fn route_samples<M: Model, T>(
+    model: &mut M,
+    adapter_names: &[&str],
+    device: Device,
+    f: impl FnOnce(&M) -> reuse_core::Result<T>,
+) -> Result<T> {
+    let mut groups: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for (i, n) in adapter_names.iter().enumerate() {
+        if *n != BASE {
+            groups.entry(n).or_default().push(i as i64);
+        }
+    }
+    let mut carried: BTreeMap<&str, bool> = groups.keys().map(|n| (*n, false)).collect();
+    model.visit_linears(&mut |_, l| {
+        for (n, seen) in carried.iter_mut() {
+            *seen |= l.delta(n).is_some();
+        }
+    });
+    if let Some((n, _)) = carried.iter().find(|(_, seen)| !**seen) {
+        return Err(adapter_err(
+            n,
+            "no linear of the model carries this adapter",
+        ));
+    }
+    let routes: Vec<(String, Tensor)> = groups
+        .into_iter()
+        .map(|(n, ix)| (n.to_string(), Tensor::from_slice(&ix).to_device(device)))
+        .collect();
+    let mut err: Option<CoreError> = None;
+    model.visit_linears(&mut |_, l| {
+        let mine: Vec<(String, Tensor)> = routes
+            .iter()
+            .filter(|(n, _)| l.delta(n).is_some())
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        if let Err(e) = l.set_routing(Some(mine)) {
+            err.get_or_insert(e);
+        }
+    });
+    let out = if err.is_none() { Some(f(model)) } else { None };
+    model.visit_linears(&mut |_, l| {
+        let _ = l.set_routing(None);
+    });
+    match (err, out) {
+        (Some(e), _) => Err(e.into()),
+        (None, Some(o)) => o.map_err(|e| {
+            PeftError::Core(CoreError::Invalid {
+                what: "mixed-adapter batch".into(),
+                reason: format!(
+                    "{} adapter names were given (one per sample): {e}",
+                    adapter_names.len()
+                ),
+            })
+        }),
+        (None, None) => Err(PeftError::Core(CoreError::Invalid {
+            what: "mixed-adapter batch".into(),
+            reason: "routing could not be set".into(),
+        })),
+    }
+}
+
 /// A `LoraModel` is the model it wraps, for techniques that walk layers by path.
 impl<M: Model> Model for LoraModel<M> {
     fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut reuse_core::Linear)) {
@@ -572,5 +631,14 @@ impl<M: Trainable> Trainable for LoraModel<M> {
     }
     fn loss(&self, out: &StepOutputs, batch: &Batch) -> reuse_core::Result<Tensor> {
         self.model.loss(out, batch)
+    }
+    /// The wrapped model's own figure (token NLL for a causal LM), adapters applied.
+    fn evaluate(
+        &self,
+        data: &dyn reuse_core::data::BatchSource,
+        batch_size: usize,
+        device: Device,
+    ) -> reuse_core::Result<Option<reuse_core::Evaluation>> {
+        self.model.evaluate(data, batch_size, device)
     }
 }

@@ -117,11 +117,19 @@ impl Default for LabelledOptions {
     }
 }
 
-/// One row: its line in the file, text, label and split (0 train, 1 dev, 2 test).
+/// One row: the requested columns' values in order, and its split (0 train, 1 dev,
+/// 2 test) when the file names one.
 struct Row {
-    text: String,
-    label: String,
+    fields: Vec<String>,
     split: Option<usize>,
+}
+
+/// A column to read: its name, what it holds (for errors), and whether it is a label (a
+/// trimmed, non-empty value; in JSON also a number or a boolean) or free text.
+struct Col<'a> {
+    name: &'a str,
+    what: &'a str,
+    label: bool,
 }
 
 fn malformed(path: &Path, line: u64, reason: impl Into<String>) -> Error {
@@ -194,7 +202,8 @@ fn read_delimited(
     path: &Path,
     text: &str,
     delimiter: u8,
-    opts: &LabelledOptions,
+    cols: &[Col<'_>],
+    split_column: Option<&str>,
 ) -> Result<Vec<Row>> {
     let mut r = csv::ReaderBuilder::new()
         .delimiter(delimiter)
@@ -208,9 +217,11 @@ fn read_delimited(
         .map(String::from)
         .collect();
     let header: Vec<&str> = header.iter().map(String::as_str).collect();
-    let ti = column(path, &header, &opts.text_column, "text")?;
-    let li = column(path, &header, &opts.label_column, "label")?;
-    let si = match &opts.split_column {
+    let idx = cols
+        .iter()
+        .map(|c| column(path, &header, c.name, c.what))
+        .collect::<Result<Vec<_>>>()?;
+    let si = match split_column {
         Some(s) => Some(column(path, &header, s, "split")?),
         None => header.iter().position(|h| *h == "split"),
     };
@@ -218,20 +229,24 @@ fn read_delimited(
     for rec in r.records() {
         let rec = rec.map_err(|e| csv_err(path, e))?;
         let line = rec.position().map(|p| p.line()).unwrap_or(0);
-        let label = rec[li].trim();
-        if label.is_empty() {
-            return Err(malformed(
-                path,
-                line,
-                format!("empty label in column `{}`", opts.label_column),
-            ));
+        let mut fields = Vec::with_capacity(cols.len());
+        for (c, &i) in cols.iter().zip(&idx) {
+            if c.label {
+                let v = rec[i].trim();
+                if v.is_empty() {
+                    return Err(malformed(
+                        path,
+                        line,
+                        format!("empty {} in column `{}`", c.what, c.name),
+                    ));
+                }
+                fields.push(v.to_string());
+            } else {
+                fields.push(rec[i].to_string());
+            }
         }
         let split = si.map(|i| parse_split(path, line, &rec[i])).transpose()?;
-        rows.push(Row {
-            text: rec[ti].to_string(),
-            label: label.to_string(),
-            split,
-        });
+        rows.push(Row { fields, split });
     }
     Ok(rows)
 }
@@ -247,7 +262,12 @@ fn csv_err(path: &Path, e: csv::Error) -> Error {
     malformed(path, line, reason)
 }
 
-fn read_jsonl(path: &Path, text: &str, opts: &LabelledOptions) -> Result<Vec<Row>> {
+fn read_jsonl(
+    path: &Path,
+    text: &str,
+    cols: &[Col<'_>],
+    split_column: Option<&str>,
+) -> Result<Vec<Row>> {
     use serde_json::Value;
     let mut rows = Vec::new();
     for (i, l) in text.lines().enumerate() {
@@ -272,32 +292,34 @@ fn read_jsonl(path: &Path, text: &str, opts: &LabelledOptions) -> Result<Vec<Row
                 )
             })
         };
-        let text = match get(&opts.text_column)? {
-            Value::String(s) => s.clone(),
-            other => {
-                return Err(malformed(
-                    path,
-                    line,
-                    format!("`{}` must be a string, found {other}", opts.text_column),
-                ))
-            }
-        };
-        let label = match get(&opts.label_column)? {
-            Value::String(s) if !s.trim().is_empty() => s.trim().to_string(),
-            Value::Number(n) => n.to_string(),
-            Value::Bool(b) => b.to_string(),
-            other => {
-                return Err(malformed(
-                    path,
-                    line,
-                    format!(
-                        "`{}` must be a non-empty string, a number or a boolean, found {other}",
-                        opts.label_column
-                    ),
-                ))
-            }
-        };
-        let split = match &opts.split_column {
+        let mut fields = Vec::with_capacity(cols.len());
+        for c in cols {
+            let v = match (get(c.name)?, c.label) {
+                (Value::String(s), false) => s.clone(),
+                (Value::String(s), true) if !s.trim().is_empty() => s.trim().to_string(),
+                (Value::Number(n), true) => n.to_string(),
+                (Value::Bool(b), true) => b.to_string(),
+                (other, true) => {
+                    return Err(malformed(
+                        path,
+                        line,
+                        format!(
+                            "`{}` must be a non-empty string, a number or a boolean, found {other}",
+                            c.name
+                        ),
+                    ))
+                }
+                (other, false) => {
+                    return Err(malformed(
+                        path,
+                        line,
+                        format!("`{}` must be a string, found {other}", c.name),
+                    ))
+                }
+            };
+            fields.push(v);
+        }
+        let split = match split_column {
             Some(k) => Some(get(k)?),
             None => o.get("split"),
         };
@@ -312,42 +334,45 @@ fn read_jsonl(path: &Path, text: &str, opts: &LabelledOptions) -> Result<Vec<Row
                 ))
             }
         };
-        rows.push(Row { text, label, split });
+        rows.push(Row { fields, split });
     }
     Ok(rows)
 }
 
-/// Reads labelled text from a TSV, CSV or JSON Lines file (see the module docs).
-pub fn load_labelled(path: &Path, opts: &LabelledOptions) -> Result<TextSplits> {
+/// Checks the hold-out fractions.
+fn check_fractions(dev_fraction: f64, test_fraction: f64) -> Result<()> {
     for (k, f) in [
-        ("dev_fraction", opts.dev_fraction),
-        ("test_fraction", opts.test_fraction),
+        ("dev_fraction", dev_fraction),
+        ("test_fraction", test_fraction),
     ] {
         if !(0.0..1.0).contains(&f) {
             return Err(Error::invalid(k, format!("must be in [0, 1), found {f}")));
         }
     }
-    if opts.dev_fraction + opts.test_fraction >= 1.0 {
+    if dev_fraction + test_fraction >= 1.0 {
         return Err(Error::invalid(
             "dev_fraction + test_fraction",
             format!(
                 "must be below 1 to leave training rows, found {}",
-                opts.dev_fraction + opts.test_fraction
+                dev_fraction + test_fraction
             ),
         ));
     }
-    let format = match opts.format {
-        Some(f) => f,
-        None => Format::from_path(path)?,
-    };
-    let text = read_text(path)?;
+    Ok(())
+}
+
+/// The rows of `path` in `format`, with `cols`.
+fn read_rows(
+    path: &Path,
+    text: &str,
+    format: Format,
+    cols: &[Col<'_>],
+    split_column: Option<&str>,
+) -> Result<Vec<Row>> {
     let rows = match format {
-        Format::Tsv if is_split_label_text(&text, opts) => {
-            return super::parse_split_label_text(path, &text)
-        }
-        Format::Tsv => read_delimited(path, &text, b'\t', opts)?,
-        Format::Csv => read_delimited(path, &text, b',', opts)?,
-        Format::Jsonl => read_jsonl(path, &text, opts)?,
+        Format::Tsv => read_delimited(path, text, b'\t', cols, split_column)?,
+        Format::Csv => read_delimited(path, text, b',', cols, split_column)?,
+        Format::Jsonl => read_jsonl(path, text, cols, split_column)?,
     };
     if rows.is_empty() {
         return Err(Error::invalid(
@@ -355,8 +380,35 @@ pub fn load_labelled(path: &Path, opts: &LabelledOptions) -> Result<TextSplits> 
             format!("{}: no rows", path.display()),
         ));
     }
+    Ok(rows)
+}
+
+/// Reads labelled text from a TSV, CSV or JSON Lines file (see the module docs).
+pub fn load_labelled(path: &Path, opts: &LabelledOptions) -> Result<TextSplits> {
+    check_fractions(opts.dev_fraction, opts.test_fraction)?;
+    let format = match opts.format {
+        Some(f) => f,
+        None => Format::from_path(path)?,
+    };
+    let text = read_text(path)?;
+    if format == Format::Tsv && is_split_label_text(&text, opts) {
+        return super::parse_split_label_text(path, &text);
+    }
+    let cols = [
+        Col {
+            name: &opts.text_column,
+            what: "text",
+            label: false,
+        },
+        Col {
+            name: &opts.label_column,
+            what: "label",
+            label: true,
+        },
+    ];
+    let rows = read_rows(path, &text, format, &cols, opts.split_column.as_deref())?;
     // Classes in sorted order (numeric when every label is an integer).
-    let mut classes: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
+    let mut classes: Vec<String> = rows.iter().map(|r| r.fields[1].clone()).collect();
     if classes.iter().all(|c| c.parse::<i64>().is_ok()) {
         classes.sort_by_key(|c| c.parse::<i64>().expect("checked"));
     } else {
@@ -368,15 +420,22 @@ pub fn load_labelled(path: &Path, opts: &LabelledOptions) -> Result<TextSplits> 
         .enumerate()
         .map(|(i, c)| (c.as_str(), i as i64))
         .collect();
-    let labels: Vec<i64> = rows.iter().map(|r| index[r.label.as_str()]).collect();
+    let labels: Vec<i64> = rows.iter().map(|r| index[r.fields[1].as_str()]).collect();
     let split_of: Vec<usize> = if rows.iter().all(|r| r.split.is_some()) {
         rows.iter().map(|r| r.split.expect("checked")).collect()
     } else {
-        hold_out(&labels, classes.len(), opts)
+        hold_out(
+            &labels,
+            classes.len(),
+            opts.stratify,
+            opts.seed,
+            opts.dev_fraction,
+            opts.test_fraction,
+        )
     };
     let mut splits: [TextDataset; 3] = Default::default();
-    for ((row, y), k) in rows.into_iter().zip(labels).zip(split_of) {
-        splits[k].texts.push(row.text);
+    for ((mut row, y), k) in rows.into_iter().zip(labels).zip(split_of) {
+        splits[k].texts.push(std::mem::take(&mut row.fields[0]));
         splits[k].labels.push(y);
     }
     let [train, dev, test] = splits;
@@ -394,11 +453,114 @@ pub fn load_labelled(path: &Path, opts: &LabelledOptions) -> Result<TextSplits> 
     })
 }
 
+/// How [`load_records`] reads a file: the string columns wanted and where the splits
+/// come from (as for [`load_labelled`], without stratification).
+#[derive(Debug, Clone)]
+pub struct RecordOptions {
+    /// The format; `None`: from the file name.
+    pub format: Option<Format>,
+    /// The columns (JSON keys) to read, each holding a string.
+    pub columns: Vec<String>,
+    /// The split column; `None`: a column named `split` if there is one.
+    pub split_column: Option<String>,
+    /// Fraction held out for dev when the file has no split column.
+    pub dev_fraction: f64,
+    /// Fraction held out for test when the file has no split column.
+    pub test_fraction: f64,
+    /// Seed of the hold-out.
+    pub seed: u64,
+}
+
+impl RecordOptions {
+    /// `columns` with the defaults of [`LabelledOptions`] (10% dev, 10% test, seed 0).
+    pub fn new(columns: &[&str]) -> Self {
+        Self {
+            format: None,
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            split_column: None,
+            dev_fraction: 0.1,
+            test_fraction: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+/// Rows of string columns (e.g. a prompt and a response) in train, dev and test, each
+/// row's values in the order [`RecordOptions::columns`] names them, each split in file
+/// order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecordSplits {
+    /// Training rows.
+    pub train: Vec<Vec<String>>,
+    /// Dev rows.
+    pub dev: Vec<Vec<String>>,
+    /// Test rows.
+    pub test: Vec<Vec<String>>,
+}
+
+/// Reads string columns from a TSV, CSV or JSON Lines file (see the module docs): the
+/// prompt / response pairs or plain texts of language-model data. A missing column is an
+/// error naming it and the columns the file has; a value that is not a string (JSON) is
+/// an error naming the line.
+pub fn load_records(path: &Path, opts: &RecordOptions) -> Result<RecordSplits> {
+    check_fractions(opts.dev_fraction, opts.test_fraction)?;
+    if opts.columns.is_empty() {
+        return Err(Error::invalid("columns", "name at least one column"));
+    }
+    let format = match opts.format {
+        Some(f) => f,
+        None => Format::from_path(path)?,
+    };
+    let text = read_text(path)?;
+    let cols: Vec<Col<'_>> = opts
+        .columns
+        .iter()
+        .map(|c| Col {
+            name: c,
+            what: c,
+            label: false,
+        })
+        .collect();
+    let rows = read_rows(path, &text, format, &cols, opts.split_column.as_deref())?;
+    let split_of: Vec<usize> = if rows.iter().all(|r| r.split.is_some()) {
+        rows.iter().map(|r| r.split.expect("checked")).collect()
+    } else {
+        let zeros = vec![0; rows.len()];
+        hold_out(
+            &zeros,
+            1,
+            false,
+            opts.seed,
+            opts.dev_fraction,
+            opts.test_fraction,
+        )
+    };
+    let mut splits: [Vec<Vec<String>>; 3] = Default::default();
+    for (row, k) in rows.into_iter().zip(split_of) {
+        splits[k].push(row.fields);
+    }
+    let [train, dev, test] = splits;
+    if train.is_empty() {
+        return Err(Error::invalid(
+            "data",
+            format!("{}: no training rows", path.display()),
+        ));
+    }
+    Ok(RecordSplits { train, dev, test })
+}
+
 /// The split of each row when the file names none: a seeded shuffle (per class when
 /// stratified), test first, then dev, the rest train.
-fn hold_out(labels: &[i64], n_classes: usize, opts: &LabelledOptions) -> Vec<usize> {
-    let mut rng = StdRng::seed_from_u64(opts.seed);
-    let groups: Vec<Vec<usize>> = if opts.stratify {
+fn hold_out(
+    labels: &[i64],
+    n_classes: usize,
+    stratify: bool,
+    seed: u64,
+    dev_fraction: f64,
+    test_fraction: f64,
+) -> Vec<usize> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let groups: Vec<Vec<usize>> = if stratify {
         let mut g = vec![Vec::new(); n_classes];
         for (i, y) in labels.iter().enumerate() {
             g[*y as usize].push(i);
@@ -411,8 +573,8 @@ fn hold_out(labels: &[i64], n_classes: usize, opts: &LabelledOptions) -> Vec<usi
     for mut g in groups {
         g.shuffle(&mut rng);
         let n = g.len() as f64;
-        let n_test = (n * opts.test_fraction).round() as usize;
-        let n_dev = ((n * opts.dev_fraction).round() as usize).min(g.len() - n_test);
+        let n_test = (n * test_fraction).round() as usize;
+        let n_dev = ((n * dev_fraction).round() as usize).min(g.len() - n_test);
         for &i in &g[..n_test] {
             split[i] = 2;
         }
@@ -652,5 +814,62 @@ mod tests {
         assert_eq!(old.train.texts, new.train.texts);
         assert_eq!(old.test.labels, new.test.labels);
         assert!(!new.dev.texts.is_empty());
+    }
+
+    #[test]
+    fn records_read_prompt_and_response_columns_in_every_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = write(
+            dir.path(),
+            "p.jsonl",
+            "{\"prompt\": \"Two\\nlines\", \"response\": \"r1\", \"split\": \"train\"}\n\n\
+             {\"prompt\": \"p2\", \"response\": \" r2 \", \"split\": \"test\"}\n",
+        );
+        let csv = write(
+            dir.path(),
+            "p.csv",
+            "response,prompt,split\nr1,\"Two\nlines\",train\n\" r2 \",p2,test\n",
+        );
+        let o = RecordOptions::new(&["prompt", "response"]);
+        let a = load_records(&jsonl, &o).unwrap();
+        let b = load_records(&csv, &o).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.train, [["Two\nlines", "r1"]]);
+        // Free text is not trimmed (a response's leading space is a token).
+        assert_eq!(a.test, [["p2", " r2 "]]);
+        assert!(a.dev.is_empty());
+        // A missing column names itself and what the file has.
+        let e = load_records(&csv, &RecordOptions::new(&["prompt", "answer"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`answer`") && e.contains("response, prompt, split"),
+            "{e}"
+        );
+        let e = load_records(&jsonl, &RecordOptions::new(&["answer"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("p.jsonl") && e.contains("no key `answer`"),
+            "{e}"
+        );
+        // A number where text is expected is an error naming the line.
+        let bad = write(
+            dir.path(),
+            "b.jsonl",
+            "{\"prompt\": 3, \"response\": \"x\"}\n",
+        );
+        let e = load_records(&bad, &o).unwrap_err().to_string();
+        assert!(
+            e.contains("line 1") && e.contains("`prompt` must be a string"),
+            "{e}"
+        );
+        // Without a split column, dev and test are held out by seed.
+        let rows: String = (0..20)
+            .map(|i| format!("{{\"prompt\": \"p{i}\", \"response\": \"r\"}}\n"))
+            .collect();
+        let plain = write(dir.path(), "n.jsonl", &rows);
+        let s = load_records(&plain, &o).unwrap();
+        assert_eq!((s.train.len(), s.dev.len(), s.test.len()), (16, 2, 2));
     }
 }

@@ -26,9 +26,11 @@
 //!   copy of the weight differs by. Everything else (f32 or f16 activations, Q8_0, a
 //!   gradient to propagate, another device) dequantizes into the activations' dtype and
 //!   multiplies, dropping the dense copy after the call: exact, but it writes four bytes
-//!   a weight on every call. (When a gradient flows through `x`, autograd keeps that
-//!   copy until backward; a backward that dequantizes again, as reuse-quant's storage
-//!   has, is what training adapters on kept codes will need.)
+//!   a weight on every call. When a gradient flows through `x` (LoRA training on this
+//!   frozen base: QLoRA on the file's codes), the matmul is one autograd node
+//!   (`cpp/codes_shim.cpp`) that saves the codes and rebuilds the weight in backward, so
+//!   no dense copy lives from forward to backward. (The int4 kernel's packed layout
+//!   takes the dense path then: load in f32 or f16 to train on kept codes.)
 
 use std::any::Any;
 
@@ -465,6 +467,27 @@ impl WeightStorage for CodesStorage {
                 }
             }
         }
+        // A gradient to propagate through x (adapters training on this frozen base):
+        // one autograd node that rebuilds the weight in backward rather than keeping a
+        // dense copy from forward to backward.
+        if x.requires_grad() {
+            if let Codes::File(codes) = &self.codes {
+                let t = match self.ggml_type {
+                    GgmlType::Q8_0 => 0,
+                    GgmlType::Q4_0 => 1,
+                    _ => 2,
+                };
+                return crate::shim::codes_matmul(
+                    x,
+                    codes,
+                    &self.scales,
+                    self.mins.as_ref(),
+                    t,
+                    self.shape,
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
         let w = self.dequantize();
         let w = if w.kind() == x.kind() {
             w
@@ -595,6 +618,28 @@ mod tests {
             let y = s.matmul(&xg);
             y.sum(Kind::Float).backward();
             assert_eq!(xg.grad().size(), [2, 3, 256]);
+        }
+    }
+
+    #[test]
+    fn with_a_gradient_the_matmul_rebuilds_the_weight_in_backward() {
+        for t in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+            let (file, _) = one_weight(t, 64, 96);
+            let s = CodesStorage::load(&file, "w", Device::Cpu, Kind::Float).unwrap();
+            let w = file.dequantize("w", Device::Cpu).unwrap();
+            let x0 = Tensor::randn([2, 3, 96], (Kind::Float, Device::Cpu));
+            let dy = Tensor::randn([2, 3, 64], (Kind::Float, Device::Cpu));
+            let x = x0.copy().set_requires_grad(true);
+            let y = s.matmul(&x);
+            // One autograd node of the shim, not a saved dense weight: its outputs and
+            // the input gradient are the dense matmul's, bit for bit (same weight, same
+            // GEMMs).
+            (&y * &dy).sum(Kind::Float).backward();
+            let xr = x0.copy().set_requires_grad(true);
+            let yr = xr.linear::<&Tensor>(&w, None);
+            (&yr * &dy).sum(Kind::Float).backward();
+            assert!(same_bits(&y.detach(), &yr.detach()), "{t} forward");
+            assert!(same_bits(&x.grad(), &xr.grad()), "{t} input gradient");
         }
     }
 

@@ -127,7 +127,8 @@ impl CausalLm {
     /// Next-token NLL of whole token sequences (eval mode, no gradient): for each row,
     /// the sum over its positions 1.. of -log p(token | earlier tokens), and how many
     /// positions that is (its length - 1). Rows run `batch_size` at a time, longest
-    /// first, right-padded; the head runs per row on its real positions only.
+    /// first, right-padded; the head runs on the batch's real positions only, up to
+    /// [`LOSS_CHUNK`] at a time.
     pub fn sequence_nlls(&self, rows: &[Vec<i64>], batch_size: usize) -> Result<Vec<(f64, usize)>> {
         let device = self.device();
         let mut order: Vec<usize> = (0..rows.len()).collect();
@@ -154,22 +155,41 @@ impl CausalLm {
                 let mask = padded.then(|| Tensor::from_slice(&mask).view(shape).to_device(device));
                 let o =
                     self.forward(&ids, mask.as_ref(), None, false, ForwardOptions::default())?;
+                // Position j of row k predicts its token j + 1: the rows' real positions,
+                // flattened, through the head a chunk at a time (one read of the head's
+                // weight per chunk, never [positions, vocab] whole).
+                let steps = t as i64 - 1;
+                let mut pos = Vec::new();
                 for (k, &i) in chunk.iter().enumerate() {
                     let n = rows[i].len() as i64;
-                    if n < 2 {
-                        continue;
-                    }
-                    let h = o.last_hidden_state.get(k as i64).narrow(0, 0, n - 1);
+                    pos.extend((0..n - 1).map(|j| k as i64 * steps + j));
+                }
+                let hidden = o.last_hidden_state.narrow(1, 0, steps);
+                let width = hidden.size()[2];
+                let hidden = hidden.reshape([-1, width]);
+                let targets = ids.narrow(1, 1, steps).reshape([-1]);
+                let mut sums = vec![0f64; chunk.len()];
+                for part in pos.chunks(LOSS_CHUNK as usize) {
+                    let at = Tensor::from_slice(part).to_device(device);
                     let logp = self
-                        .logits(&h, false)?
+                        .logits(&hidden.index_select(0, &at), false)?
                         .to_kind(tch::Kind::Float)
                         .log_softmax(-1, tch::Kind::Float);
-                    let target = ids.get(k as i64).narrow(0, 1, n - 1).unsqueeze(1);
-                    let nll = -logp
-                        .gather(1, &target, false)
-                        .sum(tch::Kind::Double)
-                        .double_value(&[]);
-                    out[i] = (nll, (n - 1) as usize);
+                    let nll = logp
+                        .gather(1, &targets.index_select(0, &at).unsqueeze(1), false)
+                        .squeeze_dim(1)
+                        .neg()
+                        .to_kind(tch::Kind::Double)
+                        .to_device(tch::Device::Cpu);
+                    for (&p, v) in part.iter().zip(Vec::<f64>::try_from(nll)?) {
+                        sums[(p / steps) as usize] += v;
+                    }
+                }
+                for (k, &i) in chunk.iter().enumerate() {
+                    let n = rows[i].len();
+                    if n >= 2 {
+                        out[i] = (sums[k], n - 1);
+                    }
                 }
             }
             Ok(())
