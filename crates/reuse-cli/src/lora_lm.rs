@@ -183,6 +183,16 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let mut peft = LoraModel::new(model);
     let modules = peft.add_adapter("default", cfg)?;
     let trainable = peft.trainable_parameters().count();
+    eprintln!(
+        "{} train / {} dev / {} test examples; {} LoRA modules, {trainable} trainable parameters",
+        data.train.len(),
+        data.dev.as_ref().map_or(0, |d| d.len()),
+        data.test.as_ref().map_or(0, |d| d.len()),
+        modules.len()
+    );
+    if data.dev.is_some() {
+        eprintln!("dev {} NLL before training...", data.what);
+    }
     let before_dev = nll(&peft, data.dev.as_deref(), device)?;
     let per_epoch = data.train.len().div_ceil(batch_size);
     let total = a.max_steps.unwrap_or(per_epoch * a.epochs);
@@ -219,6 +229,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         }
     }
     let report = t.fit(&peft, data.train.as_ref(), None, &mut techniques)?;
+    eprintln!("dev and test {} NLL...", data.what);
     let dev_nll = nll(&peft, data.dev.as_deref(), device)?;
     let test_nll = nll(&peft, data.test.as_deref(), device)?;
     peft.save_adapter("default", &a.out)?;
