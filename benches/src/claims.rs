@@ -64,7 +64,9 @@ pub(crate) fn at_least(a: f64, sa: f64, b: f64, sb: f64) -> bool {
 /// Every claim, in the table's order: each experiment file declares the rows it
 /// measures (its `CLAIMS`), next to the code that measures them.
 pub fn all() -> Vec<&'static Claim> {
-    use crate::experiments::{continual, core, dist, distill, grow, llm, peft, quant};
+    use crate::experiments::{
+        continual, core, dist, distill, grow, llm, llm_adapters, peft, quant,
+    };
     [
         peft::CLAIMS,
         distill::CLAIMS,
@@ -73,6 +75,7 @@ pub fn all() -> Vec<&'static Claim> {
         quant::CLAIMS,
         core::CLAIMS,
         llm::CLAIMS,
+        llm_adapters::CLAIMS,
         dist::CLAIMS,
     ]
     .into_iter()

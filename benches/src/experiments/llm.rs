@@ -63,7 +63,7 @@ impl HfLm {
 
 /// The model and the prompts both experiments use: the first test synopses of the
 /// sections fixture, each asked about through the chat template.
-fn setup(ctx: &Ctx, kind: Kind) -> Result<LanguageModel> {
+pub(super) fn setup(ctx: &Ctx, kind: Kind) -> Result<LanguageModel> {
     load(ctx, kind, false)
 }
 
@@ -86,7 +86,7 @@ fn load(ctx: &Ctx, kind: Kind, keep_codes: bool) -> Result<LanguageModel> {
     Ok(lm)
 }
 
-fn prompts(lm: &LanguageModel, n: usize) -> Result<Vec<Vec<i64>>> {
+pub(super) fn prompts(lm: &LanguageModel, n: usize) -> Result<Vec<Vec<i64>>> {
     let splits = super::sections()?;
     splits
         .test

@@ -7,6 +7,7 @@ pub mod dist;
 pub mod distill;
 pub mod grow;
 pub mod llm;
+pub mod llm_adapters;
 pub mod peft;
 pub mod quant;
 
@@ -533,6 +534,16 @@ pub const EXPERIMENTS: &[Experiment] = &[
         sizes: &llm::LOSS_SIZES,
         quick: true,
         cpu_seconds: 120,
+    },
+    Experiment {
+        id: "peft.smollm2_mixed_adapters",
+        about: "SmolLM2 with 4 LoRA adapters: one greedy batch whose rows use different adapters against each adapter's rows in turn (and the base batch), interleaved rounds; rows equal to each row alone",
+        run: llm_adapters::smollm2_mixed_adapters,
+        default: true,
+        gpu_sized: false,
+        sizes: &llm_adapters::MIXED_SIZES,
+        quick: true,
+        cpu_seconds: 150,
     },
     Experiment {
         id: "dist.lora_step",

@@ -250,3 +250,56 @@ fn all_linear_leaves_out_an_untied_head() {
         "{modules:?}"
     );
 }
+
+#[test]
+fn routed_rows_decode_as_each_row_alone_with_its_adapter() {
+    use reuse_core::models::llama::{CausalLm, GenerateOptions, LlamaConfig, Sampling};
+    use reuse_core::Model;
+    tch::manual_seed(0);
+    let model = CausalLm::random(LlamaConfig::tiny(64, 32, 2), Device::Cpu).unwrap();
+    let mut peft = LoraModel::new(model);
+    for (k, n) in ["x", "y"].iter().enumerate() {
+        tch::manual_seed(10 + k as i64);
+        let mut cfg = LoraConfig::new(2, 8.0, &[]);
+        cfg.target_modules = Some(TargetModules::List(vec!["all-linear".into()]));
+        cfg.init_lora_weights = InitLoraWeights::Bool(false);
+        peft.add_adapter(n, cfg).unwrap();
+    }
+    peft.set_adapter(&[]).unwrap();
+    let mut model = peft.into_inner();
+    let prompts = vec![vec![1, 5, 9, 3], vec![1, 7], vec![1, 4, 4]];
+    let opts = GenerateOptions {
+        max_new_tokens: 6,
+        sampling: Sampling::Greedy,
+        stop_tokens: Vec::new(),
+    };
+    let names = ["x", reuse_peft::BASE, "y"];
+    let mixed = reuse_peft::model::route_samples(&mut model, &names, Device::Cpu, |m| {
+        m.generate(&prompts, &opts, &mut |_, _| {})
+    })
+    .unwrap();
+    let mut differ = 0;
+    for (i, name) in names.iter().enumerate() {
+        let active: Vec<&str> = if *name == reuse_peft::BASE {
+            vec![]
+        } else {
+            vec![*name]
+        };
+        model.visit_linears(&mut |_, l| l.set_active(&active));
+        let alone = model
+            .generate(&prompts[i..i + 1], &opts, &mut |_, _| {})
+            .unwrap();
+        assert_eq!(mixed.tokens[i], alone.tokens[0], "row {i} ({name})");
+        model.visit_linears(&mut |_, l| l.set_active(&[]));
+        let base = model
+            .generate(&prompts[i..i + 1], &opts, &mut |_, _| {})
+            .unwrap();
+        differ += usize::from(base.tokens[0] != alone.tokens[0]);
+    }
+    assert!(differ >= 1, "the adapters change some continuation");
+    // A name no linear carries is an error naming it, and routing is left off.
+    let e = reuse_peft::model::route_samples(&mut model, &["z"], Device::Cpu, |_| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`z`") && e.contains("no linear"), "{e}");
+}
