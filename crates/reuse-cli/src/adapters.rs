@@ -117,30 +117,12 @@ fn load_one(peft: &mut LoraModel<CausalLm>, a: &AdapterArg, name: &str) -> Resul
     Ok(())
 }
 
-/// `lm` with its network passed through `f` as a [`LoraModel`] (tokenizer, template and
-/// the rest kept).
+/// `lm` with its network passed through `f` as a [`LoraModel`].
 fn with_peft(
     lm: LanguageModel,
     f: impl FnOnce(LoraModel<CausalLm>) -> Result<CausalLm>,
 ) -> Result<LanguageModel> {
-    let LanguageModel {
-        model,
-        tokenizer,
-        chat,
-        stop_tokens,
-        source,
-        chat_template,
-        special,
-    } = lm;
-    Ok(LanguageModel {
-        model: f(LoraModel::new(model))?,
-        tokenizer,
-        chat,
-        stop_tokens,
-        source,
-        chat_template,
-        special,
-    })
+    lm.map_model(|m| f(LoraModel::new(m)))
 }
 
 /// `lm` with the adapter in `dir` merged into its weights (W + scaling B A; DoRA's

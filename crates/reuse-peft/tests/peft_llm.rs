@@ -108,33 +108,18 @@ fn an_adapter_peft_trained_gives_peft_logits() {
     let base = Checkpoint::load(fixtures().join("base.safetensors"), Device::Cpu).unwrap();
     let got = ours(&lm, &texts);
     compare(&got, &base, "base model");
-    let reuse_core::models::lm::LanguageModel {
-        model,
-        tokenizer,
-        chat,
-        stop_tokens,
-        source,
-        chat_template,
-        special,
-    } = lm;
-    let mut peft = LoraModel::new(model);
-    let loaded = peft
-        .load_adapter(&fixtures().join("adapter"), "peft")
+    let lm = lm
+        .map_model(|model| {
+            let mut peft = LoraModel::new(model);
+            let loaded = peft.load_adapter(&fixtures().join("adapter"), "peft")?;
+            // q/k/v/o/gate/up/down of blocks 0 and 29.
+            assert_eq!(loaded.modules.len(), 14, "{:?}", loaded.modules);
+            assert!(loaded
+                .modules
+                .contains(&"model.layers.29.mlp.down_proj".to_string()));
+            Ok::<_, reuse_peft::PeftError>(peft.into_inner())
+        })
         .unwrap();
-    // q/k/v/o/gate/up/down of blocks 0 and 29.
-    assert_eq!(loaded.modules.len(), 14, "{:?}", loaded.modules);
-    assert!(loaded
-        .modules
-        .contains(&"model.layers.29.mlp.down_proj".to_string()));
-    let lm = LanguageModel {
-        model: peft.into_inner(),
-        tokenizer,
-        chat,
-        stop_tokens,
-        source,
-        chat_template,
-        special,
-    };
     let got = ours(&lm, &texts);
     let want = Checkpoint::load(fixtures().join("reference.safetensors"), Device::Cpu).unwrap();
     compare(&got, &want, "with PEFT's adapter");
@@ -157,57 +142,44 @@ fn an_adapter_made_here_gives_peft_our_logits() {
     );
     let texts = texts();
     let lm = load(&gguf);
-    let reuse_core::models::lm::LanguageModel {
-        model,
-        tokenizer,
-        chat,
-        stop_tokens,
-        source,
-        chat_template,
-        special,
-    } = lm;
-    let mut peft = LoraModel::new(model);
-    tch::manual_seed(3);
-    let mut cfg = LoraConfig::new(2, 4.0, &[]);
-    cfg.target_modules = Some(TargetModules::Regex("all-linear".into()));
-    cfg.task_type = Some("CAUSAL_LM".into());
-    // Non-zero B, as PEFT's init_lora_weights=False: the adapter changes every output.
-    cfg.init_lora_weights = InitLoraWeights::Bool(false);
-    let modules = peft.add_adapter("mine", cfg).unwrap();
-    assert_eq!(
-        modules.len(),
-        30 * 7,
-        "all-linear: 7 linears in each of 30 blocks"
-    );
-    let saved_cfg = peft.config("mine").unwrap().clone();
-    assert_eq!(
-        saved_cfg.target_modules,
-        Some(TargetModules::List(
-            [
-                "down_proj",
-                "gate_proj",
-                "k_proj",
-                "o_proj",
-                "q_proj",
-                "up_proj",
-                "v_proj"
-            ]
-            .map(String::from)
-            .to_vec()
-        )),
-        "all-linear is written expanded, without the head, as PEFT writes it"
-    );
     let dir = tempfile::tempdir().unwrap();
-    peft.save_adapter("mine", dir.path()).unwrap();
-    let lm = LanguageModel {
-        model: peft.into_inner(),
-        tokenizer,
-        chat,
-        stop_tokens,
-        source,
-        chat_template,
-        special,
-    };
+    let lm = lm
+        .map_model(|model| {
+            let mut peft = LoraModel::new(model);
+            tch::manual_seed(3);
+            let mut cfg = LoraConfig::new(2, 4.0, &[]);
+            cfg.target_modules = Some(TargetModules::Regex("all-linear".into()));
+            cfg.task_type = Some("CAUSAL_LM".into());
+            // Non-zero B, as PEFT's init_lora_weights=False: the adapter changes every
+            // output.
+            cfg.init_lora_weights = InitLoraWeights::Bool(false);
+            let modules = peft.add_adapter("mine", cfg)?;
+            assert_eq!(
+                modules.len(),
+                30 * 7,
+                "all-linear: 7 linears in each of 30 blocks"
+            );
+            assert_eq!(
+                peft.config("mine")?.target_modules,
+                Some(TargetModules::List(
+                    [
+                        "down_proj",
+                        "gate_proj",
+                        "k_proj",
+                        "o_proj",
+                        "q_proj",
+                        "up_proj",
+                        "v_proj"
+                    ]
+                    .map(String::from)
+                    .to_vec()
+                )),
+                "all-linear is written expanded, without the head, as PEFT writes it"
+            );
+            peft.save_adapter("mine", dir.path())?;
+            Ok::<_, reuse_peft::PeftError>(peft.into_inner())
+        })
+        .unwrap();
     let got = ours(&lm, &texts);
     let out = dir.path().join("peft.safetensors");
     let o = Command::new(&py)

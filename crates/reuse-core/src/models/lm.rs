@@ -55,6 +55,33 @@ fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
 }
 
 impl LanguageModel {
+    /// The same language model with its network passed through `f` (to wrap it, e.g. in
+    /// a LoRA registry, attach or merge adapters, and unwrap it again); tokenizer, chat
+    /// template and stop tokens are kept.
+    pub fn map_model<E>(
+        self,
+        f: impl FnOnce(CausalLm) -> std::result::Result<CausalLm, E>,
+    ) -> std::result::Result<Self, E> {
+        let LanguageModel {
+            model,
+            tokenizer,
+            chat,
+            stop_tokens,
+            source,
+            chat_template,
+            special,
+        } = self;
+        Ok(LanguageModel {
+            model: f(model)?,
+            tokenizer,
+            chat,
+            stop_tokens,
+            source,
+            chat_template,
+            special,
+        })
+    }
+
     /// Loads a `.gguf` file or a Hugging Face folder. A folder's `config.json` must name
     /// a decoder family (`llama`, `mistral`, `qwen2`); a BERT folder is an error saying
     /// the command needs a causal LM. A GGUF's linear weights stay in their codes with
