@@ -177,6 +177,20 @@ pub fn run(a: Args) -> Result<()> {
             records.push(r);
         }
     }
+    // A chat model that stops at once on a plain prompt usually wants its template
+    // (adapters trained with `lora train --chat` learn to answer inside it).
+    let stopped_at_once = records
+        .iter()
+        .filter(|r| {
+            r["tokens"].as_array().is_some_and(|t| t.len() <= 1) && r["stop"] == "stop_token"
+        })
+        .count();
+    if stopped_at_once > 0 && !a.chat && lm.chat.is_some() {
+        eprintln!(
+            "note: {stopped_at_once} of {} prompts ended at once with a stop token; this model has a chat template: try --chat (an adapter trained with --chat answers inside it)",
+            records.len()
+        );
+    }
     if let Some(out) = &a.out {
         let mut text = String::new();
         for r in &records {
