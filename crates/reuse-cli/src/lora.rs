@@ -81,9 +81,9 @@ pub struct TrainArgs {
     /// causal-lm with --chat: a system message before each prompt.
     #[arg(long)]
     pub(crate) system: Option<String>,
-    /// causal-lm: the dtype of the base and the adapter, f32 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub(crate) dtype: String,
+    /// causal-lm: the dtype of the base and the adapter, f32 (default) or bf16.
+    #[arg(long)]
+    pub(crate) dtype: Option<String>,
     /// causal-lm on a .gguf: keep the base's Q8_0 / Q4_0 / Q4_1 linears in the file's
     /// codes while the adapter trains (QLoRA on the GGUF's own 4-bit weights): no dense
     /// copy of the frozen linears is held; each matmul rebuilds its weight, in backward
@@ -272,6 +272,7 @@ fn train(a: TrainArgs) -> Result<()> {
         ("--chat", a.chat),
         ("--system", a.system.is_some()),
         ("--keep-codes", a.keep_codes),
+        ("--dtype", a.dtype.is_some()),
     ] {
         if set {
             bail!("{flag} is for --task causal-lm");

@@ -147,8 +147,16 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     if a.save_every == Some(0) {
         bail!("--save-every must be at least 1");
     }
+    let world = std::env::var("WORLD_SIZE")
+        .ok()
+        .and_then(|w| w.trim().parse::<usize>().ok());
+    if let Some(w) = world.filter(|w| *w > 1) {
+        bail!(
+            "WORLD_SIZE is {w}: `lora train --task causal-lm` runs in one process only (every rank would train alone and write --out); run it without torchrun / `reuse launch`"
+        );
+    }
     let device = parse_device(a.device.as_deref())?;
-    let kind = parse_dtype(&a.dtype)?;
+    let kind = parse_dtype(a.dtype.as_deref().unwrap_or("f32"))?;
     let lr = a.lr.unwrap_or(2e-4);
     let batch_size = a.batch_size.unwrap_or(8);
     if batch_size == 0 {
