@@ -161,13 +161,7 @@ pub fn smollm2_generate(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let bf16_lm = setup(ctx, Kind::BFloat16)?;
     let codes_lm = load(ctx, Kind::BFloat16, true)?;
     let ps = prompts(&f32_lm, 8)?;
-    let pad = f32_lm
-        .model
-        .config
-        .token_ids("pad_token_id")
-        .first()
-        .copied()
-        .unwrap_or(2);
+    let pad = f32_lm.model.config.pad_token_id().unwrap_or(2);
     let opts = GenerateOptions {
         max_new_tokens: s.new_tokens,
         sampling: Sampling::Greedy,
@@ -388,13 +382,7 @@ pub fn smollm2_score(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
         .take(s.texts)
         .map(|t| Ok(encode(&lm.tokenizer, t, true)?))
         .collect::<Result<Vec<_>>>()?;
-    let pad = lm
-        .model
-        .config
-        .token_ids("pad_token_id")
-        .first()
-        .copied()
-        .unwrap_or(2);
+    let pad = lm.model.config.pad_token_id().unwrap_or(2);
     let mut hf = match ctx.python() {
         Some(py) => Some(HfLm::start(ctx, &py, &reuse_testkit::smollm2_gguf(), pad)?),
         None => None,

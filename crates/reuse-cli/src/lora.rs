@@ -165,6 +165,52 @@ pub enum Task {
 /// The run state file `reuse lora train --save-every` writes in its output folder.
 pub const RUN_STATE: &str = "run_state.safetensors";
 
+impl TrainArgs {
+    /// The run state `--save-every` / `--resume` ask for over `total` steps (`None`:
+    /// neither), with --out created when this process writes (`writes`).
+    pub(crate) fn run_state(&self, total: usize, writes: bool) -> Result<Option<RunStateConfig>> {
+        if !(self.save_every.is_some() || self.resume) {
+            return Ok(None);
+        }
+        if writes {
+            std::fs::create_dir_all(&self.out)
+                .with_context(|| format!("cannot create {}", self.out.display()))?;
+        }
+        Ok(Some(RunStateConfig {
+            path: self.out.join(RUN_STATE),
+            every: self.save_every.unwrap_or(total.max(1)),
+            params: SaveParams::Trainable,
+        }))
+    }
+
+    /// With --resume, restores the trainer from the run state in --out (a note when
+    /// there is none), printing where it resumes when `show`.
+    pub(crate) fn resume(
+        &self,
+        t: &mut Trainer,
+        model: &dyn reuse_core::Trainable,
+        techniques: &mut [&mut dyn Technique],
+        total: usize,
+        show: bool,
+    ) -> Result<()> {
+        if !self.resume {
+            return Ok(());
+        }
+        let path = self.out.join(RUN_STATE);
+        match t.resume(model, techniques)? {
+            Some(step) if show => {
+                eprintln!("resuming from step {step} of {total} ({})", path.display())
+            }
+            None if show => eprintln!(
+                "note: no run state at {}; starting from the beginning",
+                path.display()
+            ),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 pub fn run(c: Command) -> Result<()> {
     match c {
         Command::Merge(a) => merge(a),
@@ -329,15 +375,7 @@ fn train(a: TrainArgs) -> Result<()> {
     let trainable = lm.trainable_parameters().count();
     let per_epoch = train_len(&train, batch_size);
     let total = a.max_steps.unwrap_or(per_epoch * a.epochs);
-    let run_state = (a.save_every.is_some() || a.resume).then(|| RunStateConfig {
-        path: a.out.join(RUN_STATE),
-        every: a.save_every.unwrap_or(total.max(1)),
-        params: SaveParams::Trainable,
-    });
-    if run_state.is_some() && main_rank {
-        std::fs::create_dir_all(&a.out)
-            .with_context(|| format!("cannot create {}", a.out.display()))?;
-    }
+    let run_state = a.run_state(total, main_rank)?;
     let mut t = Trainer::new(TrainConfig {
         max_steps: Some(total),
         batch_size,
@@ -356,19 +394,7 @@ fn train(a: TrainArgs) -> Result<()> {
     if let Some(dp) = dp.as_mut() {
         techniques.push(dp);
     }
-    if a.resume {
-        let path = a.out.join(RUN_STATE);
-        match t.resume(&lm, &mut techniques)? {
-            Some(step) if main_rank => {
-                eprintln!("resuming from step {step} of {total} ({})", path.display())
-            }
-            None if main_rank => eprintln!(
-                "note: no run state at {}; starting from the beginning",
-                path.display()
-            ),
-            _ => {}
-        }
-    }
+    a.resume(&mut t, &lm, &mut techniques, total, main_rank)?;
     let report = match &shard {
         Some(s) => t.fit(&lm, s, None, &mut techniques)?,
         None => t.fit(&lm, &train, None, &mut techniques)?,

@@ -9,13 +9,13 @@ use reuse_core::data::labelled::{load_records, RecordOptions, RecordSplits};
 use reuse_core::data::lm::{plain_exchange, PackedText, PromptResponse};
 use reuse_core::data::BatchSource;
 use reuse_core::models::lm::LanguageModel;
-use reuse_core::trainer::{evaluate, RunStateConfig, SaveParams, Technique};
+use reuse_core::trainer::{evaluate, Technique};
 use reuse_core::{Evaluation, Model, Schedule, TrainConfig, Trainer};
 use reuse_peft::config::TargetModules;
 use reuse_peft::{LoraConfig, LoraModel};
 use tch::Device;
 
-use crate::lora::{TrainArgs, RUN_STATE};
+use crate::lora::TrainArgs;
 use crate::shared::{load_lm, parse_device, parse_dtype};
 
 /// Default longest sequence for causal-LM training (TRL's SFT `max_length`).
@@ -40,13 +40,7 @@ fn lm_data(a: &TrainArgs, lm: &LanguageModel, max_len: usize) -> Result<LmData> 
         .token_ids("eos_token_id")
         .first()
         .context("the model's config has no eos_token_id")?;
-    let pad = lm
-        .model
-        .config
-        .token_ids("pad_token_id")
-        .first()
-        .copied()
-        .unwrap_or(eos);
+    let pad = lm.model.config.pad_token_id().unwrap_or(eos);
     let columns: Vec<String> = if pairs {
         vec![
             a.prompt_column.clone().unwrap_or_else(|| "prompt".into()),
@@ -204,15 +198,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let before_dev = nll(&peft, data.dev.as_deref(), device)?;
     let per_epoch = data.train.len().div_ceil(batch_size);
     let total = a.max_steps.unwrap_or(per_epoch * a.epochs);
-    let run_state = (a.save_every.is_some() || a.resume).then(|| RunStateConfig {
-        path: a.out.join(RUN_STATE),
-        every: a.save_every.unwrap_or(total.max(1)),
-        params: SaveParams::Trainable,
-    });
-    if run_state.is_some() {
-        std::fs::create_dir_all(&a.out)
-            .with_context(|| format!("cannot create {}", a.out.display()))?;
-    }
+    let run_state = a.run_state(total, true)?;
     let mut t = Trainer::new(TrainConfig {
         max_steps: Some(total),
         batch_size,
@@ -226,16 +212,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         ..Default::default()
     });
     let mut techniques: Vec<&mut dyn Technique> = Vec::new();
-    if a.resume {
-        let path = a.out.join(RUN_STATE);
-        match t.resume(&peft, &mut techniques)? {
-            Some(step) => eprintln!("resuming from step {step} of {total} ({})", path.display()),
-            None => eprintln!(
-                "note: no run state at {}; starting from the beginning",
-                path.display()
-            ),
-        }
-    }
+    a.resume(&mut t, &peft, &mut techniques, total, true)?;
     let report = t.fit(&peft, data.train.as_ref(), None, &mut techniques)?;
     eprintln!("dev and test {} NLL...", data.what);
     let dev_nll = nll(&peft, data.dev.as_deref(), device)?;

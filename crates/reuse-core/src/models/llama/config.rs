@@ -197,6 +197,15 @@ impl LlamaConfig {
         }
     }
 
+    /// The padding token: `pad_token_id`, else the first `eos_token_id` (as transformers'
+    /// `generate` falls back), else `None`.
+    pub fn pad_token_id(&self) -> Option<i64> {
+        let pad = self.token_ids("pad_token_id");
+        pad.first()
+            .or(self.token_ids("eos_token_id").first())
+            .copied()
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         arch::for_model_type(&self.model_type)?;
         let bad = |what: &str, why: String| Err(Error::invalid(format!("config.json {what}"), why));
