@@ -65,7 +65,7 @@ pub(crate) fn at_least(a: f64, sa: f64, b: f64, sb: f64) -> bool {
 /// measures (its `CLAIMS`), next to the code that measures them.
 pub fn all() -> Vec<&'static Claim> {
     use crate::experiments::{
-        continual, core, dist, distill, grow, llm, llm_adapters, peft, quant,
+        continual, core, dist, distill, grow, llm, llm_adapters, llm_sft, peft, quant,
     };
     [
         peft::CLAIMS,
@@ -76,6 +76,7 @@ pub fn all() -> Vec<&'static Claim> {
         core::CLAIMS,
         llm::CLAIMS,
         llm_adapters::CLAIMS,
+        llm_sft::CLAIMS,
         dist::CLAIMS,
     ]
     .into_iter()

@@ -59,6 +59,9 @@ fn main() -> Result<()> {
     if let Ok(spec) = std::env::var(experiments::dist::DIST_CHILD) {
         return experiments::dist::child(&spec);
     }
+    if let Ok(spec) = std::env::var(experiments::llm_sft::SFT_CHILD) {
+        return experiments::llm_sft::child(&spec);
+    }
     if let Ok(spec) = std::env::var(experiments::llm::LOSS_CHILD) {
         return experiments::llm::loss_child(&spec);
     }

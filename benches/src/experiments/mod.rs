@@ -8,8 +8,10 @@ pub mod distill;
 pub mod grow;
 pub mod llm;
 pub mod llm_adapters;
+pub mod llm_sft;
 pub mod peft;
 pub mod quant;
+pub mod rouge;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -544,6 +546,26 @@ pub const EXPERIMENTS: &[Experiment] = &[
         sizes: &llm_adapters::MIXED_SIZES,
         quick: true,
         cpu_seconds: 150,
+    },
+    Experiment {
+        id: "peft.smollm2_summaries",
+        about: "SmolLM2 SFT on the AppStream summaries: zero-shot, LoRA (r 4 all-linear, 0.91%), full fine-tuning and QLoRA on the Q4_1 codes against PyTorch + PEFT LoRA on the same batches; test ROUGE-L and NLL, ms/step, peak RSS per arm (a process each); 3 seeds",
+        run: llm_sft::smollm2_summaries,
+        default: true,
+        gpu_sized: false,
+        sizes: &llm_sft::SUMMARIES_SIZES,
+        quick: true,
+        cpu_seconds: 900,
+    },
+    Experiment {
+        id: "peft.smollm2_summaries_dev",
+        about: "dev-only sweep behind peft.smollm2_summaries' learning rates: LoRA and full fine-tuning, seed 0, dev NLL (only with --only)",
+        run: llm_sft::smollm2_summaries_dev,
+        default: false,
+        gpu_sized: false,
+        sizes: &llm_sft::SUMMARIES_SIZES,
+        quick: true,
+        cpu_seconds: 600,
     },
     Experiment {
         id: "dist.lora_step",
