@@ -48,7 +48,7 @@ const EVAL_BATCH: usize = 8;
 /// Learning rates chosen on dev by `peft.smollm2_summaries_dev` (see
 /// benches/sweeps/smollm2_summaries_dev.md): LoRA (reuse's, PEFT's and QLoRA's) and
 /// full fine-tuning.
-const LORA_LR: f64 = 8e-3;
+const LORA_LR: f64 = 4e-3;
 const FULL_LR: f64 = 1e-4;
 
 /// `peft.smollm2_summaries`' sizes.
@@ -82,9 +82,9 @@ pub(super) const SUMMARIES_SIZES: Sizes<SumSizes> = Sizes {
     },
     cpu: Some(SumSizes {
         steps: 8,
-        batch: 8,
+        batch: 4,
         max_prompt: 128,
-        test: 40,
+        test: 32,
     }),
     full: SumSizes {
         steps: 100,
