@@ -1,7 +1,7 @@
 """PyTorch + PEFT's arm of `peft.smollm2_summaries` (benches/src/experiments/llm_sft.rs).
 
-Loads the GGUF with AutoModelForCausalLM.from_pretrained(dir, gguf_file=name,
-dtype=float32), wraps it with get_peft_model(LoraConfig(r, alpha, dropout,
+Loads the model folder the Rust side wrote from the GGUF (f32; transformers loads it with
+the GGUF's logits) with AutoModelForCausalLM.from_pretrained(dir, dtype=float32), wraps it with get_peft_model(LoraConfig(r, alpha, dropout,
 target_modules="all-linear", task_type="CAUSAL_LM")), and trains it on the token ids the
 Rust side wrote (--spec names them and the batch order reuse's trainer draws), in the
 same way: right-padded batches, labels -100 on the prompt and padding, AdamW (betas
@@ -14,7 +14,6 @@ parameters, losses.
 """
 import argparse
 import json
-import os
 import resource
 import time
 
@@ -23,7 +22,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
 p = argparse.ArgumentParser()
-p.add_argument("--gguf", required=True)
+p.add_argument("--model", required=True)
 p.add_argument("--spec", required=True)
 p.add_argument("--threads", type=int, default=0)
 p.add_argument("--r", type=int, default=4)
@@ -44,8 +43,7 @@ spec = json.load(open(a.spec))
 data = json.load(open(spec["data"]))
 dev = torch.device("cuda" if spec["cuda"] else "cpu")
 torch.manual_seed(spec["seed"])
-d, name = os.path.split(os.path.abspath(a.gguf))
-base = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).to(dev)
+base = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(dev)
 parameters = sum(t.numel() for t in base.parameters())
 model = get_peft_model(base, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
                                         target_modules="all-linear", task_type="CAUSAL_LM"))

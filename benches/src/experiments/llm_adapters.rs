@@ -33,7 +33,11 @@ pub(super) const MIXED_SIZES: Sizes<MixedSizes> = Sizes {
         new_tokens: 4,
         rounds: 1,
     },
-    cpu: None,
+    // The plain CPU run: half the tokens, so the whole run keeps under an hour.
+    cpu: Some(MixedSizes {
+        new_tokens: 16,
+        rounds: 3,
+    }),
     full: MixedSizes {
         new_tokens: 32,
         rounds: 3,

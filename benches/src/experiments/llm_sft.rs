@@ -44,7 +44,7 @@ const DROPOUT: f64 = 0.05;
 /// Greedy summaries: at most this many new tokens (the issue's 24).
 const NEW_TOKENS: usize = 24;
 /// Batch of the NLL evaluation and of generation.
-const EVAL_BATCH: usize = 8;
+const EVAL_BATCH: usize = 16;
 /// Learning rates chosen on dev by `peft.smollm2_summaries_dev` (see
 /// benches/sweeps/smollm2_summaries_dev.md): LoRA (reuse's, PEFT's and QLoRA's) and
 /// full fine-tuning.
@@ -365,7 +365,7 @@ fn run_arm(ctx: &Ctx, run: &ArmRun) -> Result<ArmResult> {
         std::fs::write(&spec_file, &spec)?;
         Command::new(py)
             .arg(ctx.root.join("benches/python/peft_sft.py"))
-            .args(["--gguf".as_ref(), reuse_testkit::smollm2_gguf().as_os_str()])
+            .args(["--model".as_ref(), hf_folder(ctx).as_os_str()])
             .args(["--spec".as_ref(), spec_file.as_os_str()])
             .args(["--threads", &tch::get_num_threads().to_string()])
             .args(["--r", &R.to_string(), "--alpha", &ALPHA.to_string()])
@@ -418,6 +418,14 @@ fn rouge(
     Ok((mean(&scores), texts))
 }
 
+/// Where the parent writes the GGUF as a Hugging Face folder (f32, dequantized as reuse
+/// loads it) for the PEFT arm: transformers loads that folder with the GGUF's logits
+/// (`crates/reuse-cli/tests/lm.rs`), in seconds rather than the half minute its own
+/// GGUF dequantization takes.
+fn hf_folder(ctx: &Ctx) -> PathBuf {
+    ctx.report_dir().join("smollm2_summaries_hf")
+}
+
 fn data_file(ctx: &Ctx, data: &SftData) -> Result<PathBuf> {
     let dir = ctx.report_dir();
     std::fs::create_dir_all(&dir)?;
@@ -453,6 +461,8 @@ pub fn smollm2_summaries(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let n_test = s.test.min(data.test.len());
     let refs = &test_refs[..n_test];
     let file = data_file(ctx, &data)?;
+    lm.save_folder(&hf_folder(ctx), true)
+        .context("writing the model folder for the PEFT arm")?;
     let base = |arm: &str, seed: u64, lr: f64| -> Result<ArmRun> {
         Ok(ArmRun {
             arm: arm.into(),
@@ -591,7 +601,8 @@ pub fn smollm2_summaries(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                  all-linear, f32 base dequantized from the GGUF); `qlora` (the same LoRA on the \
                  GGUF's Q4_1 codes kept as weight storage, f32 activations, the weight rebuilt in \
                  backward); `full` (every weight, f32); `peft` (PyTorch + PEFT {R}/{ALPHA}/{DROPOUT} \
-                 all-linear on transformers' f32 load of the same GGUF, the same batches in the same \
+                 all-linear on transformers' f32 load of the same weights, the GGUF written once as a \
+                 Hugging Face folder by reuse's `convert` path, the same batches in the same \
                  order, benches/python/peft_sft.py). Each trained arm: {} steps of batch {}, AdamW \
                  (betas 0.9/0.999, eps 1e-8, no weight decay), linear schedule with 10% warmup, lr \
                  {LORA_LR} for the LoRA arms and {FULL_LR} for full fine-tuning (chosen on dev by \
