@@ -106,6 +106,9 @@ pub(super) const SUMMARIES_SIZES: Sizes<SumSizes> = Sizes {
 /// The environment variable that makes the bench binary one arm's child run.
 pub const SFT_CHILD: &str = "REUSE_BENCH_SFT_CHILD";
 
+/// Examples as `(ids, prompt_len)`.
+type Rows = Vec<(Vec<i64>, usize)>;
+
 /// The token ids both sides train and score on (written once per run as JSON).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SftData {
@@ -319,7 +322,7 @@ fn build_data(
         .chat
         .as_ref()
         .context("SmolLM2's GGUF has no chat template")?;
-    let make = |rows: &[Vec<String>]| -> Result<(Vec<(Vec<i64>, usize)>, Vec<String>)> {
+    let make = |rows: &[Vec<String>]| -> Result<(Rows, Vec<String>)> {
         let mut out = (Vec::new(), Vec::new());
         for r in rows {
             let (ids, p) = chat.exchange(
