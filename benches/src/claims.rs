@@ -206,8 +206,10 @@ mod tests {
                 0.1
             } else if k.contains("speedup") || k == "flops_saving" {
                 3.0
-            } else if k.contains("fraction") {
+            } else if k.contains("fraction") || k.ends_with("trainable_share") {
                 0.005
+            } else if k.contains("_over_") && (k.contains("step_time") || k.contains("peak_rss")) {
+                0.5
             } else if k.starts_with("scratch.final_loss") && !k.ends_with("_sd") {
                 6.1
             } else if k.starts_with("grown.final_loss") && !k.ends_with("_sd") {

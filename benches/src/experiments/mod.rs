@@ -653,6 +653,9 @@ mod tests {
                 "continual.minilm_sections",
                 "quant.qlora",
                 "quant.distill_plus_quant",
+                "peft.smollm2_mixed_adapters",
+                "peft.smollm2_summaries",
+                "peft.smollm2_summaries_dev",
             ]
         );
     }
