@@ -132,7 +132,7 @@ struct ArmRun {
     lr: f64,
     /// `test` or `dev`: which split is scored and summarised.
     split: String,
-    /// Examples of that split scored (NLL) and summarised (0: no summaries).
+    /// Examples of that split scored (NLL) and, when `generate`, summarised.
     eval: usize,
     generate: bool,
     /// The batches the trainer draws (`epoch_batches`), for the Python side to replay.
