@@ -1,5 +1,5 @@
-//! `reuse distill cache`: run a teacher classifier once over a dataset and store its
-//! outputs as a teacher cache (reuse-distill's format).
+//! `reuse distill cache`: run a teacher (a classifier, or a causal LM per token) once
+//! over a dataset and store its outputs as a teacher cache (reuse-distill's format).
 
 use std::path::PathBuf;
 
@@ -28,7 +28,16 @@ pub enum Command {
     /// modules_to_save) as --teacher, on the base model named by --base or else by the
     /// adapter's base_model_name_or_path; or the base model folder as --teacher with
     /// --adapter DIR.
+    ///
+    /// Or a causal LM (a .gguf file or a Llama-family folder, --adapter merged): its
+    /// top-k next-token log-probabilities at every token of --data, read as
+    /// `reuse distill lm --texts` reads it (the same options make the same examples),
+    /// for `reuse distill lm --cache`.
     Cache(Box<CacheArgs>),
+    /// A smaller causal LM: cut blocks from the teacher (or take --student), train them
+    /// by token-level KD (forward / reverse KL or JSD, mixed with next-token
+    /// cross-entropy) from the live teacher or its cache, write a Hugging Face folder.
+    Lm(Box<crate::distill_lm::LmArgs>),
     /// A smaller sentence-embedding model: cut layers from the teacher, train them to give
     /// its embeddings on unlabeled text, write a sentence-transformers folder.
     Embed(Box<crate::distill_embed::Args>),
@@ -68,7 +77,8 @@ pub struct CacheArgs {
     /// base_model_name_or_path).
     #[arg(long)]
     base: Option<PathBuf>,
-    /// The teacher's adapter folder, when --teacher is its base model folder.
+    /// The teacher's adapter folder, when --teacher is its base model folder (a causal
+    /// LM teacher: merged into it).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The examples: labelled text read as `reuse lora train --data` reads it (.tsv,
@@ -87,6 +97,18 @@ pub struct CacheArgs {
     /// Seed of the dev/test hold-out.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Causal LM teacher: the prompt column of prompt / response pairs.
+    #[arg(long)]
+    prompt_column: Option<String>,
+    /// Causal LM teacher: the response column of prompt / response pairs.
+    #[arg(long)]
+    response_column: Option<String>,
+    /// Causal LM teacher: render pairs through its chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Causal LM teacher: a system message for --chat.
+    #[arg(long)]
+    system: Option<String>,
     /// The split of labelled --data to cache: train, dev, test, or all (train, dev and
     /// test in that order). Unlabelled text is cached whole.
     #[arg(long, default_value = "train")]
@@ -95,7 +117,7 @@ pub struct CacheArgs {
     #[arg(long)]
     out: PathBuf,
     /// Store the top-K log-probabilities (at T = 1) and their class indices instead of
-    /// the full logits.
+    /// the full logits (a causal LM teacher: default 64, at most 128 advised).
     #[arg(long, value_name = "K")]
     top_k: Option<usize>,
     /// Storage type of the cached values: f32, f16 or bf16 (default: f16 with --top-k,
@@ -108,9 +130,10 @@ pub struct CacheArgs {
     /// The distillation temperature to record with the cache (values are stored at T = 1).
     #[arg(long, default_value_t = 1.0)]
     temperature: f64,
-    /// Longest token sequence kept.
-    #[arg(long, default_value_t = 64)]
-    max_len: usize,
+    /// Longest token sequence kept (default 64; a causal LM teacher: 512, the block
+    /// size of packed text, as `distill lm`).
+    #[arg(long)]
+    max_len: Option<usize>,
     /// Examples per teacher forward pass.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -124,7 +147,9 @@ pub struct CacheArgs {
 
 pub fn run(c: Command) -> Result<()> {
     match c {
+        Command::Cache(a) if crate::shared::is_causal_lm(&a.teacher) => cache_lm(*a),
         Command::Cache(a) => cache(*a),
+        Command::Lm(a) => crate::distill_lm::run(*a),
         Command::Embed(a) => crate::distill_embed::run(*a),
         Command::TrimVocab(a) => trim_vocab(a),
     }
@@ -221,7 +246,7 @@ fn load_teacher(a: &CacheArgs, device: Device, texts: &TextDataset) -> Result<Lo
     model
         .load_adapter_from(config, &ck, &weights, "default")
         .with_context(|| format!("cannot apply the adapter {}", adapter.display()))?;
-    let data = TokenizedDataset::new(&enc.tokenizer, texts, a.max_len)?;
+    let data = TokenizedDataset::new(&enc.tokenizer, texts, a.max_len.unwrap_or(64))?;
     Ok(LoadedTeacher {
         model,
         data,
@@ -322,8 +347,117 @@ fn cache(a: CacheArgs) -> Result<()> {
             );
         }
     }
-    let data = &teacher.data;
+    let manifest = build(&a, &teacher.model, &teacher.data, &cfg, device)?;
+    let Some(manifest) = manifest else {
+        return Ok(());
+    };
+    let n = teacher.data.len();
+    let total = manifest.total_bytes();
+    println!(
+        "cached {n} examples in {} shards to {}: {:.1} bytes per example ({total} bytes); \
+         teacher {}, dataset {}",
+        manifest.shards.len(),
+        a.out.display(),
+        total as f64 / n as f64,
+        short(&manifest.spec.teacher_fingerprint),
+        short(&manifest.spec.dataset_fingerprint),
+    );
+    Ok(())
+}
+
+/// A causal LM teacher's per-token top-k cache over `--data` (see [`Command::Cache`]).
+fn cache_lm(a: CacheArgs) -> Result<()> {
+    if a.base.is_some() || a.pooled {
+        bail!("--base and --pooled are for classifier teachers; a causal LM teacher is the .gguf or model folder itself (with --adapter to merge)");
+    }
+    let device = parse_device(a.device.as_deref())?;
+    let cfg = CacheConfig {
+        top_k: Some(a.top_k.unwrap_or(64)),
+        dtype: parse_dtype(a.dtype.as_deref().unwrap_or("f16"))?,
+        per_token: true,
+        pooled: false,
+        shard_size: a.shard_size,
+        temperature: a.temperature,
+    };
+    cfg.validate()?;
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let adapters: Vec<PathBuf> = a.adapter.iter().cloned().collect();
+    let teacher = crate::distill_lm::load_teacher(&a.teacher, &adapters, device, Kind::Float)?;
+    let vocab = teacher.model.config.vocab_size as usize;
+    let k = cfg.top_k.expect("set");
+    if k > vocab {
+        bail!("--top-k {k} exceeds the teacher's vocabulary of {vocab} tokens");
+    }
+    let spec = crate::lora_lm::LmDataSpec {
+        data: &a.data,
+        format: a.format.as_deref(),
+        prompt_column: a.prompt_column.as_deref(),
+        response_column: a.response_column.as_deref(),
+        text_column: &a.columns.text_column,
+        split_column: a.columns.split_column.as_deref(),
+        dev_fraction: a.columns.dev_fraction,
+        test_fraction: a.columns.test_fraction,
+        seed: a.seed,
+        chat: a.chat,
+        system: a.system.as_deref(),
+        model: &a.teacher,
+    };
+    let max_len = a.max_len.unwrap_or(crate::distill_lm::MAX_LEN);
+    let sets = crate::lora_lm::lm_data(&spec, &teacher, max_len)?;
+    let data: Box<dyn BatchSource> = match a.split.as_str() {
+        "train" => sets.train,
+        "dev" | "validation" => sets.dev.context("--split dev: the data has no dev rows")?,
+        "test" => sets
+            .test
+            .context("--split test: the data has no test rows")?,
+        other => {
+            bail!("--split: a causal LM cache is of one split: train, dev or test, found `{other}`")
+        }
+    };
+    let manifest = build(&a, &teacher.model, data.as_ref(), &cfg, device)?;
+    let Some(manifest) = manifest else {
+        return Ok(());
+    };
     let n = data.len();
+    let tokens = token_count(data.as_ref(), device)?;
+    let total = manifest.total_bytes();
+    println!(
+        "cached the teacher's top-{k} at {tokens} tokens of {n} examples in {} shards to {}: \
+         {:.1} bytes per token ({total} bytes); teacher {}, dataset {}",
+        manifest.shards.len(),
+        a.out.display(),
+        total as f64 / tokens.max(1) as f64,
+        short(&manifest.spec.teacher_fingerprint),
+        short(&manifest.spec.dataset_fingerprint),
+    );
+    Ok(())
+}
+
+/// Real (unpadded) tokens of `data`.
+fn token_count(data: &dyn BatchSource, device: Device) -> Result<i64> {
+    let mut n = 0;
+    for idx in reuse_core::data::epoch_batches(data.len(), 64, None, 0) {
+        let b = data.batch(&idx, device)?;
+        n += match (&b.mask, b.padded) {
+            (Some(m), true) => m.sum(Kind::Int64).int64_value(&[]),
+            _ => b.inputs.numel() as i64,
+        };
+    }
+    Ok(n)
+}
+
+/// Builds the cache of `teacher` over `data` into `--out`, split between ranks when
+/// launched as several processes; the manifest on the process that wrote it (`None` on
+/// the other ranks).
+fn build(
+    a: &CacheArgs,
+    teacher: &dyn reuse_distill::Teacher,
+    data: &dyn BatchSource,
+    cfg: &CacheConfig,
+    device: Device,
+) -> Result<Option<reuse_distill::CacheManifest>> {
     let report = |rank: Option<usize>| {
         move |p: reuse_distill::cache::BuildProgress<'_>| {
             let what = if p.reused { "kept" } else { "written" };
@@ -350,10 +484,10 @@ fn cache(a: CacheArgs) -> Result<()> {
             world: g.world_size(),
         };
         let built = build_cache_part(
-            &teacher.model,
+            teacher,
             data,
             &a.out,
-            &cfg,
+            cfg,
             a.batch_size,
             device,
             part,
@@ -382,30 +516,20 @@ fn cache(a: CacheArgs) -> Result<()> {
             );
         }
         if !g.is_main() {
-            return Ok(());
+            return Ok(None);
         }
     }
     let manifest = build_cache_with_progress(
-        &teacher.model,
+        teacher,
         data,
         &a.out,
-        &cfg,
+        cfg,
         a.batch_size,
         device,
         &mut report(None),
     )
     .with_context(|| format!("cannot build the teacher cache in {}", a.out.display()))?;
-    let total = manifest.total_bytes();
-    println!(
-        "cached {n} examples in {} shards to {}: {:.1} bytes per example ({total} bytes); \
-         teacher {}, dataset {}",
-        manifest.shards.len(),
-        a.out.display(),
-        total as f64 / n as f64,
-        short(&manifest.spec.teacher_fingerprint),
-        short(&manifest.spec.dataset_fingerprint),
-    );
-    Ok(())
+    Ok(Some(manifest))
 }
 
 fn short(h: &str) -> &str {

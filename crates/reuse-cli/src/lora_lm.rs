@@ -24,15 +24,54 @@ const MAX_LEN: usize = 1024;
 const EVAL_BATCH: usize = 8;
 
 /// The training, dev and test sets of a causal-LM run.
-struct LmData {
-    train: Box<dyn BatchSource>,
-    dev: Option<Box<dyn BatchSource>>,
-    test: Option<Box<dyn BatchSource>>,
-    what: &'static str,
+pub(crate) struct LmData {
+    pub(crate) train: Box<dyn BatchSource>,
+    pub(crate) dev: Option<Box<dyn BatchSource>>,
+    pub(crate) test: Option<Box<dyn BatchSource>>,
+    /// `token` (packed text) or `response` (pairs): what the NLL is over.
+    pub(crate) what: &'static str,
+}
+
+/// How a causal-LM command reads its data: the options `lora train --task causal-lm`,
+/// `distill lm` and `distill cache` share, so that a teacher cache and the student that
+/// reads it see the same examples.
+pub(crate) struct LmDataSpec<'a> {
+    pub(crate) data: &'a std::path::Path,
+    pub(crate) format: Option<&'a str>,
+    pub(crate) prompt_column: Option<&'a str>,
+    pub(crate) response_column: Option<&'a str>,
+    pub(crate) text_column: &'a str,
+    pub(crate) split_column: Option<&'a str>,
+    pub(crate) dev_fraction: f64,
+    pub(crate) test_fraction: f64,
+    pub(crate) seed: u64,
+    pub(crate) chat: bool,
+    pub(crate) system: Option<&'a str>,
+    /// The model file, for messages.
+    pub(crate) model: &'a std::path::Path,
+}
+
+impl<'a> LmDataSpec<'a> {
+    fn of_train_args(a: &'a TrainArgs) -> Self {
+        Self {
+            data: &a.data,
+            format: a.format.as_deref(),
+            prompt_column: a.prompt_column.as_deref(),
+            response_column: a.response_column.as_deref(),
+            text_column: &a.columns.text_column,
+            split_column: a.columns.split_column.as_deref(),
+            dev_fraction: a.columns.dev_fraction,
+            test_fraction: a.columns.test_fraction,
+            seed: a.seed,
+            chat: a.chat,
+            system: a.system.as_deref(),
+            model: &a.model,
+        }
+    }
 }
 
 /// Pairs (`--prompt-column` / `--response-column`) or packed text (`--text-column`).
-fn lm_data(a: &TrainArgs, lm: &LanguageModel, max_len: usize) -> Result<LmData> {
+pub(crate) fn lm_data(a: &LmDataSpec<'_>, lm: &LanguageModel, max_len: usize) -> Result<LmData> {
     let pairs = a.prompt_column.is_some() || a.response_column.is_some();
     let eos = *lm
         .model
@@ -43,23 +82,21 @@ fn lm_data(a: &TrainArgs, lm: &LanguageModel, max_len: usize) -> Result<LmData> 
     let pad = lm.model.config.pad_token_id().unwrap_or(eos);
     let columns: Vec<String> = if pairs {
         vec![
-            a.prompt_column.clone().unwrap_or_else(|| "prompt".into()),
-            a.response_column
-                .clone()
-                .unwrap_or_else(|| "response".into()),
+            a.prompt_column.unwrap_or("prompt").into(),
+            a.response_column.unwrap_or("response").into(),
         ]
     } else {
-        vec![a.columns.text_column.clone()]
+        vec![a.text_column.into()]
     };
     let opts = RecordOptions {
-        format: a.format.as_deref().map(str::parse).transpose()?,
+        format: a.format.map(str::parse).transpose()?,
         columns,
-        split_column: a.columns.split_column.clone(),
-        dev_fraction: a.columns.dev_fraction,
-        test_fraction: a.columns.test_fraction,
+        split_column: a.split_column.map(String::from),
+        dev_fraction: a.dev_fraction,
+        test_fraction: a.test_fraction,
         seed: a.seed,
     };
-    let RecordSplits { train, dev, test } = load_records(&a.data, &opts)
+    let RecordSplits { train, dev, test } = load_records(a.data, &opts)
         .with_context(|| format!("cannot read --data {}", a.data.display()))?;
     if !pairs {
         if a.chat || a.system.is_some() {
@@ -102,7 +139,7 @@ fn lm_data(a: &TrainArgs, lm: &LanguageModel, max_len: usize) -> Result<LmData> 
         let ids = rows
             .iter()
             .map(|r| match chat {
-                Some(t) => t.exchange(&lm.tokenizer, a.system.as_deref(), &r[0], &r[1]),
+                Some(t) => t.exchange(&lm.tokenizer, a.system, &r[0], &r[1]),
                 None => plain_exchange(&lm.tokenizer, &r[0], &r[1], eos),
             })
             .collect::<reuse_core::Result<Vec<_>>>()?;
@@ -123,7 +160,7 @@ fn lm_data(a: &TrainArgs, lm: &LanguageModel, max_len: usize) -> Result<LmData> 
 }
 
 /// Mean token NLL of `data` (`None` when there is none).
-fn nll(
+pub(crate) fn nll(
     model: &dyn reuse_core::Trainable,
     data: Option<&dyn BatchSource>,
     device: Device,
@@ -167,7 +204,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         Some(m) => m,
         None => MAX_LEN.min(context),
     };
-    let data = lm_data(a, &lm, max_len)?;
+    let data = lm_data(&LmDataSpec::of_train_args(a), &lm, max_len)?;
     tch::manual_seed(a.seed as i64);
     let LanguageModel { model, .. } = lm;
     let base_params: i64 = model.params().count() as i64;

@@ -32,6 +32,7 @@ mod columns;
 mod convert;
 mod distill;
 mod distill_embed;
+mod distill_lm;
 mod embed;
 mod generate;
 mod grow;

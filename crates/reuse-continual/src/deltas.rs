@@ -217,4 +217,8 @@ impl<M: Trainable> Trainable for TaskDeltas<M> {
     fn loss(&self, out: &StepOutputs, batch: &Batch) -> Result<Tensor> {
         self.inner.borrow().loss(out, batch)
     }
+
+    fn predicts_next_token(&self) -> bool {
+        self.inner.borrow().predicts_next_token()
+    }
 }

@@ -313,6 +313,13 @@ pub trait Trainable: Model {
     fn loss(&self, out: &StepOutputs, batch: &Batch) -> Result<Tensor> {
         cross_entropy(&out.logits, &batch.labels)
     }
+    /// Whether the logits at position `j` predict the label at position `j + 1` (a
+    /// causal LM's next-token objective), so that a technique comparing per-token
+    /// outputs with another model's (distillation) scores positions `0..t-1` against
+    /// the labelled targets `labels[:, 1:]`. Default: false (logits and labels line up).
+    fn predicts_next_token(&self) -> bool {
+        false
+    }
     /// The figure the trainer reports on an eval set (eval mode, no gradient), when the
     /// model chooses its own: causal LMs report mean token NLL. `None` (the default):
     /// accuracy, for classifiers. Callers use [`crate::trainer::evaluate`].

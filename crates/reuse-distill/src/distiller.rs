@@ -12,10 +12,21 @@
 //! example indices the batch carries; and the `F_i` are optional hidden-state terms
 //! (MSE or cosine, through a [`LayerMap`]) against a live teacher.
 //!
+//! # Causal LMs
+//!
+//! With per-token logits `[b, t, vocab]` (a causal LM student, [`reuse_core::Trainable::predicts_next_token`]),
+//! KD is token-level as TRL's GKD trainer and DistillKit compute it: position `j`'s
+//! distributions (teacher's and student's alike predict token `j + 1`) are compared at
+//! every labelled target, i.e. where `labels[:, j + 1]` is not -100 (prompt tokens of a
+//! prompt/response pair and right padding are not), and the divergence is averaged over
+//! those tokens. A cached teacher's per-token rows are read by example index and cut or
+//! padded to the batch's length, then shifted the same way.
+//!
 //! Before the first step ([`Technique::begin_task`]) the student and the teacher each
 //! run on two examples of the training data: different class counts, different
 //! vocabularies (word-embedding rows) or a layer map past either model's depth are an
-//! error there, before any training.
+//! error there, before any training. Whether the tokens themselves agree (not only their
+//! count) is a tokenizer question: [`crate::lm::check_same_vocabulary`].
 
 use reuse_core::data::Batch;
 use reuse_core::trainer::{StepContext, StepOutputs, TaskContext};
@@ -67,6 +78,9 @@ pub struct Distiller<'t> {
     pub tail: TopKTail,
     /// Hidden-state terms (live teachers only).
     pub hidden: Vec<HiddenTerm>,
+    /// Whether the student's per-token logits predict the next token (read from the
+    /// student at [`Technique::begin_task`]).
+    next_token: Option<bool>,
 }
 
 impl<'t> Distiller<'t> {
@@ -85,6 +99,7 @@ impl<'t> Distiller<'t> {
             alpha,
             tail: TopKTail::default(),
             hidden: Vec::new(),
+            next_token: None,
         })
     }
 
@@ -103,6 +118,7 @@ impl<'t> Distiller<'t> {
     fn teacher_options(&self) -> ForwardOptions {
         ForwardOptions {
             hidden_states: !self.hidden.is_empty(),
+            logits: true,
             ..Default::default()
         }
     }
@@ -110,18 +126,28 @@ impl<'t> Distiller<'t> {
     /// The KD loss (unweighted) and the teacher's outputs, for a batch the student gave
     /// `out` for.
     fn kd_term(&self, batch: &Batch, out: &StepOutputs) -> Result<(Tensor, Option<StepOutputs>)> {
+        let tokens = self.token_alignment(batch, &out.logits)?;
+        // The student's logits, the teacher's per-row tensors and the mask, lined up.
+        let align = |t: &Tensor| -> Tensor {
+            match &tokens {
+                Some((len, _)) => fit_len(t, *len),
+                None => t.shallow_clone(),
+            }
+        };
+        let mask = tokens.as_ref().map(|(_, m)| m);
+        let student = align(&out.logits);
         match &self.source {
             TeacherSource::Live(t) => {
                 let tout = t.teach(batch, self.teacher_options())?;
-                let loss = kd_loss(&out.logits, &tout.logits, None, &self.kd)?;
+                let loss = kd_loss(&student, &align(&tout.logits), mask, &self.kd)?;
                 Ok((loss, Some(tout)))
             }
             TeacherSource::Cached(c) => {
                 let got = c.lookup(&batch.indices, out.logits.device())?;
                 let loss = match (&got.logits, &got.topk_logprobs, &got.topk_indices) {
-                    (Some(l), _, _) => kd_loss(&out.logits, l, None, &self.kd)?,
+                    (Some(l), _, _) => kd_loss(&student, &align(l), mask, &self.kd)?,
                     (None, Some(v), Some(i)) => {
-                        topk_kd_loss(&out.logits, v, i, None, &self.kd, self.tail)?
+                        topk_kd_loss(&student, &align(v), &align(i), mask, &self.kd, self.tail)?
                     }
                     _ => {
                         return Err(Error::invalid(
@@ -133,6 +159,42 @@ impl<'t> Distiller<'t> {
                 Ok((loss, None))
             }
         }
+    }
+
+    /// For per-token logits `[b, t, C]`: how many positions take part (`t - 1` when the
+    /// student predicts the next token, else `t`) and which of them count (a labelled
+    /// target, inside the batch's mask). `None` for per-example logits.
+    fn token_alignment(&self, batch: &Batch, logits: &Tensor) -> Result<Option<(i64, Tensor)>> {
+        if logits.dim() != 3 {
+            return Ok(None);
+        }
+        let next = self.next_token.ok_or_else(|| {
+            Error::invalid(
+                "distillation",
+                "per-token logits before Trainer::begin_task: begin_task reads whether the \
+                 student predicts the next token (a causal LM), which decides which \
+                 positions are compared",
+            )
+        })?;
+        let size = logits.size();
+        let labels = &batch.labels;
+        if labels.size() != size[..2] {
+            return Err(Error::invalid(
+                "distillation labels",
+                format!(
+                    "per-token logits {size:?} need token labels [batch, tokens] = {:?}, \
+                     found {:?}",
+                    &size[..2],
+                    labels.size()
+                ),
+            ));
+        }
+        let (start, len) = if next { (1, size[1] - 1) } else { (0, size[1]) };
+        let mut mask = labels.narrow(1, start, len).ne(-100);
+        if let (true, Some(m)) = (batch.padded, &batch.mask) {
+            mask = mask.logical_and(&m.narrow(1, start, len).ne(0));
+        }
+        Ok(Some((len, mask.to_device(logits.device()))))
     }
 
     /// The student's and the teacher's class counts, vocabularies and depths agree
@@ -198,6 +260,7 @@ impl Technique for Distiller<'_> {
     }
 
     fn begin_task(&mut self, ctx: &TaskContext<'_>) -> Result<()> {
+        self.next_token = Some(ctx.model.predicts_next_token());
         self.check(ctx)
     }
 
@@ -236,6 +299,19 @@ impl Technique for Distiller<'_> {
         }
         Ok(Some(total))
     }
+}
+
+/// The first `len` positions of a per-token tensor `[b, l, ..]`, zero-padded when `l`
+/// is shorter (a cached row stored at its own length).
+fn fit_len(t: &Tensor, len: i64) -> Tensor {
+    let have = t.size()[1];
+    if have >= len {
+        return t.narrow(1, 0, len);
+    }
+    let mut pad = vec![0i64; 2 * (t.dim() - 1)];
+    let last = pad.len() - 1;
+    pad[last] = len - have;
+    t.constant_pad_nd(pad.as_slice())
 }
 
 fn hidden<'a>(states: &'a [Tensor], i: usize, who: &str) -> Result<&'a Tensor> {

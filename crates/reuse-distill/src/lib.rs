@@ -14,6 +14,10 @@
 //! - [`student`]: students cut from their teacher (embeddings plus chosen layers), saved
 //!   as model folders Hugging Face loads; [`embed`]: a smaller sentence-embedding model
 //!   trained to match its teacher's embeddings.
+//! - [`lm`]: causal-LM students cut from a Llama-family teacher (any subset of its
+//!   blocks) and written as Hugging Face folders, and the same-vocabulary check
+//!   token-level KD needs; the [`Distiller`] does token-level KD on causal LMs (the
+//!   next-token shift, prompt and padding masks).
 //! - [`vocab`]: vocabulary trimming, the embedding table cut to the tokens a domain's
 //!   text uses (most of a small student's bytes are that table).
 //!
@@ -48,6 +52,7 @@ pub mod cache;
 pub mod distiller;
 pub mod embed;
 pub mod features;
+pub mod lm;
 pub mod losses;
 pub mod student;
 pub mod teacher;

@@ -24,7 +24,7 @@
 
 use std::path::Path;
 
-use reuse_core::models::bert::{layer_of, layer_path};
+use reuse_core::models::arch::{Architecture, BERT};
 use reuse_core::models::folder::write_model_folder;
 pub use reuse_core::models::folder::{check_out, SHARED_FILES};
 use reuse_core::models::{Bert, BertConfig};
@@ -76,12 +76,42 @@ pub fn check_layers(layers: &[usize], depth: usize) -> Result<()> {
 /// with weights stored in a form the loader cannot rebuild (quantized).
 pub fn cut_layers(teacher: &Bert, layers: &[usize]) -> Result<Bert> {
     check_layers(layers, teacher.layers.len())?;
-    let mut state = teacher.state_dict();
-    if let Some((extra, _)) = teacher
-        .named_parameters()
-        .into_iter()
-        .find(|(n, _)| state.get(n).is_none())
-    {
+    let mut ck = cut_blocks(
+        &BERT,
+        teacher.state_dict(),
+        &teacher.named_parameters(),
+        layers,
+    )?;
+    let mut config = teacher.config.clone();
+    config.num_hidden_layers = layers.len() as i64;
+    let student = Bert::from_checkpoint(config, &mut ck, teacher.device(), teacher.kind())?;
+    if let Some(left) = ck.names().next() {
+        return Err(Error::invalid(
+            "teacher",
+            format!("tensor `{left}` has no place in a plain BERT student (quantized weights?)"),
+        ));
+    }
+    Ok(student)
+}
+
+/// The tensors of a student cut from `state` (a teacher's base weights by Hugging Face
+/// name) as the family's description `arch` lays its blocks out: block `layers[k]`
+/// becomes block `k` (`{layer_prefix}.{k}.*`), the other blocks are left out, and every
+/// tensor outside the blocks (embeddings, final norm, head, pooler) is kept as it is.
+/// `layers` must already be checked ([`check_layers`]). `params` are the teacher's
+/// parameters: one that `state` lacks is an adapter or other delta, which a student
+/// cannot carry.
+///
+/// # Errors
+/// A parameter of `params` that is not among the base weights (named, with the advice
+/// to merge it first).
+pub fn cut_blocks(
+    arch: &Architecture,
+    mut state: Checkpoint,
+    params: &[(String, tch::Tensor)],
+    layers: &[usize],
+) -> Result<Checkpoint> {
+    if let Some((extra, _)) = params.iter().find(|(n, _)| state.get(n).is_none()) {
         return Err(Error::invalid(
             "teacher",
             format!(
@@ -94,10 +124,10 @@ pub fn cut_layers(teacher: &Bert, layers: &[usize]) -> Result<Bert> {
     let names: Vec<String> = state.names().map(String::from).collect();
     for name in names {
         let t = state.remove(&name).expect("listed");
-        match layer_of(&name) {
+        match arch.layer_of(&name) {
             Some((idx, tail)) => {
                 if let Some(new) = layers.iter().position(|&l| l == idx) {
-                    ck.insert(layer_path(new, tail), t);
+                    ck.insert(arch.layer_path(new, tail), t);
                 }
             }
             None => {
@@ -105,16 +135,7 @@ pub fn cut_layers(teacher: &Bert, layers: &[usize]) -> Result<Bert> {
             }
         }
     }
-    let mut config = teacher.config.clone();
-    config.num_hidden_layers = layers.len() as i64;
-    let student = Bert::from_checkpoint(config, &mut ck, teacher.device(), teacher.kind())?;
-    if let Some(left) = ck.names().next() {
-        return Err(Error::invalid(
-            "teacher",
-            format!("tensor `{left}` has no place in a plain BERT student (quantized weights?)"),
-        ));
-    }
-    Ok(student)
+    Ok(ck)
 }
 
 /// Writes `student` as a complete model folder at `out`: `config.json` (the teacher's

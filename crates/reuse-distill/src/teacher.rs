@@ -47,10 +47,17 @@ impl<M: Trainable + ?Sized> Teacher for M {
 }
 
 /// Rows of the word-embedding table among `named` parameters, if there is one.
+/// Rows of the word-embedding table among `named`, found by the embedding path of any
+/// family reuse-core describes (BERT's `embeddings.word_embeddings.weight`, the Llama
+/// family's `model.embed_tokens.weight`).
 pub(crate) fn vocab_rows(named: &[(String, Tensor)]) -> Option<i64> {
     named
         .iter()
-        .find(|(n, _)| n.ends_with("word_embeddings.weight"))
+        .find(|(n, _)| {
+            reuse_core::models::arch::FAMILIES
+                .iter()
+                .any(|a| n.ends_with(a.embedding))
+        })
         .map(|(_, t)| t.size()[0])
 }
 

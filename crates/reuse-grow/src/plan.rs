@@ -205,9 +205,10 @@ impl Growth {
         }
         if grad.is_none() && grew && self.noise > 0.0 {
             let std = x.std(false).double_value(&[]);
-            // Seeded per tensor so the noise does not depend on the order of growth.
-            tch::manual_seed((self.noise_seed ^ fnv(out_name)) as i64);
-            let n = tch::Tensor::randn(x.size(), (Kind::Float, x.device()));
+            // Seeded per tensor so the noise does not depend on the order of growth,
+            // and drawn from a generator of its own: libtorch's global generator is
+            // shared with every other thread of the process.
+            let n = gaussian(self.noise_seed ^ fnv(out_name), &x.size()).to_device(x.device());
             let noisy = &x + n * (self.noise * std);
             x = noisy;
         }
@@ -338,6 +339,27 @@ pub fn unit_map(n_old: i64, n_new: i64, seed: u64, uniform: bool) -> Vec<i64> {
             }
         })
         .collect()
+}
+
+/// Standard normal samples of the given shape from a generator seeded with `seed`
+/// (Box-Muller on a ChaCha stream), independent of libtorch's global generator.
+fn gaussian(seed: u64, shape: &[i64]) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let n: i64 = shape.iter().product();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = Vec::with_capacity(n as usize);
+    while (v.len() as i64) < n {
+        // 1 - u lies in (0, 1], so its log is finite.
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = std::f64::consts::TAU * u2;
+        v.push((r * t.cos()) as f32);
+        if (v.len() as i64) < n {
+            v.push((r * t.sin()) as f32);
+        }
+    }
+    Tensor::from_slice(&v).reshape(shape)
 }
 
 #[cfg(test)]

@@ -641,4 +641,7 @@ impl<M: Trainable> Trainable for LoraModel<M> {
     ) -> reuse_core::Result<Option<reuse_core::Evaluation>> {
         self.model.evaluate(data, batch_size, device)
     }
+    fn predicts_next_token(&self) -> bool {
+        self.model.predicts_next_token()
+    }
 }

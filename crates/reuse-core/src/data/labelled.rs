@@ -42,6 +42,9 @@ pub enum Format {
     Csv,
     /// One JSON object per line.
     Jsonl,
+    /// Plain text, one text per line (blank lines skipped): a single text column,
+    /// whatever its name, for [`load_records`] only (it has no labels, no splits).
+    Lines,
 }
 
 impl FromStr for Format {
@@ -51,9 +54,10 @@ impl FromStr for Format {
             "tsv" | "tab" => Ok(Format::Tsv),
             "csv" => Ok(Format::Csv),
             "jsonl" | "ndjson" | "json-lines" => Ok(Format::Jsonl),
+            "lines" | "txt" | "text" => Ok(Format::Lines),
             other => Err(Error::invalid(
                 "format",
-                format!("expected tsv, csv or jsonl, found `{other}`"),
+                format!("expected tsv, csv, jsonl or lines, found `{other}`"),
             )),
         }
     }
@@ -72,8 +76,8 @@ impl Format {
             Error::invalid(
                 "format",
                 format!(
-                    "{}: cannot tell the format from the extension `{ext}`; expected .tsv, .csv \
-                     or .jsonl (optionally .gz), or name the format",
+                    "{}: cannot tell the format from the extension `{ext}`; expected .tsv, .csv, \
+                     .jsonl or .txt (optionally .gz), or name the format",
                     path.display()
                 ),
             )
@@ -373,6 +377,26 @@ fn read_rows(
         Format::Tsv => read_delimited(path, text, b'\t', cols, split_column)?,
         Format::Csv => read_delimited(path, text, b',', cols, split_column)?,
         Format::Jsonl => read_jsonl(path, text, cols, split_column)?,
+        Format::Lines => {
+            if cols.len() != 1 || cols[0].label {
+                return Err(Error::invalid(
+                    "data",
+                    format!(
+                        "{}: a plain-text file (one text per line) holds one text column, \
+                         no labels and no prompt / response pairs; use .tsv, .csv or .jsonl",
+                        path.display()
+                    ),
+                ));
+            }
+            text.lines()
+                .map(|l| l.strip_suffix('\r').unwrap_or(l))
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| Row {
+                    fields: vec![l.to_string()],
+                    split: None,
+                })
+                .collect()
+        }
     };
     if rows.is_empty() {
         return Err(Error::invalid(
@@ -814,6 +838,41 @@ mod tests {
         assert_eq!(old.train.texts, new.train.texts);
         assert_eq!(old.test.labels, new.test.labels);
         assert!(!new.dev.texts.is_empty());
+    }
+
+    #[test]
+    fn records_read_plain_text_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "t.txt.gz",
+            "first text\r\n\n  \nsecond, with a comma\n",
+        );
+        let o = RecordOptions {
+            dev_fraction: 0.0,
+            test_fraction: 0.0,
+            ..RecordOptions::new(&["text"])
+        };
+        let r = load_records(&p, &o).unwrap();
+        assert_eq!(r.train, [["first text"], ["second, with a comma"]]);
+        // Held out by seed like the other formats.
+        let held = load_records(
+            &p,
+            &RecordOptions {
+                dev_fraction: 0.5,
+                ..o.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!((held.train.len(), held.dev.len()), (1, 1));
+        // One text column only: pairs need a format with columns.
+        let e = load_records(&p, &RecordOptions::new(&["prompt", "response"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.txt.gz") && e.contains("one text column"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -194,6 +194,8 @@ pub(super) fn build_shard(
     let path = out.join(shard_file_name(s));
     let opts = ForwardOptions {
         pooled: cfg.pooled,
+        // Causal LMs leave per-token logits out unless asked.
+        logits: true,
         ..Default::default()
     };
     let mut parts: Vec<Rows> = Vec::new();

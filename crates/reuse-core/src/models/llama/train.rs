@@ -102,6 +102,11 @@ impl Trainable for CausalLm {
         self.loss_of(out, batch)
     }
 
+    /// Logits at `j` predict the token at `j + 1`.
+    fn predicts_next_token(&self) -> bool {
+        true
+    }
+
     /// Mean next-token NLL over every labelled target of `data`.
     fn evaluate(
         &self,
