@@ -65,7 +65,7 @@ pub(crate) fn at_least(a: f64, sa: f64, b: f64, sb: f64) -> bool {
 /// measures (its `CLAIMS`), next to the code that measures them.
 pub fn all() -> Vec<&'static Claim> {
     use crate::experiments::{
-        continual, core, dist, distill, grow, llm, llm_adapters, llm_sft, peft, quant,
+        continual, core, dist, distill, grow, llm, llm_adapters, llm_distill, llm_sft, peft, quant,
     };
     [
         peft::CLAIMS,
@@ -77,6 +77,7 @@ pub fn all() -> Vec<&'static Claim> {
         llm::CLAIMS,
         llm_adapters::CLAIMS,
         llm_sft::CLAIMS,
+        llm_distill::CLAIMS,
         dist::CLAIMS,
     ]
     .into_iter()
@@ -210,6 +211,10 @@ mod tests {
                 0.005
             } else if k.contains("_over_") && (k.contains("step_time") || k.contains("peak_rss")) {
                 0.5
+            } else if k.ends_with(".ce.test_ppl_mean") {
+                20.0
+            } else if k.ends_with("test_ppl_mean") {
+                10.0
             } else if k.starts_with("scratch.final_loss") && !k.ends_with("_sd") {
                 6.1
             } else if k.starts_with("grown.final_loss") && !k.ends_with("_sd") {

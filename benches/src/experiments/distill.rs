@@ -434,10 +434,12 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let mut cached_students = Vec::new();
     let (mut live_epoch_s, mut cached_epoch_s) = (vec![], vec![]);
     let (mut live_step_ms, mut cached_step_ms) = (vec![], vec![]);
+    let (mut hard_step_ms, mut cached_over_hard) = (vec![], vec![]);
     for seed in seeds.iter().copied() {
         bar.set_message(format!("distill.minilm_sections seed {seed}"));
         let s = student_of(seed, frozen)?;
-        Trainer::new(warm(cfg(s_lr, seed), &train)).fit(&s, &train, None, &mut [])?;
+        let r = Trainer::new(warm(cfg(s_lr, seed), &train)).fit(&s, &train, None, &mut [])?;
+        hard_step_ms.push(1000.0 * r.seconds / r.steps as f64);
         hard.push(accuracy(&s, &test, 64, ctx.device)?);
 
         for (source, acc, epoch_s, step_ms) in [
@@ -469,6 +471,8 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
             acc.push(accuracy(&s, &test, 64, ctx.device)?);
             if is_cached {
                 cached_students.push(s);
+                cached_over_hard
+                    .push(step_ms[step_ms.len() - 1] / hard_step_ms[hard_step_ms.len() - 1]);
             }
         }
         super::say(
@@ -541,6 +545,8 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     insert_spread(&mut m, "cached_epoch_seconds", &cached_epoch_s);
     insert_spread(&mut m, "live_kd_step_ms", &live_step_ms);
     insert_spread(&mut m, "cached_kd_step_ms", &cached_step_ms);
+    insert_spread(&mut m, "hard_label_step_ms", &hard_step_ms);
+    insert_spread(&mut m, "cached_kd_over_hard_step", &cached_over_hard);
     m.insert(
         "cached_epoch_speedup".into(),
         median(&live_epoch_s) / median(&cached_epoch_s),
@@ -607,7 +613,9 @@ pub fn minilm_sections(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
                 "inference_speedup: teacher / student forward time on the same {}-text test \
                  batch, {rounds} interleaved rounds (median, spread in *_sd/min/max). \
                  cached_epoch_speedup: median live-KD epoch time over median cached-KD \
-                 epoch time (one sample per seed). params_ratio counts every parameter; \
+                 epoch time (one sample per seed). cached_kd_over_hard_step: per seed, the \
+                 cached-KD run's mean step time over the hard-label run's (the same student \
+                 and batch size; an epoch of either is its steps times this). params_ratio counts every parameter; \
                  `_without_embeddings` leaves out the embedding tables (11.7M of MiniLM's \
                  22.7M).",
                 b.len()
@@ -1026,24 +1034,24 @@ pub const CLAIMS: &[Claim] = &[
         },
     },
     Claim {
-        text: "A teacher cache makes KD epochs >= 2x faster",
+        text: "A teacher cache puts KD at the cost of hard labels: the cached-KD step over the hard-label step of the same student",
         experiment: "distill.minilm_sections",
-        target: ">= 2x",
+        target: "<= 1.15x",
         keys: &[
+            "cached_kd_over_hard_step_median",
+            "cached_kd_over_hard_step_sd",
             "cached_epoch_speedup",
-            "live_epoch_seconds_median",
-            "cached_epoch_seconds_median",
         ],
         eval: |g| {
-            let s = g("cached_epoch_speedup");
+            let r = g("cached_kd_over_hard_step_median");
             (
-                format!("{s:.2}x"),
+                format!("{r:.2}x"),
                 format!(
-                    "live {:.1} s vs cached {:.1} s per epoch (medians)",
-                    g("live_epoch_seconds_median"),
-                    g("cached_epoch_seconds_median")
+                    "sd {:.2} over seeds; live / cached KD epoch {:.2}x",
+                    g("cached_kd_over_hard_step_sd"),
+                    g("cached_epoch_speedup")
                 ),
-                Some(s >= 2.0),
+                Some(r <= 1.15),
             )
         },
     },

@@ -156,10 +156,21 @@ struct ArmResult {
 
 /// Records each step's start (after its batch is built) and end, and the batch drawn.
 #[derive(Default)]
-struct Clock {
-    starts: Vec<Instant>,
-    ends: Vec<Instant>,
-    batches: Vec<Vec<i64>>,
+pub(super) struct Clock {
+    pub(super) starts: Vec<Instant>,
+    pub(super) ends: Vec<Instant>,
+    pub(super) batches: Vec<Vec<i64>>,
+}
+
+impl Clock {
+    /// Milliseconds of each step, from its batch on the device to the end of its update.
+    pub(super) fn step_ms(&self) -> Vec<f64> {
+        self.starts
+            .iter()
+            .zip(&self.ends)
+            .map(|(s, e)| e.duration_since(*s).as_secs_f64() * 1e3)
+            .collect()
+    }
 }
 
 impl Technique for Clock {
@@ -275,12 +286,7 @@ pub fn child(spec: &str) -> Result<()> {
         clock.batches == run.order,
         "the trainer drew other batches than the order given to the Python side"
     );
-    let step_ms = clock
-        .starts
-        .iter()
-        .zip(&clock.ends)
-        .map(|(s, e)| e.duration_since(*s).as_secs_f64() * 1e3)
-        .collect();
+    let step_ms = clock.step_ms();
     let mut tokens = Vec::new();
     if run.generate {
         let g = GenerateOptions {

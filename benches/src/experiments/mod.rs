@@ -8,6 +8,7 @@ pub mod distill;
 pub mod grow;
 pub mod llm;
 pub mod llm_adapters;
+pub mod llm_distill;
 pub mod llm_sft;
 pub mod peft;
 pub mod quant;
@@ -568,6 +569,28 @@ pub const EXPERIMENTS: &[Experiment] = &[
         cpu_seconds: 600,
     },
     Experiment {
+        id: "distill.smollm2_text",
+        about: "SmolLM2 distilled into students of 10 and 15 of its 30 blocks (10 only at the CPU size; which blocks: chosen on dev): cross-entropy vs KD from the live teacher vs KD from its per-token top-k cache at the same token budget; held-out Debian and general-English perplexity, ms/step, decoding speed against the teacher; 3 seeds",
+        run: llm_distill::smollm2_text,
+        // Not in a plain run yet: the plain CPU run is at its 60-minute budget without it
+        // (its CPU size takes 12 minutes); `--only distill.smollm2_text` runs it.
+        default: false,
+        gpu_sized: false,
+        sizes: &llm_distill::TEXT_SIZES,
+        quick: true,
+        cpu_seconds: 700,
+    },
+    Experiment {
+        id: "distill.smollm2_text_dev",
+        about: "dev-only sweep behind distill.smollm2_text's learning rates: cross-entropy and live KD on the 10-block cut, seed 0, dev NLL (only with --only)",
+        run: llm_distill::smollm2_text_dev,
+        default: false,
+        gpu_sized: false,
+        sizes: &llm_distill::TEXT_SIZES,
+        quick: true,
+        cpu_seconds: 400,
+    },
+    Experiment {
         id: "dist.lora_step",
         about: "data-parallel LoRA step on MiniLM: reuse on 1 and 2 processes (c10d Gloo) against PyTorch DDP, same batch and threads, interleaved",
         run: dist::lora_step,
@@ -656,6 +679,8 @@ mod tests {
                 "peft.smollm2_mixed_adapters",
                 "peft.smollm2_summaries",
                 "peft.smollm2_summaries_dev",
+                "distill.smollm2_text",
+                "distill.smollm2_text_dev",
             ]
         );
     }

@@ -141,6 +141,48 @@ fn distil_a_cut_student_live_and_from_a_cache() {
         );
     }
 
+    // Greedy generation in transformers from the folder equals `reuse generate`'s, token
+    // for token, on prompts written for this test.
+    std::fs::write(
+        p("prompts.txt"),
+        "A small utility that renames photos by the date they were taken\nFonts for\n",
+    )
+    .unwrap();
+    ok(&reuse(&[
+        "generate",
+        "--model",
+        &ps("live"),
+        "--prompts",
+        &ps("prompts.txt"),
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--out",
+        &ps("gen.jsonl"),
+    ]));
+    let ours: Vec<serde_json::Value> = std::fs::read_to_string(p("gen.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["tokens"].clone())
+        .collect();
+    let o = Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("fixtures/smollm2_lm/hf_folder_generate.py"))
+        .arg(p("live"))
+        .arg(p("prompts.txt"))
+        .arg("8")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let hf: serde_json::Value = serde_json::from_str(ok(&o).trim()).unwrap();
+    assert_eq!(ours.len(), 2);
+    for (i, t) in ours.iter().enumerate() {
+        assert_eq!(
+            t, &hf["tokens"][i],
+            "prompt {i}: reuse vs transformers greedy tokens"
+        );
+    }
+
     // A per-token top-16 cache of the training split, then KD from it.
     let cache_out = ok(&reuse(&[
         "distill",
