@@ -189,6 +189,15 @@ mod tests {
                         m.insert(k.to_string(), json!(value(k)));
                     }
                 }
+                if *id == "distill.minilm_sections" {
+                    // Read when present (reports older than the row lack them).
+                    for k in [
+                        "cached_kd_over_hard_step_median",
+                        "cached_kd_over_hard_step_sd",
+                    ] {
+                        m.insert(k.to_string(), json!(value(k)));
+                    }
+                }
                 json!({"id": id, "about": "", "seconds": 1.0, "metrics": m, "notes": []})
             })
             .collect();
