@@ -235,6 +235,24 @@ fn pack(
     Ok(p)
 }
 
+/// Seed `seed`'s training sample: exactly `steps x batch` blocks packed from the Debian
+/// training texts in the seed's own order.
+fn train_sample(
+    lm: &LanguageModel,
+    text: &DebianText,
+    seed: u64,
+    s: &TextSizes,
+) -> Result<PackedText> {
+    let order = shuffled(text.train.len(), seed);
+    pack(
+        lm,
+        &text.train,
+        order.into_iter(),
+        s.steps * s.batch,
+        s.block,
+    )
+}
+
 /// The training texts in a seeded order (a seed trains on its own sample).
 fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     use rand::seq::SliceRandom;
@@ -446,14 +464,7 @@ pub fn smollm2_text_dev(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let mut m = Metrics::new();
     let (_, layers) = choose_cut(&teacher, 10, &dev, &mut m, bar)?;
     let seed = ctx.seeds[0];
-    let blocks = s.steps * s.batch;
-    let train = pack(
-        &teacher,
-        &text.train,
-        shuffled(text.train.len(), seed).into_iter(),
-        blocks,
-        s.block,
-    )?;
+    let train = train_sample(&teacher, &text, seed, s)?;
     let mut notes = Vec::new();
     for arm in ["ce", "kd_live"] {
         let mut best = (f64::INFINITY, 0.0);
@@ -551,13 +562,7 @@ pub fn smollm2_text(ctx: &Ctx, bar: &ProgressBar) -> Result<Outcome> {
     let (mut cache_secs, mut cache_bpt) = (Vec::new(), Vec::new());
     let cache_root = ctx.report_dir().join("distill-smollm2-cache");
     for &seed in &ctx.seeds {
-        let train = pack(
-            &teacher,
-            &text.train,
-            shuffled(text.train.len(), seed).into_iter(),
-            blocks,
-            s.block,
-        )?;
+        let train = train_sample(&teacher, &text, seed, s)?;
         bar.set_message(format!(
             "distill.smollm2_text seed {seed}: the teacher's top-{} cache",
             s.top_k

@@ -1,6 +1,6 @@
-//! The options that say how a labelled data file is read: shared by `lora train` and
-//! `distill cache`, so both read a file the same way (a cache must see the examples the
-//! student trains on).
+//! The options that say how a labelled data file is read: shared by `lora train`,
+//! `distill cache` and `distill lm`, so they read a file the same way (a cache must see
+//! the examples the student trains on).
 
 use anyhow::Result;
 use reuse_core::data::labelled::LabelledOptions;
@@ -44,4 +44,27 @@ impl Columns {
             seed,
         })
     }
+}
+
+/// Prompt / response pairs of causal-LM data (`lora train --task causal-lm`, `distill lm`,
+/// `distill cache` on a causal LM): giving neither column trains on `--text-column`
+/// texts packed into blocks.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Pairs {
+    /// Causal LM: the column (JSON key) of the prompts (default `prompt`); with it or
+    /// --response-column the data are prompt / response pairs with the loss on the
+    /// response; giving neither trains on the --text-column texts, packed into blocks of
+    /// --max-len tokens.
+    #[arg(long)]
+    pub prompt_column: Option<String>,
+    /// Causal LM: the column (JSON key) of the responses (default `response`).
+    #[arg(long)]
+    pub response_column: Option<String>,
+    /// Causal LM: render each pair through the model's chat template (the prompt as the
+    /// user's turn, the response as the assistant's, its end-of-turn token learnt too).
+    #[arg(long)]
+    pub chat: bool,
+    /// Causal LM with --chat: a system message before each prompt.
+    #[arg(long)]
+    pub system: Option<String>,
 }

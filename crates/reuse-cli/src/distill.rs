@@ -97,18 +97,9 @@ pub struct CacheArgs {
     /// Seed of the dev/test hold-out.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Causal LM teacher: the prompt column of prompt / response pairs.
-    #[arg(long)]
-    prompt_column: Option<String>,
-    /// Causal LM teacher: the response column of prompt / response pairs.
-    #[arg(long)]
-    response_column: Option<String>,
-    /// Causal LM teacher: render pairs through its chat template.
-    #[arg(long)]
-    chat: bool,
-    /// Causal LM teacher: a system message for --chat.
-    #[arg(long)]
-    system: Option<String>,
+    /// A causal LM teacher's prompt / response pairs (read as `distill lm` reads them).
+    #[command(flatten)]
+    pairs: crate::columns::Pairs,
     /// The split of labelled --data to cache: train, dev, test, or all (train, dev and
     /// test in that order). Unlabelled text is cached whole.
     #[arg(long, default_value = "train")]
@@ -298,6 +289,13 @@ fn read_data(a: &CacheArgs) -> Result<(TextDataset, Option<Vec<String>>)> {
 
 fn cache(a: CacheArgs) -> Result<()> {
     crate::shared::require_encoder(&a.teacher, "distill cache")?;
+    if a.pairs.prompt_column.is_some()
+        || a.pairs.response_column.is_some()
+        || a.pairs.chat
+        || a.pairs.system.is_some()
+    {
+        bail!("--prompt-column, --response-column, --chat and --system are for a causal LM teacher (a .gguf file or a decoder folder)");
+    }
     let device = parse_device(a.device.as_deref())?;
     let dtype = match (&a.dtype, a.top_k) {
         (Some(d), _) => parse_dtype(d)?,
@@ -390,20 +388,14 @@ fn cache_lm(a: CacheArgs) -> Result<()> {
     if k > vocab {
         bail!("--top-k {k} exceeds the teacher's vocabulary of {vocab} tokens");
     }
-    let spec = crate::lora_lm::LmDataSpec {
-        data: &a.data,
-        format: a.format.as_deref(),
-        prompt_column: a.prompt_column.as_deref(),
-        response_column: a.response_column.as_deref(),
-        text_column: &a.columns.text_column,
-        split_column: a.columns.split_column.as_deref(),
-        dev_fraction: a.columns.dev_fraction,
-        test_fraction: a.columns.test_fraction,
-        seed: a.seed,
-        chat: a.chat,
-        system: a.system.as_deref(),
-        model: &a.teacher,
-    };
+    let spec = crate::lora_lm::LmDataSpec::new(
+        &a.data,
+        a.format.as_deref(),
+        &a.columns,
+        &a.pairs,
+        a.seed,
+        &a.teacher,
+    );
     let max_len = a.max_len.unwrap_or(crate::distill_lm::MAX_LEN);
     let sets = crate::lora_lm::lm_data(&spec, &teacher, max_len)?;
     let data: Box<dyn BatchSource> = match a.split.as_str() {

@@ -44,18 +44,9 @@ pub struct LmArgs {
     /// Format of --texts: lines, tsv, csv or jsonl (default: from its extension).
     #[arg(long)]
     format: Option<String>,
-    /// Prompt column of prompt / response pairs (the KD and CE losses are on the response).
-    #[arg(long)]
-    prompt_column: Option<String>,
-    /// Response column of prompt / response pairs.
-    #[arg(long)]
-    response_column: Option<String>,
-    /// Render pairs through the teacher's chat template.
-    #[arg(long)]
-    chat: bool,
-    /// A system message for --chat.
-    #[arg(long)]
-    system: Option<String>,
+    /// Prompt / response pairs (the KD and CE losses are then on the responses).
+    #[command(flatten)]
+    pairs: crate::columns::Pairs,
     /// How the columns are read and the dev / test splits held out.
     #[command(flatten)]
     columns: crate::columns::Columns,
@@ -120,20 +111,14 @@ pub(crate) fn divergence(loss: &str, beta: f64) -> Result<Divergence> {
 
 impl LmArgs {
     fn data_spec(&self) -> LmDataSpec<'_> {
-        LmDataSpec {
-            data: &self.texts,
-            format: self.format.as_deref(),
-            prompt_column: self.prompt_column.as_deref(),
-            response_column: self.response_column.as_deref(),
-            text_column: &self.columns.text_column,
-            split_column: self.columns.split_column.as_deref(),
-            dev_fraction: self.columns.dev_fraction,
-            test_fraction: self.columns.test_fraction,
-            seed: self.seed,
-            chat: self.chat,
-            system: self.system.as_deref(),
-            model: &self.teacher,
-        }
+        LmDataSpec::new(
+            &self.texts,
+            self.format.as_deref(),
+            &self.columns,
+            &self.pairs,
+            self.seed,
+            &self.teacher,
+        )
     }
 }
 

@@ -65,22 +65,9 @@ pub struct TrainArgs {
     /// How the data file's columns are read and its splits held out.
     #[command(flatten)]
     pub(crate) columns: crate::columns::Columns,
-    /// causal-lm: the column (JSON key) of the prompts (default `prompt`). Giving it or
-    /// --response-column trains on prompt / response pairs with the loss on the
-    /// response; giving neither trains on the --text-column texts, packed into blocks of
-    /// --max-len tokens.
-    #[arg(long)]
-    pub(crate) prompt_column: Option<String>,
-    /// causal-lm: the column (JSON key) of the responses (default `response`).
-    #[arg(long)]
-    pub(crate) response_column: Option<String>,
-    /// causal-lm: render each pair through the model's chat template (the prompt as the
-    /// user's turn, the response as the assistant's, its end-of-turn token learnt too).
-    #[arg(long)]
-    pub(crate) chat: bool,
-    /// causal-lm with --chat: a system message before each prompt.
-    #[arg(long)]
-    pub(crate) system: Option<String>,
+    /// Prompt / response pairs (causal-lm).
+    #[command(flatten)]
+    pub(crate) pairs: crate::columns::Pairs,
     /// causal-lm: the dtype of the base and the adapter, f32 (default) or bf16.
     #[arg(long)]
     pub(crate) dtype: Option<String>,
@@ -313,10 +300,10 @@ fn train(a: TrainArgs) -> Result<()> {
         return crate::lora_lm::train(&a);
     }
     for (flag, set) in [
-        ("--prompt-column", a.prompt_column.is_some()),
-        ("--response-column", a.response_column.is_some()),
-        ("--chat", a.chat),
-        ("--system", a.system.is_some()),
+        ("--prompt-column", a.pairs.prompt_column.is_some()),
+        ("--response-column", a.pairs.response_column.is_some()),
+        ("--chat", a.pairs.chat),
+        ("--system", a.pairs.system.is_some()),
         ("--keep-codes", a.keep_codes),
         ("--dtype", a.dtype.is_some()),
     ] {

@@ -52,21 +52,41 @@ pub(crate) struct LmDataSpec<'a> {
 }
 
 impl<'a> LmDataSpec<'a> {
-    fn of_train_args(a: &'a TrainArgs) -> Self {
+    /// What a command's data options (`data`, `--format`, the column and pair groups,
+    /// the hold-out `seed`) say, for a model at `model`.
+    pub(crate) fn new(
+        data: &'a std::path::Path,
+        format: Option<&'a str>,
+        columns: &'a crate::columns::Columns,
+        pairs: &'a crate::columns::Pairs,
+        seed: u64,
+        model: &'a std::path::Path,
+    ) -> Self {
         Self {
-            data: &a.data,
-            format: a.format.as_deref(),
-            prompt_column: a.prompt_column.as_deref(),
-            response_column: a.response_column.as_deref(),
-            text_column: &a.columns.text_column,
-            split_column: a.columns.split_column.as_deref(),
-            dev_fraction: a.columns.dev_fraction,
-            test_fraction: a.columns.test_fraction,
-            seed: a.seed,
-            chat: a.chat,
-            system: a.system.as_deref(),
-            model: &a.model,
+            data,
+            format,
+            prompt_column: pairs.prompt_column.as_deref(),
+            response_column: pairs.response_column.as_deref(),
+            text_column: &columns.text_column,
+            split_column: columns.split_column.as_deref(),
+            dev_fraction: columns.dev_fraction,
+            test_fraction: columns.test_fraction,
+            seed,
+            chat: pairs.chat,
+            system: pairs.system.as_deref(),
+            model,
         }
+    }
+
+    fn of_train_args(a: &'a TrainArgs) -> Self {
+        Self::new(
+            &a.data,
+            a.format.as_deref(),
+            &a.columns,
+            &a.pairs,
+            a.seed,
+            &a.model,
+        )
     }
 }
 
